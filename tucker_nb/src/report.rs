@@ -1,0 +1,127 @@
+//! The per-layer compression report: shapes, ranks, parameters and MACs before and after, and the
+//! relative reconstruction error, with totals and CSV output.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::conv::ConvSlot;
+use crate::error::Result;
+use crate::io;
+
+/// One conv layer's line in the report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerReport {
+    pub layer: String,
+    /// C_out × C_in × kh × kw of the dense conv.
+    pub shape: [i64; 4],
+    pub stride: i64,
+    /// (r_out, r_in) when the layer is Tucker-2, `None` when dense.
+    pub ranks: Option<(i64, i64)>,
+    /// Input resolution [H, W] at which MACs are counted.
+    pub input: [i64; 2],
+    pub params_before: i64,
+    pub params_after: i64,
+    pub macs_before: i64,
+    pub macs_after: i64,
+    /// ‖W − Ŵ‖ / ‖W‖ (0 for a layer left as it was).
+    pub rel_error: f64,
+}
+
+impl LayerReport {
+    pub(crate) fn new(
+        layer: &str,
+        slot: &ConvSlot,
+        input: [i64; 2],
+        params_before: i64,
+        macs_before: i64,
+        rel_error: f64,
+    ) -> Self {
+        let ranks = match slot {
+            ConvSlot::Dense(_) => None,
+            ConvSlot::Tucker(t) => Some(t.ranks()),
+        };
+        Self {
+            layer: layer.to_string(),
+            shape: slot.dense_shape(),
+            stride: slot.config().stride[0],
+            ranks,
+            input,
+            params_before,
+            params_after: slot.num_params(),
+            macs_before,
+            macs_after: slot.macs(input).0,
+            rel_error,
+        }
+    }
+}
+
+/// The report of one `compress_model` call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompressionReport {
+    pub layers: Vec<LayerReport>,
+    pub input_size: [i64; 2],
+}
+
+/// CSV header of [`CompressionReport::to_csv`].
+pub const CSV_HEADER: &str = "layer,c_out,c_in,kh,kw,stride,r_out,r_in,input_h,input_w,\
+params_before,params_after,macs_before,macs_after,rel_error";
+
+impl CompressionReport {
+    pub fn conv_params(&self) -> (i64, i64) {
+        let before = self.layers.iter().map(|l| l.params_before).sum();
+        (before, self.layers.iter().map(|l| l.params_after).sum())
+    }
+
+    pub fn conv_macs(&self) -> (i64, i64) {
+        let before = self.layers.iter().map(|l| l.macs_before).sum();
+        (before, self.layers.iter().map(|l| l.macs_after).sum())
+    }
+
+    /// One line per layer; empty rank cells for dense layers.
+    pub fn to_csv(&self) -> String {
+        let mut s = format!("{CSV_HEADER}\n");
+        for l in &self.layers {
+            let [c_out, c_in, kh, kw] = l.shape;
+            let (r_out, r_in) = l.ranks.map_or((String::new(), String::new()), |(a, b)| {
+                (a.to_string(), b.to_string())
+            });
+            let _ = writeln!(
+                s,
+                "{},{c_out},{c_in},{kh},{kw},{},{r_out},{r_in},{},{},{},{},{},{},{:.6e}",
+                l.layer,
+                l.stride,
+                l.input[0],
+                l.input[1],
+                l.params_before,
+                l.params_after,
+                l.macs_before,
+                l.macs_after,
+                l.rel_error
+            );
+        }
+        s
+    }
+
+    /// Writes [`Self::to_csv`] atomically.
+    pub fn write_csv(&self, path: &Path) -> Result<()> {
+        io::write_atomic(path, self.to_csv().as_bytes())
+    }
+
+    /// A few lines for a terminal: totals and ratios.
+    pub fn summary(&self) -> String {
+        let (pb, pa) = self.conv_params();
+        let (mb, ma) = self.conv_macs();
+        let compressed = self.layers.iter().filter(|l| l.ranks.is_some()).count();
+        let worst = self.layers.iter().map(|l| l.rel_error).fold(0.0, f64::max);
+        format!(
+            "{compressed}/{} convs compressed; conv params {pb} → {pa} ({:.2}×); conv MACs at {}×{} {:.3} G → {:.3} G ({:.2}×); worst rel. error {worst:.4}",
+            self.layers.len(),
+            pb as f64 / pa as f64,
+            self.input_size[0],
+            self.input_size[1],
+            mb as f64 / 1e9,
+            ma as f64 / 1e9,
+            mb as f64 / ma as f64,
+        )
+    }
+}
