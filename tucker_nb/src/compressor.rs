@@ -96,7 +96,14 @@ impl CompressionPolicy {
 
 /// t ×0 a ×1 b for a 4-way tensor t (n0 × n1 × kh × kw), a (m0 × n0), b (m1 × n1).
 pub fn mode_products(t: &Tensor, a: &Tensor, b: &Tensor) -> Tensor {
-    Tensor::einsum("pi,qj,ijhw->pqhw", &[a, b, t], None::<&[i64]>)
+    let [n0, n1, kh, kw] = t.size()[..] else {
+        unreachable!("conv kernel is 4-way")
+    };
+    let (m0, m1) = (a.size()[0], b.size()[0]);
+    // Two matrix products on unfoldings; one einsum over all three would form a ⊗ b first.
+    let t0 = a.matmul(&t.reshape([n0, -1])).reshape([m0, n1, kh, kw]);
+    let t1 = b.matmul(&t0.transpose(0, 1).reshape([n1, -1]));
+    t1.reshape([m1, m0, kh, kw]).transpose(0, 1).contiguous()
 }
 
 /// The leading `rank` left singular vectors of `m` (rows × cols); `rank` may exceed cols (a 1×1

@@ -17,7 +17,7 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let tensors = match ext {
         "safetensors" => Tensor::read_safetensors(path),
-        "pth" | "pt" | "bin" => Tensor::loadz_multi(path),
+        "pth" | "pt" | "bin" => return crate::torch_pickle::read_torch_zip(path),
         _ => {
             return Err(Error::file(
                 path,

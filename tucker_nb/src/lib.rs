@@ -15,6 +15,7 @@ pub mod io;
 pub mod model;
 pub mod report;
 pub mod runtime;
+pub mod torch_pickle;
 
 pub use compressor::{compress_model, CompressionPolicy, RankPolicy};
 pub use error::{Error, Result};
