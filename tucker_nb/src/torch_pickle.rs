@@ -45,7 +45,8 @@ pub fn read_torch_zip(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
     let mut archive = zip::ZipArchive::new(file).map_err(|e| {
         err(format!(
-            "not a torch.save zip archive ({e}); files from torch < 1.6 must be re-saved"
+            "not a readable torch.save zip archive ({e}): a truncated or corrupt file, \
+             or torch < 1.6's legacy format (re-save it with a current torch)"
         ))
     })?;
     let pickle_name = archive
@@ -413,7 +414,7 @@ mod tests {
         std::fs::write(&p, b"\x80\x02legacy").unwrap();
         let e = read_torch_zip(&p).unwrap_err().to_string();
         assert!(
-            e.contains("legacy.pth") && e.contains("not a torch.save zip"),
+            e.contains("legacy.pth") && e.contains("not a readable torch.save zip"),
             "{e}"
         );
     }
