@@ -118,7 +118,7 @@ fn leading_left_singular_vectors(m: &Tensor, rank: i64) -> Tensor {
 
 /// The Tucker-2 factors (U0, S, U1) of a kernel at ranks (r_out, r_in), computed in f64.
 pub fn tucker2(weight: &Tensor, (r_out, r_in): (i64, i64)) -> (Tensor, Tensor, Tensor) {
-    let w = weight.to_device(Device::Cpu).to_kind(Kind::Double);
+    let w = weight.detach().to_device(Device::Cpu).to_kind(Kind::Double);
     let [c_out, c_in, _, _] = w.size()[..] else {
         unreachable!("conv kernel is 4-way")
     };

@@ -7,17 +7,34 @@
 //! - [`compressor`]: HOSVD Tucker-2 factorisation, rank policies, `compress_model`.
 //! - [`report`]: the per-layer compression report.
 //! - [`io`]: state_dict files and atomic writes.
+//! - [`data`]: ImageFolder and CIFAR-100 datasets, decoded once and cached.
+//! - [`loader`]: batches and torchvision's transforms on the model's device.
+//! - [`train`]: `fine_tune` and `evaluate`, metrics as a polars DataFrame, checkpoints.
+//! - [`experiment`]: the seed's whole flow as one call (`tucker-nb run`).
+//! - [`synthetic`]: generated learnable datasets for tests, smoke runs and benchmarks.
+//! - [`bench`]: throughput figures (`tucker-nb bench`).
+//! - [`progress`]: progress bars that also show when output is piped.
 
+pub mod bench;
 pub mod compressor;
 pub mod conv;
+pub mod data;
 pub mod error;
+pub mod experiment;
 pub mod io;
+pub mod loader;
 pub mod model;
+pub mod progress;
 pub mod report;
 pub mod runtime;
+pub mod synthetic;
 pub mod torch_pickle;
+pub mod train;
 
 pub use compressor::{compress_model, CompressionPolicy, RankPolicy};
+pub use data::{DataSource, Dataset, Split, StorageOptions};
 pub use error::{Error, Result};
+pub use loader::{Loader, Transform};
 pub use model::ResNet18;
 pub use report::CompressionReport;
+pub use train::{evaluate, fine_tune, BnMode, EvalResult, FineTuneConfig, Trainable};

@@ -1,10 +1,15 @@
 //! `tucker-nb`: the command-line face of the tucker_nb crate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use tucker_nb::{compress_model, runtime, CompressionPolicy, RankPolicy, ResNet18};
+use clap::{Args, Parser, Subcommand};
+use tucker_nb::experiment::{self, RunConfig};
+use tucker_nb::synthetic::{self, SyntheticFormat, SyntheticSpec};
+use tucker_nb::{
+    bench, compress_model, data, runtime, train, CompressionPolicy, RankPolicy, ResNet18,
+};
+use tucker_nb::{DataSource, Loader, Split, StorageOptions, Transform};
 
 #[derive(Parser)]
 #[command(
@@ -17,6 +22,28 @@ struct Cli {
     command: Command,
 }
 
+/// How ranks are chosen.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct RankArgs {
+    /// The seed's rule: ranks max(1, int(C·ratio)) per mode, every conv compressed.
+    #[arg(long)]
+    ratio: Option<f64>,
+    /// JSON file {"layer1.0.conv1": [r_out, r_in], ...}; other layers stay dense.
+    #[arg(long)]
+    ranks: Option<PathBuf>,
+}
+
+impl RankArgs {
+    fn policy(&self) -> tucker_nb::Result<RankPolicy> {
+        match (self.ratio, &self.ranks) {
+            (Some(r), _) => RankPolicy::ratio(r),
+            (None, Some(file)) => RankPolicy::from_ranks_file(file),
+            (None, None) => unreachable!("clap requires --ratio or --ranks"),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Compress a ResNet18's convolutions and save the result as safetensors.
@@ -27,12 +54,8 @@ enum Command {
         /// Classes of the classifier; a fresh fc is made when the file has another count.
         #[arg(long)]
         num_classes: Option<i64>,
-        /// The seed's rule: ranks max(1, int(C·ratio)) per mode, every conv compressed.
-        #[arg(long, conflicts_with = "ranks", required_unless_present = "ranks")]
-        ratio: Option<f64>,
-        /// JSON file {"layer1.0.conv1": [r_out, r_in], ...}; other layers stay dense.
-        #[arg(long)]
-        ranks: Option<PathBuf>,
+        #[command(flatten)]
+        ranks: RankArgs,
         /// Output .safetensors (the seed's compressed state_dict keys).
         #[arg(long)]
         out: PathBuf,
@@ -46,6 +69,118 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// The seed's experiment: fine-tune → evaluate → compress → evaluate → fine-tune → evaluate.
+    Run(RunArgs),
+    /// Evaluate a model on a dataset split.
+    Evaluate {
+        /// Model weights (.pth or .safetensors, dense or compressed).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        num_classes: i64,
+        /// ImageFolder root or CIFAR-100 binary folder.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "val")]
+        split: String,
+        #[arg(long, default_value_t = 224)]
+        image_size: i64,
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        /// Write `path,true,predicted` per image.
+        #[arg(long)]
+        predictions: Option<PathBuf>,
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Generate a learnable CIFAR-shaped dataset (tests, smoke runs, benchmarks).
+    GenData {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
+        #[arg(long, default_value_t = 20)]
+        train_per_class: usize,
+        #[arg(long, default_value_t = 10)]
+        val_per_class: usize,
+        #[arg(long, default_value_t = 32)]
+        size: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// image-folder (PNG tree, the seed's layout) or cifar100 (binary release format).
+        #[arg(long, default_value = "image-folder")]
+        format: String,
+    },
+    /// Convert the CIFAR-100 binary release to the seed's layout OUT/{train,val}/<class>/*.png.
+    ConvertCifar {
+        /// Folder with train.bin, test.bin, fine_label_names.txt.
+        #[arg(long)]
+        cifar: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Throughput figures: data path, training and evaluation, original vs compressed.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// ImageFolder root (train/, val/) or CIFAR-100 binary folder.
+    #[arg(long)]
+    data: PathBuf,
+    /// torchvision .pth or .safetensors weights, or `none` for random initialisation.
+    #[arg(long)]
+    weights: String,
+    #[arg(long, default_value_t = 100)]
+    num_classes: i64,
+    #[arg(long, default_value_t = 224)]
+    image_size: i64,
+    /// Epochs of each fine-tune (original, then compressed).
+    #[arg(long, default_value_t = 5)]
+    epochs: usize,
+    /// Epochs of the compressed model's fine-tune, when different.
+    #[arg(long)]
+    compressed_epochs: Option<usize>,
+    #[command(flatten)]
+    ranks: RankArgs,
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue each phase from its checkpoint in OUT.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    eval_batch_size: usize,
+    #[arg(long, default_value_t = 0.01)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 2)]
+    step_size: usize,
+    #[arg(long, default_value_t = 0.1)]
+    gamma: f64,
+    /// BN while training: frozen, stats (the seed: batch statistics, affine fixed) or train.
+    #[arg(long, default_value = "stats")]
+    bn: String,
+    /// bfloat16 autocast (CUDA).
+    #[arg(long)]
+    bf16: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Use only the first N training images.
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Use only the first N validation images.
+    #[arg(long)]
+    val_limit: Option<usize>,
+    /// Square size decoded images are stored at when their sizes differ.
+    #[arg(long)]
+    storage_size: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -58,13 +193,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Fails early, before any work, when `path`'s folder does not exist.
+fn check_output(path: &Path) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "{}: folder {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     runtime::init();
     match cli.command {
         Command::Compress {
             weights,
             num_classes,
-            ratio,
             ranks,
             out,
             report,
@@ -72,13 +222,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
         } => {
             let device = runtime::select_device(device.as_deref())?;
-            let ranks = match (ratio, ranks) {
-                (Some(r), _) => RankPolicy::ratio(r)?,
-                (None, Some(file)) => RankPolicy::from_ranks_file(&file)?,
-                (None, None) => unreachable!("clap requires --ratio or --ranks"),
-            };
+            let ranks = ranks.policy()?;
             if out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
                 anyhow::bail!("{}: the output must be a .safetensors file", out.display());
+            }
+            check_output(&out)?;
+            if let Some(r) = &report {
+                check_output(r)?;
             }
             let mut model = ResNet18::load(&weights, num_classes, device)?;
             let policy = CompressionPolicy {
@@ -96,7 +246,108 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("{}", layer_report.summary());
             println!("wrote {}", out.display());
-            Ok(())
         }
+        Command::Run(args) => {
+            let device = runtime::select_device(args.device.as_deref())?;
+            let mut config = RunConfig::new(&args.data, &args.out, device);
+            config.weights = (args.weights != "none").then(|| PathBuf::from(&args.weights));
+            config.num_classes = args.num_classes;
+            config.image_size = args.image_size;
+            config.batch_size = args.batch_size;
+            config.eval_batch_size = args.eval_batch_size;
+            config.fine_tune.epochs = args.epochs;
+            config.fine_tune.lr = args.lr;
+            config.fine_tune.momentum = args.momentum;
+            config.fine_tune.weight_decay = args.weight_decay;
+            config.fine_tune.step_size = args.step_size;
+            config.fine_tune.gamma = args.gamma;
+            config.fine_tune.bn = experiment::parse_bn_mode(&args.bn)?;
+            config.fine_tune.bf16 = args.bf16;
+            config.compressed_epochs = args.compressed_epochs.unwrap_or(args.epochs);
+            config.policy = CompressionPolicy {
+                ranks: args.ranks.policy()?,
+                input_size: [args.image_size, args.image_size],
+            };
+            config.resume = args.resume;
+            config.seed = args.seed;
+            config.train_limit = args.train_limit;
+            config.val_limit = args.val_limit;
+            config.storage.size = args.storage_size;
+            let result = experiment::run(&config)?;
+            let s = &result.summary;
+            println!("{}", result.metrics);
+            println!("{}", result.report.summary());
+            println!(
+                "top-1: original {:.4} | compressed {:.4} | compressed + fine-tuned {:.4}",
+                s.original.top1, s.compressed.top1, s.fine_tuned.top1
+            );
+            println!("wrote {}/{{metrics.csv,layers.csv,summary.json,original.safetensors,compressed.safetensors}}", args.out.display());
+        }
+        Command::Evaluate {
+            model,
+            num_classes,
+            data: root,
+            split,
+            image_size,
+            batch_size,
+            predictions,
+            device,
+        } => {
+            let device = runtime::select_device(device.as_deref())?;
+            let split = Split::parse(&split)?;
+            if let Some(p) = &predictions {
+                check_output(p)?;
+            }
+            let dataset = DataSource::detect(&root)?.load(split, StorageOptions::default())?;
+            let net = ResNet18::load(&model, Some(num_classes), device)?;
+            let loader = Loader::new(
+                &dataset,
+                batch_size,
+                Transform::Eval { size: image_size },
+                device,
+                true,
+            );
+            let result = train::evaluate_with(&net, &loader, predictions.is_some(), false)?;
+            if let (Some(path), Some(pred)) = (&predictions, &result.predictions) {
+                let labels = Vec::<i64>::try_from(&dataset.labels)?;
+                experiment::write_predictions(path, &dataset.names, &labels, pred)?;
+            }
+            println!(
+                "{} images: top-1 {:.4}, top-5 {:.4}, loss {:.4}, {:.1} images/s",
+                result.images, result.top1, result.top5, result.loss, result.images_per_s
+            );
+        }
+        Command::GenData {
+            out,
+            classes,
+            train_per_class,
+            val_per_class,
+            size,
+            seed,
+            format,
+        } => {
+            let format = match format.as_str() {
+                "image-folder" => SyntheticFormat::ImageFolder,
+                "cifar100" => SyntheticFormat::Cifar100Binary,
+                other => {
+                    anyhow::bail!("invalid format: `{other}` (expected image-folder or cifar100)")
+                }
+            };
+            let spec = SyntheticSpec {
+                classes,
+                train_per_class,
+                val_per_class,
+                size,
+                seed,
+            };
+            let n = synthetic::generate(&out, spec, format)?;
+            println!("wrote {n} images to {}", out.display());
+        }
+        Command::ConvertCifar { cifar, out } => {
+            let n = data::convert_cifar100_to_image_folder(&cifar, &out)?;
+            println!("wrote {n} PNGs to {}", out.display());
+        }
+        Command::Bench(args) => bench::run(&args)?,
     }
+    Ok(())
 }

@@ -75,6 +75,31 @@ pub fn select_device(choice: Option<&str>) -> Result<Device> {
     }
 }
 
+/// Makes tch's CUDA autocast run in bfloat16 (its default is float16); true when CUDA is usable
+/// and the switch worked. libtch exposes no setter, so this calls libtorch's
+/// `at::autocast::set_autocast_dtype(DeviceType, ScalarType)` through its C++ symbol.
+pub fn use_bf16_autocast() -> bool {
+    static SET: OnceLock<bool> = OnceLock::new();
+    *SET.get_or_init(|| {
+        if !init().cuda_available {
+            return false;
+        }
+        const SYMBOL: &[u8] =
+            b"_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE\0";
+        // SAFETY: the symbol is libtorch's `void set_autocast_dtype(DeviceType, ScalarType)`; both
+        // enums are int8_t-backed, passed as integers. CUDA is DeviceType 1, BFloat16 ScalarType 15.
+        unsafe {
+            let f = libc::dlsym(libc::RTLD_DEFAULT, SYMBOL.as_ptr().cast());
+            if f.is_null() {
+                return false;
+            }
+            let set: extern "C" fn(i8, i8) = std::mem::transmute(f);
+            set(1, 15);
+        }
+        true
+    })
+}
+
 /// Loads `libtorch_cuda.so` globally: first by name (LD_LIBRARY_PATH and our RUNPATH), then next
 /// to the `libtorch_cpu.so` this process already mapped. Returns the path loaded, if any.
 fn load_torch_cuda() -> Option<String> {

@@ -26,7 +26,13 @@ fn fails(args: &[&str], expected: &[&str]) {
     let out = dir.path().join("out.safetensors");
     let report = dir.path().join("layers.csv");
     std::fs::write(&out, "previous result").unwrap();
-    let mut full = vec!["compress", "--out", path_str(&out), "--report", path_str(&report)];
+    let mut full = vec![
+        "compress",
+        "--out",
+        path_str(&out),
+        "--report",
+        path_str(&report),
+    ];
     if !args.contains(&"--device") {
         full.extend_from_slice(&["--device", "cpu"]);
     }
@@ -34,12 +40,26 @@ fn fails(args: &[&str], expected: &[&str]) {
     let run = tucker_nb(&full);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success(), "{args:?} succeeded");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
     for piece in expected {
-        assert!(stderr.contains(piece), "{args:?}: `{piece}` not in: {stderr}");
+        assert!(
+            stderr.contains(piece),
+            "{args:?}: `{piece}` not in: {stderr}"
+        );
     }
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), "previous result", "{args:?} touched the output");
-    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "previous result",
+        "{args:?} touched the output"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(left.len(), 1, "{args:?} left {left:?}");
 }
 
@@ -54,10 +74,22 @@ fn bad_ranks_name_the_layer() {
     let w = path_str(weights());
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        (r#"{"layer1.0.conv1": [0, 8]}"#, vec!["layer layer1.0.conv1", "r_out = 0", "1..=64"]),
-        (r#"{"layer3.1.conv2": [16, 257]}"#, vec!["layer layer3.1.conv2", "r_in = 257", "1..=256"]),
-        (r#"{"layer5.0.conv1": [4, 4]}"#, vec!["layer layer5.0.conv1", "no such conv layer"]),
-        (r#"{"layer1.0.conv1": [4]}"#, vec!["ranks.json", "[r_out, r_in]"]),
+        (
+            r#"{"layer1.0.conv1": [0, 8]}"#,
+            vec!["layer layer1.0.conv1", "r_out = 0", "1..=64"],
+        ),
+        (
+            r#"{"layer3.1.conv2": [16, 257]}"#,
+            vec!["layer layer3.1.conv2", "r_in = 257", "1..=256"],
+        ),
+        (
+            r#"{"layer5.0.conv1": [4, 4]}"#,
+            vec!["layer layer5.0.conv1", "no such conv layer"],
+        ),
+        (
+            r#"{"layer1.0.conv1": [4]}"#,
+            vec!["ranks.json", "[r_out, r_in]"],
+        ),
     ];
     for (json, expected) in cases {
         let ranks = ranks_file(dir.path(), json);
@@ -68,28 +100,49 @@ fn bad_ranks_name_the_layer() {
 #[test]
 fn bad_values_name_the_value() {
     let w = path_str(weights());
-    fails(&["--weights", w, "--ratio", "0"], &["invalid ratio", "0 (must be in (0, 1])"]);
-    fails(&["--weights", w, "--ratio", "1.5"], &["invalid ratio", "1.5"]);
-    fails(&["--weights", w, "--ratio", "0.2", "--num-classes", "0"], &["num_classes", "0"]);
-    fails(&["--weights", w, "--ratio", "0.2", "--device", "tpu"], &["device", "`tpu`"]);
+    fails(
+        &["--weights", w, "--ratio", "0"],
+        &["invalid ratio", "0 (must be in (0, 1])"],
+    );
+    fails(
+        &["--weights", w, "--ratio", "1.5"],
+        &["invalid ratio", "1.5"],
+    );
+    fails(
+        &["--weights", w, "--ratio", "0.2", "--num-classes", "0"],
+        &["num_classes", "0"],
+    );
+    fails(
+        &["--weights", w, "--ratio", "0.2", "--device", "tpu"],
+        &["device", "`tpu`"],
+    );
 }
 
 #[test]
 fn bad_weight_files_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.pth");
-    fails(&["--weights", path_str(&missing), "--ratio", "0.2"], &["missing.pth", "no such file"]);
+    fails(
+        &["--weights", path_str(&missing), "--ratio", "0.2"],
+        &["missing.pth", "no such file"],
+    );
 
     let bytes = std::fs::read(weights()).unwrap();
     let truncated = dir.path().join("truncated.pth");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    fails(&["--weights", path_str(&truncated), "--ratio", "0.2"], &["truncated.pth", "truncated or corrupt"]);
+    fails(
+        &["--weights", path_str(&truncated), "--ratio", "0.2"],
+        &["truncated.pth", "truncated or corrupt"],
+    );
 
     let mut tensors = tucker_nb::io::read_state_dict(weights()).unwrap();
     tensors.retain(|(name, _)| name != "layer3.1.bn2.running_var");
     let no_key = dir.path().join("no-key.safetensors");
     Tensor::write_safetensors(&tensors, &no_key).unwrap();
-    fails(&["--weights", path_str(&no_key), "--ratio", "0.2"], &["no-key.safetensors", "`layer3.1.bn2.running_var`"]);
+    fails(
+        &["--weights", path_str(&no_key), "--ratio", "0.2"],
+        &["no-key.safetensors", "`layer3.1.bn2.running_var`"],
+    );
 
     let mut tensors = tucker_nb::io::read_state_dict(weights()).unwrap();
     for (name, t) in tensors.iter_mut() {
@@ -99,14 +152,30 @@ fn bad_weight_files_name_the_file() {
     }
     let wrong = dir.path().join("wrong-shape.safetensors");
     Tensor::write_safetensors(&tensors, &wrong).unwrap();
-    fails(&["--weights", path_str(&wrong), "--ratio", "0.2"], &["wrong-shape.safetensors", "`layer2.0.conv1.weight`", "[128, 64, 5, 5]"]);
+    fails(
+        &["--weights", path_str(&wrong), "--ratio", "0.2"],
+        &[
+            "wrong-shape.safetensors",
+            "`layer2.0.conv1.weight`",
+            "[128, 64, 5, 5]",
+        ],
+    );
 
-    tensors.push(("layer9.weight".into(), Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu))));
+    tensors.push((
+        "layer9.weight".into(),
+        Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
+    ));
     tensors.retain(|(n, _)| n != "layer2.0.conv1.weight");
-    tensors.push(("layer2.0.conv1.weight".into(), Tensor::zeros([128, 64, 3, 3], (tch::Kind::Float, tch::Device::Cpu))));
+    tensors.push((
+        "layer2.0.conv1.weight".into(),
+        Tensor::zeros([128, 64, 3, 3], (tch::Kind::Float, tch::Device::Cpu)),
+    ));
     let extra = dir.path().join("extra.safetensors");
     Tensor::write_safetensors(&tensors, &extra).unwrap();
-    fails(&["--weights", path_str(&extra), "--ratio", "0.2"], &["extra.safetensors", "unexpected tensor `layer9.weight`"]);
+    fails(
+        &["--weights", path_str(&extra), "--ratio", "0.2"],
+        &["extra.safetensors", "unexpected tensor `layer9.weight`"],
+    );
 }
 
 #[test]
@@ -114,12 +183,31 @@ fn bad_outputs_are_refused_before_any_work() {
     let w = path_str(weights());
     let dir = tempfile::tempdir().unwrap();
     let odd = dir.path().join("out.pth");
-    let run = tucker_nb(&["compress", "--weights", w, "--ratio", "0.2", "--out", path_str(&odd)]);
+    let run = tucker_nb(&[
+        "compress",
+        "--weights",
+        w,
+        "--ratio",
+        "0.2",
+        "--out",
+        path_str(&odd),
+    ]);
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains(".safetensors"));
     let nowhere = dir.path().join("no/such/dir/out.safetensors");
-    let run = tucker_nb(&["compress", "--weights", w, "--ratio", "0.2", "--out", path_str(&nowhere)]);
+    let run = tucker_nb(&[
+        "compress",
+        "--weights",
+        w,
+        "--ratio",
+        "0.2",
+        "--out",
+        path_str(&nowhere),
+    ]);
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(!run.status.success() && stderr.contains("no/such/dir"), "{stderr}");
+    assert!(
+        !run.status.success() && stderr.contains("no/such/dir"),
+        "{stderr}"
+    );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

@@ -113,6 +113,24 @@ def seed_load(args):
               args.out)
 
 
+def image_folder(args):
+    """torchvision's ImageFolder listing of a root: classes and (path, label) samples, as JSON."""
+    from torchvision import datasets
+    ds = datasets.ImageFolder(args.root)
+    json.dump({"classes": ds.classes, "samples": [[p, int(l)] for p, l in ds.samples]}, open(args.out, "w"))
+
+
+def eval_transform(args):
+    """The seed's eval transform (Resize(size*256/224) + CenterCrop + ToTensor + Normalize) on every
+    image of an ImageFolder root, in ImageFolder order."""
+    from torchvision import datasets, transforms
+    tf = transforms.Compose([
+        transforms.Resize(args.size * 256 // 224), transforms.CenterCrop(args.size), transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    ds = datasets.ImageFolder(args.root, transform=tf)
+    save_file({"images": torch.stack([ds[i][0] for i in range(len(ds))]).contiguous()}, args.out)
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -137,9 +155,16 @@ def main():
     a.add_argument("input")
     a.add_argument("out")
     a.add_argument("--macs-size", type=int, default=224)
+    a = sub.add_parser("image-folder")
+    a.add_argument("root")
+    a.add_argument("out")
+    a = sub.add_parser("eval-transform")
+    a.add_argument("root")
+    a.add_argument("out")
+    a.add_argument("--size", type=int, default=32)
     args = p.parse_args()
     {"make-weights": make_weights, "reference": reference, "seed-reconstruct": seed_reconstruct,
-     "seed-load": seed_load}[args.cmd](args)
+     "seed-load": seed_load, "image-folder": image_folder, "eval-transform": eval_transform}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,269 @@
+//! Batches with seeded shuffling, and torchvision's transforms run batched on the model's device:
+//!
+//! - train: RandomResizedCrop(size, scale = (0.08, 1), ratio = (3/4, 4/3)) + horizontal flip (p = ½),
+//!   as one bilinear `grid_sample` per batch with a per-image affine crop;
+//! - eval: Resize(⌊size·256/224⌋, shorter side, bilinear, antialiased when shrinking) + CenterCrop(size);
+//!
+//! both followed by ImageNet normalisation. The uint8 images can stay resident on the device, so a
+//! GPU never waits on decoding.
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::Dataset;
+
+pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+/// What a batch goes through before the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transform {
+    /// RandomResizedCrop(size) + RandomHorizontalFlip + normalisation.
+    Train { size: i64 },
+    /// Resize(size·256/224) + CenterCrop(size) + normalisation.
+    Eval { size: i64 },
+}
+
+/// One batch on the model's device.
+#[derive(Debug)]
+pub struct Batch {
+    /// float32 N × 3 × size × size, normalised.
+    pub images: Tensor,
+    /// int64 N.
+    pub labels: Tensor,
+    /// Indices of the images in the dataset.
+    pub indices: Vec<i64>,
+}
+
+/// Iterates a [`Dataset`] in batches.
+#[derive(Debug)]
+pub struct Loader {
+    images: Tensor,
+    labels: Tensor,
+    pub batch_size: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+    pub transform: Transform,
+    pub device: Device,
+}
+
+impl Loader {
+    /// `resident`: copy the uint8 images to `device` once (about 150 MB for CIFAR-100's train set).
+    pub fn new(
+        data: &Dataset,
+        batch_size: usize,
+        transform: Transform,
+        device: Device,
+        resident: bool,
+    ) -> Self {
+        let home = if resident { device } else { Device::Cpu };
+        Self {
+            images: data.images.to_device(home),
+            labels: data.labels.to_device(home),
+            batch_size: batch_size.max(1),
+            shuffle: matches!(transform, Transform::Train { .. }),
+            seed: 0,
+            transform,
+            device,
+        }
+    }
+
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.images.size()[0] as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn num_batches(&self) -> usize {
+        self.len().div_ceil(self.batch_size)
+    }
+
+    /// The batches of epoch `epoch`; order and augmentation depend only on (seed, epoch), so a
+    /// resumed run sees exactly the batches an uninterrupted one would.
+    pub fn epoch(&self, epoch: usize) -> impl Iterator<Item = Batch> + '_ {
+        let mut rng =
+            StdRng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut order: Vec<i64> = (0..self.len() as i64).collect();
+        if self.shuffle {
+            order.shuffle(&mut rng);
+        }
+        let chunks: Vec<Vec<i64>> = order.chunks(self.batch_size).map(<[i64]>::to_vec).collect();
+        chunks
+            .into_iter()
+            .map(move |indices| self.batch(indices, &mut rng))
+    }
+
+    fn batch(&self, indices: Vec<i64>, rng: &mut StdRng) -> Batch {
+        let index = Tensor::from_slice(&indices).to_device(self.images.device());
+        let raw = self.images.index_select(0, &index).to_device(self.device);
+        let labels = self.labels.index_select(0, &index).to_device(self.device);
+        let images = tch::no_grad(|| match self.transform {
+            Transform::Train { size } => random_resized_crop_flip(&raw, size, rng),
+            Transform::Eval { size } => resize_center_crop(&raw, size),
+        });
+        Batch {
+            images: normalize(&images),
+            labels,
+            indices,
+        }
+    }
+}
+
+/// Pixel values in [0, 255] (uint8 or float) → [0, 1], then (x − mean) / std per channel.
+pub fn normalize(images: &Tensor) -> Tensor {
+    let device = images.device();
+    let mean = Tensor::from_slice(&IMAGENET_MEAN)
+        .to_kind(Kind::Float)
+        .view([1, 3, 1, 1])
+        .to_device(device);
+    let std = Tensor::from_slice(&IMAGENET_STD)
+        .to_kind(Kind::Float)
+        .view([1, 3, 1, 1])
+        .to_device(device);
+    (images.to_kind(Kind::Float) / 255.0 - mean) / std
+}
+
+/// torchvision's `RandomResizedCrop.get_params`: (top, left, height, width) of the crop.
+pub fn crop_params(height: i64, width: i64, rng: &mut impl Rng) -> (i64, i64, i64, i64) {
+    let area = (height * width) as f64;
+    let (log_lo, log_hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+    for _ in 0..10 {
+        let target = area * rng.random_range(0.08..=1.0);
+        let aspect = rng.random_range(log_lo..=log_hi).exp();
+        let w = (target * aspect).sqrt().round() as i64;
+        let h = (target / aspect).sqrt().round() as i64;
+        if 0 < w && w <= width && 0 < h && h <= height {
+            let top = rng.random_range(0..=height - h);
+            let left = rng.random_range(0..=width - w);
+            return (top, left, h, w);
+        }
+    }
+    // Fallback: the whole image, clamped to the ratio range (torchvision's central crop).
+    let in_ratio = width as f64 / height as f64;
+    let (w, h) = if in_ratio < 3.0 / 4.0 {
+        (width, (width as f64 / (3.0 / 4.0)).round() as i64)
+    } else if in_ratio > 4.0 / 3.0 {
+        ((height as f64 * (4.0 / 3.0)).round() as i64, height)
+    } else {
+        (width, height)
+    };
+    ((height - h) / 2, (width - w) / 2, h, w)
+}
+
+/// Random crop + resize to size×size + horizontal flip, per image, as one bilinear grid sample.
+fn random_resized_crop_flip(images: &Tensor, size: i64, rng: &mut StdRng) -> Tensor {
+    let [n, _, height, width] = images.size()[..] else {
+        unreachable!("images are N×3×H×W")
+    };
+    let mut theta = Vec::with_capacity(n as usize * 6);
+    for _ in 0..n {
+        let (top, left, h, w) = crop_params(height, width, rng);
+        let flip = if rng.random_bool(0.5) { -1.0 } else { 1.0 };
+        // Output x in [-1, 1] ↦ input x over the crop's columns (align_corners = false).
+        let (sx, sy) = (w as f32 / width as f32, h as f32 / height as f32);
+        let tx = (2 * left + w) as f32 / width as f32 - 1.0;
+        let ty = (2 * top + h) as f32 / height as f32 - 1.0;
+        theta.extend_from_slice(&[sx * flip, 0.0, tx, 0.0, sy, ty]);
+    }
+    let theta = Tensor::from_slice(&theta)
+        .view([n, 2, 3])
+        .to_device(images.device());
+    let grid = Tensor::affine_grid_generator(&theta, [n, 3, size, size], false);
+    // interpolation 0 = bilinear, padding 1 = border (the crop never leaves the image).
+    Tensor::grid_sampler(&images.to_kind(Kind::Float), &grid, 0, 1, false)
+}
+
+/// torchvision's Resize(⌊size·256/224⌋) on the shorter side + CenterCrop(size).
+pub fn resize_center_crop(images: &Tensor, size: i64) -> Tensor {
+    let [_, _, height, width] = images.size()[..] else {
+        unreachable!("images are N×3×H×W")
+    };
+    let resize = size * 256 / 224;
+    let (h, w) = if height <= width {
+        (resize, resize * width / height)
+    } else {
+        (resize * height / width, resize)
+    };
+    let x = images.to_kind(Kind::Float);
+    let resized = if (h, w) == (height, width) {
+        x
+    } else if h < height || w < width {
+        x.internal_upsample_bilinear2d_aa([h, w], false, None, None)
+    } else {
+        x.upsample_bilinear2d([h, w], false, None, None)
+    };
+    // Python's round() (half to even), as torchvision's CenterCrop uses.
+    let top = ((h - size) as f64 / 2.0).round_ties_even() as i64;
+    let left = ((w - size) as f64 / 2.0).round_ties_even() as i64;
+    resized.narrow(2, top, size).narrow(3, left, size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dataset(n: i64) -> Dataset {
+        Dataset {
+            images: Tensor::arange(n * 3 * 8 * 8, (Kind::Int64, Device::Cpu))
+                .remainder(256)
+                .to_kind(Kind::Uint8)
+                .view([n, 3, 8, 8]),
+            labels: Tensor::arange(n, (Kind::Int64, Device::Cpu)),
+            classes: vec!["a".into()],
+            names: (0..n).map(|i| i.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn shuffling_is_seeded_per_epoch_and_covers_every_image() {
+        let data = dataset(10);
+        let loader =
+            Loader::new(&data, 4, Transform::Train { size: 8 }, Device::Cpu, false).with_seed(3);
+        let order = |e| loader.epoch(e).flat_map(|b| b.indices).collect::<Vec<_>>();
+        assert_eq!(order(0), order(0));
+        assert_ne!(order(0), order(1));
+        let mut all = order(1);
+        all.sort();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        assert_eq!(
+            loader
+                .epoch(0)
+                .map(|b| b.labels.size()[0])
+                .collect::<Vec<_>>(),
+            [4, 4, 2]
+        );
+        let eval = Loader::new(&data, 4, Transform::Eval { size: 8 }, Device::Cpu, false);
+        assert_eq!(
+            eval.epoch(5).flat_map(|b| b.indices).collect::<Vec<_>>(),
+            (0..10).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn crop_params_stay_inside_the_image_and_within_scale() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..1000 {
+            let (top, left, h, w) = crop_params(32, 48, &mut rng);
+            assert!(top >= 0 && left >= 0 && top + h <= 32 && left + w <= 48);
+            assert!(h * w >= (0.08 * 32.0 * 48.0) as i64 - 48, "{h}x{w}");
+        }
+    }
+
+    #[test]
+    fn full_image_crop_without_flip_is_the_identity() {
+        let x = Tensor::rand([1, 3, 8, 8], (Kind::Float, Device::Cpu));
+        let theta = Tensor::from_slice(&[1f32, 0., 0., 0., 1., 0.]).view([1, 2, 3]);
+        let grid = Tensor::affine_grid_generator(&theta, [1, 3, 8, 8], false);
+        let y = Tensor::grid_sampler(&x, &grid, 0, 1, false);
+        assert!((y - &x).abs().max().double_value(&[]) < 1e-5);
+    }
+}
