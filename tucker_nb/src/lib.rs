@@ -13,18 +13,25 @@
 //! - [`experiment`]: the seed's whole flow as one call (`tucker-nb run`).
 //! - [`synthetic`]: generated learnable datasets for tests, smoke runs and benchmarks.
 //! - [`bench`]: throughput figures (`tucker-nb bench`).
+//! - [`plots`]: accuracy and loss charts (plotters), PNG export.
+//! - [`display`]: HTML tables and evcxr display hooks.
+//! - [`notebook`]: the notebook's configuration, profiles and summary.
 //! - [`progress`]: progress bars that also show when output is piped.
 
 pub mod bench;
 pub mod compressor;
 pub mod conv;
 pub mod data;
+pub mod display;
 pub mod error;
 pub mod experiment;
 pub mod io;
 pub mod loader;
 pub mod model;
+pub mod notebook;
+pub mod plots;
 pub mod progress;
+pub mod ranks;
 pub mod report;
 pub mod runtime;
 pub mod synthetic;

@@ -1,0 +1,200 @@
+//! Rich output for notebooks: HTML tables of DataFrames, the layer report and evaluation results,
+//! shown through evcxr's display protocol (a type with an `evcxr_display` method prints
+//! `EVCXR_BEGIN_CONTENT <mime>` … `EVCXR_END_CONTENT`). evcxr keeps one item per MIME type per cell,
+//! so several charts and tables go into one HTML block ([`Html::concat`]).
+
+use polars::prelude::{AnyValue, DataFrame};
+
+use crate::plots::Chart;
+use crate::report::CompressionReport;
+use crate::train::EvalResult;
+
+/// A block of HTML that displays itself in evcxr.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Html(pub String);
+
+impl Html {
+    pub fn evcxr_display(&self) {
+        println!(
+            "EVCXR_BEGIN_CONTENT text/html\n{}\nEVCXR_END_CONTENT",
+            self.0
+        );
+    }
+
+    /// Several blocks as one, in order.
+    pub fn concat(parts: impl IntoIterator<Item = Html>) -> Html {
+        Html(
+            parts
+                .into_iter()
+                .map(|h| h.0)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    }
+
+    pub fn heading(text: &str) -> Html {
+        Html(format!("<h4>{}</h4>", escape(text)))
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn table(header: &[String], rows: &[Vec<String>]) -> Html {
+    let mut s = String::from("<table class=\"tucker-nb\"><thead><tr>");
+    for h in header {
+        s.push_str(&format!("<th>{}</th>", escape(h)));
+    }
+    s.push_str("</tr></thead><tbody>");
+    for row in rows {
+        s.push_str("<tr>");
+        for cell in row {
+            s.push_str(&format!("<td>{}</td>", escape(cell)));
+        }
+        s.push_str("</tr>");
+    }
+    s.push_str("</tbody></table>");
+    Html(s)
+}
+
+/// Floats with 4 significant decimals, everything else as polars prints it.
+fn cell(v: AnyValue) -> String {
+    match v {
+        AnyValue::Float64(x) => format_float(x),
+        AnyValue::Float32(x) => format_float(x as f64),
+        AnyValue::String(s) => s.to_string(),
+        AnyValue::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn format_float(x: f64) -> String {
+    if x != 0.0 && (x.abs() < 1e-3 || x.abs() >= 1e5) {
+        format!("{x:.3e}")
+    } else {
+        format!("{x:.4}")
+    }
+}
+
+/// A DataFrame as an HTML table.
+pub fn frame_table(frame: &DataFrame) -> Html {
+    let header: Vec<String> = frame
+        .get_column_names()
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let rows = (0..frame.height())
+        .map(|i| {
+            frame
+                .columns()
+                .iter()
+                .map(|c| c.get(i).map(cell).unwrap_or_default())
+                .collect()
+        })
+        .collect::<Vec<Vec<String>>>();
+    table(&header, &rows)
+}
+
+/// The per-layer report as an HTML table with a totals line.
+pub fn report_table(report: &CompressionReport) -> Html {
+    let header = [
+        "layer",
+        "shape",
+        "stride",
+        "ranks",
+        "params",
+        "params after",
+        "MACs",
+        "MACs after",
+        "rel. error",
+    ]
+    .map(String::from);
+    let mut rows: Vec<Vec<String>> = report
+        .layers
+        .iter()
+        .map(|l| {
+            let [o, i, kh, kw] = l.shape;
+            vec![
+                l.layer.clone(),
+                format!("{o}×{i}×{kh}×{kw}"),
+                l.stride.to_string(),
+                l.ranks
+                    .map_or("dense".into(), |(a, b)| format!("({a}, {b})")),
+                l.params_before.to_string(),
+                l.params_after.to_string(),
+                format!("{:.2} M", l.macs_before as f64 / 1e6),
+                format!("{:.2} M", l.macs_after as f64 / 1e6),
+                format!("{:.4}", l.rel_error),
+            ]
+        })
+        .collect();
+    let (pb, pa) = report.conv_params();
+    let (mb, ma) = report.conv_macs();
+    rows.push(vec![
+        "total".into(),
+        String::new(),
+        String::new(),
+        String::new(),
+        pb.to_string(),
+        format!("{pa} ({:.2}× fewer)", pb as f64 / pa as f64),
+        format!("{:.1} M", mb as f64 / 1e6),
+        format!(
+            "{:.1} M ({:.2}× fewer)",
+            ma as f64 / 1e6,
+            mb as f64 / ma as f64
+        ),
+        String::new(),
+    ]);
+    Html::concat([
+        Html::heading(&format!(
+            "Conv layers at {}×{} px",
+            report.input_size[0], report.input_size[1]
+        )),
+        table(&header, &rows),
+    ])
+}
+
+/// One evaluation as a one-row table.
+pub fn eval_table(label: &str, e: &EvalResult) -> Html {
+    let header = ["model", "top-1", "top-5", "loss", "images", "images/s"].map(String::from);
+    table(
+        &header,
+        &[vec![
+            label.to_string(),
+            format!("{:.2} %", e.top1 * 100.0),
+            format!("{:.2} %", e.top5 * 100.0),
+            format!("{:.4}", e.loss),
+            e.images.to_string(),
+            format!("{:.1}", e.images_per_s),
+        ]],
+    )
+}
+
+/// Several charts in one HTML block.
+pub fn charts(charts: &[Chart]) -> Html {
+    Html(
+        charts
+            .iter()
+            .map(Chart::to_html)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+impl CompressionReport {
+    /// evcxr's display hook: the report as an HTML table.
+    pub fn evcxr_display(&self) {
+        report_table(self).evcxr_display();
+    }
+}
+
+/// A table of named rows and named columns (strings), for summaries.
+pub fn grid(header: &[&str], rows: &[Vec<String>]) -> Html {
+    table(
+        &header.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        rows,
+    )
+}
