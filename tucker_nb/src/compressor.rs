@@ -28,18 +28,20 @@ pub enum RankPolicy {
     Ratio(f64),
     /// (r_out, r_in) for the named layers; the others stay dense.
     Explicit(BTreeMap<String, (i64, i64)>),
+    /// Per mode, the smallest rank keeping this share of the unfolding's squared singular values.
+    Energy(f64),
+    /// Per mode, the rank EVBMF estimates (Kim et al. 2016); at least 1.
+    Vbmf,
+    /// One budget for the whole model: this fraction of its conv MACs (at the policy's input size).
+    BudgetMacs(f64),
+    /// One budget for the whole model: this fraction of its conv parameters.
+    BudgetParams(f64),
 }
 
 impl RankPolicy {
     /// `ratio` must lie in (0, 1].
     pub fn ratio(ratio: f64) -> Result<Self> {
-        if !(ratio > 0.0 && ratio <= 1.0) {
-            return Err(Error::value(
-                "ratio",
-                format!("{ratio} (must be in (0, 1])"),
-            ));
-        }
-        Ok(RankPolicy::Ratio(ratio))
+        Ok(RankPolicy::Ratio(fraction("ratio", ratio)?))
     }
 
     /// Reads a JSON object `{"layer1.0.conv1": [r_out, r_in], ...}`.
@@ -54,17 +56,70 @@ impl RankPolicy {
         Ok(RankPolicy::Explicit(ranks))
     }
 
-    /// The ranks for a conv of dense shape `shape`, or `None` to leave it dense.
+    /// `ratio:0.2`, `energy:0.9`, `vbmf`, `budget-macs:0.33` or `budget-params:0.25`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let (kind, value) = spec.split_once(':').unwrap_or((spec, ""));
+        let number = |what: &str| {
+            value.parse::<f64>().map_err(|_| {
+                Error::value(
+                    "policy",
+                    format!("`{spec}`: {what} needs a number, as {what}:0.5"),
+                )
+            })
+        };
+        match kind {
+            "ratio" => Ok(RankPolicy::Ratio(fraction("ratio", number("ratio")?)?)),
+            "energy" => Ok(RankPolicy::Energy(fraction("energy", number("energy")?)?)),
+            "vbmf" if value.is_empty() => Ok(RankPolicy::Vbmf),
+            "budget-macs" => Ok(RankPolicy::BudgetMacs(fraction(
+                "budget-macs",
+                number("budget-macs")?,
+            )?)),
+            "budget-params" => Ok(RankPolicy::BudgetParams(fraction(
+                "budget-params",
+                number("budget-params")?,
+            )?)),
+            _ => Err(Error::value(
+                "policy",
+                format!(
+                    "`{spec}` (expected ratio:R, energy:E, vbmf, budget-macs:F or budget-params:F)"
+                ),
+            )),
+        }
+    }
+
+    /// HOSVD for the seed-compatible policies (ratio, explicit ranks), HOOI otherwise.
+    pub fn default_method(&self) -> Method {
+        match self {
+            RankPolicy::Ratio(_) | RankPolicy::Explicit(_) => Method::Hosvd,
+            _ => Method::Hooi,
+        }
+    }
+
+    /// The ranks for a conv of dense shape `shape`, or `None` to leave it dense (the fixed-rule
+    /// policies; the data-driven ones are planned from the weights by `plan_layers`).
     fn ranks_for(&self, layer: &str, shape: [i64; 4]) -> Option<(i64, i64)> {
         let [c_out, c_in, _, _] = shape;
         match self {
             RankPolicy::Ratio(ratio) => {
                 let rank = |c: i64| ((c as f64 * ratio) as i64).max(1);
-                let r_in = if c_in <= 3 { c_in } else { rank(c_in) };
+                let r_in = if c_in <= RGB { c_in } else { rank(c_in) };
                 Some((rank(c_out), r_in))
             }
             RankPolicy::Explicit(ranks) => ranks.get(layer).copied(),
+            _ => None,
         }
+    }
+}
+
+/// Convs reading at most this many channels (the image) keep their full input rank.
+const RGB: i64 = 3;
+
+fn fraction(what: &str, value: f64) -> Result<f64> {
+    if value > 0.0 && value <= 1.0 {
+        Ok(value)
+    } else {
+        Err(Error::value(what, format!("{value} (must be in (0, 1])")))
     }
 }
 
@@ -72,8 +127,12 @@ impl RankPolicy {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompressionPolicy {
     pub ranks: RankPolicy,
-    /// Image size [H, W] at which MACs are counted in the report.
+    /// Image size [H, W] at which MACs are counted (and budgets measured).
     pub input_size: [i64; 2],
+    /// `None`: the rank policy's default ([`RankPolicy::default_method`]).
+    pub method: Option<Method>,
+    /// Round automatically chosen ranks up to a multiple of this (8 suits tensor cores).
+    pub round_to: Option<i64>,
 }
 
 impl Default for CompressionPolicy {
@@ -81,6 +140,8 @@ impl Default for CompressionPolicy {
         Self {
             ranks: RankPolicy::Ratio(0.2),
             input_size: [224, 224],
+            method: None,
+            round_to: None,
         }
     }
 }
@@ -128,8 +189,86 @@ pub fn tucker2(weight: &Tensor, (r_out, r_in): (i64, i64)) -> (Tensor, Tensor, T
     (u0, core, u1)
 }
 
-/// Replaces a dense conv by its Tucker-2 factorisation at ranks (r_out, r_in).
+/// How the factors are fitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Truncated HOSVD, the seed's: one SVD per mode.
+    Hosvd,
+    /// HOOI: alternating least squares from the HOSVD start,
+    /// U0 ← leading r_out left singular vectors of (W ×1 U1ᵀ)₍₀₎,
+    /// U1 ← leading r_in left singular vectors of (W ×0 U0ᵀ)₍₁₎,
+    /// until the fit ‖S‖²/‖W‖² stops improving. Never worse than HOSVD.
+    Hooi,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "hosvd" => Ok(Method::Hosvd),
+            "hooi" => Ok(Method::Hooi),
+            other => Err(Error::value(
+                "method",
+                format!("`{other}` (expected hosvd or hooi)"),
+            )),
+        }
+    }
+}
+
+/// HOOI stops when an iteration gains less than this share of ‖W‖² in fit, or after MAX_SWEEPS.
+const HOOI_TOL: f64 = 1e-10;
+const HOOI_MAX_SWEEPS: usize = 200;
+
+/// The Tucker-2 factors (U0, S, U1) fitted by HOOI, computed in f64.
+pub fn tucker2_hooi(weight: &Tensor, ranks: (i64, i64)) -> (Tensor, Tensor, Tensor) {
+    let (r_out, r_in) = ranks;
+    let w = weight.detach().to_device(Device::Cpu).to_kind(Kind::Double);
+    let [c_out, c_in, kh, kw] = w.size()[..] else {
+        unreachable!("conv kernel is 4-way")
+    };
+    let norm2 = w.square().sum(Kind::Double).double_value(&[]);
+    let (mut u0, mut core, mut u1) = tucker2(&w, ranks);
+    let mut fit = core.square().sum(Kind::Double).double_value(&[]);
+    let by_input = w.transpose(0, 1).reshape([c_in, -1]); // W₍₁₎
+    for _ in 0..HOOI_MAX_SWEEPS {
+        // W ×1 U1ᵀ, unfolded on mode 0: C_out × (r_in·kh·kw).
+        let y0 = u1
+            .tr()
+            .matmul(&by_input)
+            .reshape([r_in, c_out, kh, kw])
+            .transpose(0, 1)
+            .reshape([c_out, -1]);
+        u0 = leading_left_singular_vectors(&y0, r_out);
+        // W ×0 U0ᵀ, unfolded on mode 1: C_in × (r_out·kh·kw).
+        let y1 = u0
+            .tr()
+            .matmul(&w.reshape([c_out, -1]))
+            .reshape([r_out, c_in, kh, kw])
+            .transpose(0, 1)
+            .reshape([c_in, -1]);
+        u1 = leading_left_singular_vectors(&y1, r_in);
+        core = mode_products(&w, &u0.tr(), &u1.tr());
+        let new_fit = core.square().sum(Kind::Double).double_value(&[]);
+        let gained = new_fit - fit;
+        fit = new_fit;
+        if gained <= HOOI_TOL * norm2 {
+            break;
+        }
+    }
+    (u0, core, u1)
+}
+
+/// Replaces a dense conv by its Tucker-2 factorisation at ranks (r_out, r_in), fitted by HOSVD.
 pub fn compress_conv(layer: &str, conv: &Conv2d, ranks: (i64, i64)) -> Result<TuckerConv> {
+    compress_conv_with(layer, conv, ranks, Method::Hosvd)
+}
+
+/// [`compress_conv`] with the fitting method of your choice.
+pub fn compress_conv_with(
+    layer: &str,
+    conv: &Conv2d,
+    ranks: (i64, i64),
+    method: Method,
+) -> Result<TuckerConv> {
     if conv.config.groups != 1 {
         return Err(Error::layer(
             layer,
@@ -140,7 +279,10 @@ pub fn compress_conv(layer: &str, conv: &Conv2d, ranks: (i64, i64)) -> Result<Tu
         ));
     }
     check_ranks(layer, [conv.out_channels(), conv.in_channels()], ranks)?;
-    let (u0, core, u1) = tucker2(&conv.weight, ranks);
+    let (u0, core, u1) = match method {
+        Method::Hosvd => tucker2(&conv.weight, ranks),
+        Method::Hooi => tucker2_hooi(&conv.weight, ranks),
+    };
     let device = conv.weight.device();
     let to_model = |t: Tensor| t.to_kind(Kind::Float).to_device(device).contiguous();
     let pointwise = ConvConfig::default();
@@ -186,13 +328,73 @@ pub fn relative_error(original: &Tensor, approx: &Tensor) -> f64 {
     diff.norm().double_value(&[]) / original.norm().double_value(&[])
 }
 
-/// Swaps the dense convs that `policy` selects for Tucker-2 layers, in place, and reports every
-/// conv (compressed or not). All ranks are checked before anything changes, so an error leaves
-/// the model as it was.
-pub fn compress_model(
-    model: &mut ResNet18,
+/// What the planner decided for one conv.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerPlan {
+    /// `None`: left dense.
+    pub ranks: Option<(i64, i64)>,
+    /// Why, when the decision is not simply the policy's rule.
+    pub note: String,
+}
+
+/// What planning needs to know of a dense conv.
+struct LayerFacts {
+    name: String,
+    shape: [i64; 4],
+    input: [i64; 2],
+    output: [i64; 2],
+    /// Singular values of the mode-0 and mode-1 unfoldings.
+    s0: Vec<f64>,
+    s1: Vec<f64>,
+    norm2: f64,
+}
+
+impl LayerFacts {
+    fn dense_macs(&self) -> i64 {
+        let [o, i, kh, kw] = self.shape;
+        o * i * kh * kw * self.output[0] * self.output[1]
+    }
+
+    /// C_in·r_in·H_in·W_in + (r_out·r_in·kh·kw + C_out·r_out)·H_out·W_out.
+    fn tucker_macs(&self, (r0, r1): (i64, i64)) -> i64 {
+        let [o, i, kh, kw] = self.shape;
+        i * r1 * self.input[0] * self.input[1]
+            + (r0 * r1 * kh * kw + o * r0) * self.output[0] * self.output[1]
+    }
+
+    fn dense_params(&self) -> i64 {
+        self.shape.iter().product()
+    }
+
+    /// The three kernels and the last 1×1's bias.
+    fn tucker_params(&self, (r0, r1): (i64, i64)) -> i64 {
+        let [o, i, kh, kw] = self.shape;
+        i * r1 + r0 * r1 * kh * kw + o * r0 + o
+    }
+
+    /// HOSVD's bound on the relative squared error: the discarded squared singular values of both
+    /// unfoldings over ‖W‖² (HOOI only does better).
+    fn error_bound(&self, (r0, r1): (i64, i64)) -> f64 {
+        let tail = |s: &[f64], r: i64| s.iter().skip(r as usize).map(|v| v * v).sum::<f64>();
+        (tail(&self.s0, r0) + tail(&self.s1, r1)) / self.norm2.max(f64::MIN_POSITIVE)
+    }
+}
+
+fn round_rank(r: i64, multiple: Option<i64>, dim: i64) -> i64 {
+    match multiple {
+        Some(m) if m > 1 => ((r + m - 1) / m * m).min(dim),
+        _ => r,
+    }
+    .clamp(1, dim)
+}
+
+/// Decides every dense conv's ranks. Rule-based policies apply their rule; data-driven ones
+/// (energy, VBMF, budgets) read the weights' singular values, keep the RGB input of the stem, and
+/// leave a conv dense when factorising would not cut its MACs.
+pub fn plan_layers(
+    model: &ResNet18,
     policy: &CompressionPolicy,
-) -> Result<CompressionReport> {
+) -> Result<BTreeMap<String, LayerPlan>> {
     let sizes = model.conv_input_sizes(policy.input_size);
     let names: Vec<String> = model.conv_slots().into_iter().map(|(n, _)| n).collect();
     if let RankPolicy::Explicit(ranks) = &policy.ranks {
@@ -203,45 +405,246 @@ pub fn compress_model(
             ));
         }
     }
-    let mut plan = Vec::new();
-    for (name, slot) in model.conv_slots() {
-        let shape = slot.dense_shape();
-        if let (ConvSlot::Dense(conv), Some(ranks)) = (slot, policy.ranks.ranks_for(&name, shape)) {
-            if conv.config.groups != 1 {
-                return Err(Error::layer(
-                    &name,
-                    "grouped convolution cannot be Tucker-2 compressed",
-                ));
-            }
-            check_ranks(&name, [shape[0], shape[1]], ranks)?;
-            plan.push((name, ranks));
+    if let Some(m) = policy.round_to {
+        if m < 1 {
+            return Err(Error::value("round_to", format!("{m} (must be ≥ 1)")));
         }
     }
-    let plan: BTreeMap<String, (i64, i64)> = plan.into_iter().collect();
+    let mut facts = Vec::new();
+    let mut plans = BTreeMap::new();
+    for (name, slot) in model.conv_slots() {
+        let ConvSlot::Dense(conv) = slot else {
+            continue; // already factorised: left as it is
+        };
+        if conv.config.groups != 1 {
+            return Err(Error::layer(
+                &name,
+                "grouped convolution cannot be Tucker-2 compressed",
+            ));
+        }
+        let shape = slot.dense_shape();
+        if matches!(policy.ranks, RankPolicy::Ratio(_) | RankPolicy::Explicit(_)) {
+            if let Some(ranks) = policy.ranks.ranks_for(&name, shape) {
+                check_ranks(&name, [shape[0], shape[1]], ranks)?;
+                let note = if shape[1] <= RGB && matches!(policy.ranks, RankPolicy::Ratio(_)) {
+                    "RGB input kept at full rank"
+                } else {
+                    ""
+                };
+                plans.insert(
+                    name,
+                    LayerPlan {
+                        ranks: Some(ranks),
+                        note: note.into(),
+                    },
+                );
+            }
+            continue;
+        }
+        let input = sizes[&name];
+        let (u0, u1) = crate::ranks::unfoldings(&conv.weight);
+        facts.push(LayerFacts {
+            output: slot.macs(input).1,
+            shape,
+            input,
+            s0: crate::ranks::singular_values(&u0),
+            s1: crate::ranks::singular_values(&u1),
+            norm2: conv.weight.square().sum(Kind::Double).double_value(&[]),
+            name,
+        });
+    }
+    let round = |r: i64, dim: i64| round_rank(r, policy.round_to, dim);
+    match policy.ranks {
+        RankPolicy::Energy(_) | RankPolicy::Vbmf => {
+            for f in &facts {
+                let [c_out, c_in, kh, kw] = f.shape;
+                let mut notes = Vec::new();
+                let mut pick = |s: &[f64], rows: i64, cols: i64, mode: &str| match policy.ranks {
+                    RankPolicy::Energy(share) => crate::ranks::energy_rank(s, share) as i64,
+                    _ => {
+                        let r = crate::ranks::evbmf_rank(rows as usize, cols as usize, s, f.norm2)
+                            as i64;
+                        if r == 0 {
+                            notes.push(format!("VBMF found no signal in {mode}: kept rank 1"));
+                        }
+                        r.max(1)
+                    }
+                };
+                let r0 = round(pick(&f.s0, c_out, c_in * kh * kw, "r_out"), c_out);
+                let r1 = if c_in <= RGB {
+                    notes.push("RGB input kept at full rank".into());
+                    c_in
+                } else {
+                    round(pick(&f.s1, c_in, c_out * kh * kw, "r_in"), c_in)
+                };
+                plans.insert(f.name.clone(), dense_if_not_cheaper(f, (r0, r1), notes));
+            }
+        }
+        RankPolicy::BudgetMacs(target) | RankPolicy::BudgetParams(target) => {
+            let by_macs = matches!(policy.ranks, RankPolicy::BudgetMacs(_));
+            plans.extend(plan_budget(&facts, target, by_macs, policy.round_to));
+        }
+        RankPolicy::Ratio(_) | RankPolicy::Explicit(_) => {}
+    }
+    Ok(plans)
+}
 
+fn dense_if_not_cheaper(f: &LayerFacts, ranks: (i64, i64), mut notes: Vec<String>) -> LayerPlan {
+    if f.tucker_macs(ranks) >= f.dense_macs() {
+        notes.push(format!(
+            "left dense: ranks {ranks:?} would not cut its MACs"
+        ));
+        return LayerPlan {
+            ranks: None,
+            note: notes.join("; "),
+        };
+    }
+    LayerPlan {
+        ranks: Some(ranks),
+        note: notes.join("; "),
+    }
+}
+
+/// (ranks, or `None` for dense; cost; error bound).
+type BudgetOption = (Option<(i64, i64)>, i64, f64);
+
+/// One budget for the model: minimise Σ relative squared errors subject to total cost ≤ target ×
+/// dense cost, by a Lagrangian search: for a price λ each layer independently takes the option
+/// (dense, or ranks on a grid) minimising error + λ·cost, and λ is bisected to meet the budget.
+///
+/// Sensitivity: errors are weighted equally *as relative errors*. Every conv here feeds a BN,
+/// which rescales its output per channel, so what the next layer sees is the conv's relative
+/// error; their effects on the logits add up roughly independently along the residual stream.
+fn plan_budget(
+    facts: &[LayerFacts],
+    target: f64,
+    by_macs: bool,
+    round_to: Option<i64>,
+) -> BTreeMap<String, LayerPlan> {
+    let cost_dense = |f: &LayerFacts| {
+        if by_macs {
+            f.dense_macs()
+        } else {
+            f.dense_params()
+        }
+    };
+    let cost_tucker = |f: &LayerFacts, r| {
+        if by_macs {
+            f.tucker_macs(r)
+        } else {
+            f.tucker_params(r)
+        }
+    };
+    let total: i64 = facts.iter().map(cost_dense).sum();
+    // Candidate options per layer.
+    let options: Vec<Vec<BudgetOption>> = facts
+        .iter()
+        .map(|f| {
+            let [c_out, c_in, _, _] = f.shape;
+            let grid = |dim: i64| -> Vec<i64> {
+                let rounded = round_to.filter(|&m| m > 1);
+                let step = rounded.unwrap_or((dim / 64).max(1));
+                let mut g: Vec<i64> = (1..=dim / step).map(|k| k * step).collect();
+                if (step > 1 && rounded.is_none()) || g.is_empty() {
+                    g.insert(0, 1); // the smallest rank, unless ranks must be multiples
+                }
+                if g.last() != Some(&dim) && rounded.is_some() {
+                    g.push(dim);
+                }
+                g
+            };
+            let r1s = if c_in <= RGB { vec![c_in] } else { grid(c_in) };
+            let mut v = vec![(None, cost_dense(f), 0.0)];
+            for &r0 in &grid(c_out) {
+                for &r1 in &r1s {
+                    let c = cost_tucker(f, (r0, r1));
+                    if c < cost_dense(f) {
+                        v.push((Some((r0, r1)), c, f.error_bound((r0, r1))));
+                    }
+                }
+            }
+            v
+        })
+        .collect();
+    let choose = |lambda: f64| -> Vec<usize> {
+        options
+            .iter()
+            .map(|opts| {
+                let score =
+                    |o: &(Option<(i64, i64)>, i64, f64)| o.2 + lambda * o.1 as f64 / total as f64;
+                (0..opts.len())
+                    .min_by(|&a, &b| score(&opts[a]).total_cmp(&score(&opts[b])))
+                    .unwrap()
+            })
+            .collect()
+    };
+    let cost_of =
+        |choice: &[usize]| -> i64 { choice.iter().zip(&options).map(|(&i, o)| o[i].1).sum() };
+    let budget = (target * total as f64) as i64;
+    let (mut lo, mut hi) = (1e-9f64.ln(), 1e9f64.ln());
+    for _ in 0..100 {
+        let mid = (lo + hi) / 2.0;
+        if cost_of(&choose(mid.exp())) <= budget {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let choice = choose(hi.exp());
+    let achieved = cost_of(&choice) as f64 / total as f64;
+    let what = if by_macs { "MACs" } else { "params" };
+    facts
+        .iter()
+        .zip(&options)
+        .zip(&choice)
+        .map(|((f, opts), &i)| {
+            let (ranks, _, err) = opts[i];
+            let mut note =
+                format!("budget {what} {target:.3}: model at {achieved:.3}; error bound {err:.4}");
+            if ranks.is_none() {
+                note.push_str("; left dense: cheapest under this price");
+            } else if f.shape[1] <= RGB {
+                note.push_str("; RGB input kept at full rank");
+            }
+            (f.name.clone(), LayerPlan { ranks, note })
+        })
+        .collect()
+}
+
+/// Swaps the dense convs that `policy` selects for Tucker-2 layers, in place, and reports every
+/// conv (compressed or not). All ranks are decided and checked before anything changes, so an
+/// error leaves the model as it was.
+pub fn compress_model(
+    model: &mut ResNet18,
+    policy: &CompressionPolicy,
+) -> Result<CompressionReport> {
+    let sizes = model.conv_input_sizes(policy.input_size);
+    let plan = plan_layers(model, policy)?;
+    let method = policy
+        .method
+        .unwrap_or_else(|| policy.ranks.default_method());
     let mut layers = Vec::new();
     for (name, slot) in model.conv_slots_mut() {
         let input = sizes[&name];
         let (macs_before, _) = slot.macs(input);
         let params_before = slot.num_params();
         let original = slot.dense_weight();
-        if let (Some(&ranks), ConvSlot::Dense(conv)) = (plan.get(&name), &*slot) {
-            *slot = ConvSlot::Tucker(compress_conv(&name, conv, ranks)?);
+        let layer_plan = plan.get(&name);
+        let mut rel_error = 0.0;
+        if let (
+            Some(LayerPlan {
+                ranks: Some(ranks), ..
+            }),
+            ConvSlot::Dense(conv),
+        ) = (layer_plan, &*slot)
+        {
+            let tucker = compress_conv_with(&name, conv, *ranks, method)?;
+            rel_error = relative_error(&original, &tucker.reconstruct());
+            *slot = ConvSlot::Tucker(tucker);
         }
-        let rel_error = match &*slot {
-            ConvSlot::Tucker(t) if plan.contains_key(&name) => {
-                relative_error(&original, &t.reconstruct())
-            }
-            _ => 0.0,
-        };
-        layers.push(LayerReport::new(
-            &name,
-            slot,
-            input,
-            params_before,
-            macs_before,
-            rel_error,
-        ));
+        let mut line = LayerReport::new(&name, slot, input, params_before, macs_before, rel_error);
+        line.note = layer_plan.map(|p| p.note.clone()).unwrap_or_default();
+        layers.push(line);
     }
     Ok(CompressionReport {
         layers,

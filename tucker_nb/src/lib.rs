@@ -43,5 +43,6 @@ pub use data::{DataSource, Dataset, Split, StorageOptions};
 pub use error::{Error, Result};
 pub use loader::{Loader, Transform};
 pub use model::ResNet18;
+pub use polars::prelude::DataFrame;
 pub use report::CompressionReport;
 pub use train::{evaluate, fine_tune, BnMode, EvalResult, FineTuneConfig, Trainable};

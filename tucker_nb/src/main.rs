@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use tucker_nb::compressor::Method;
 use tucker_nb::experiment::{self, RunConfig};
 use tucker_nb::synthetic::{self, SyntheticFormat, SyntheticSpec};
 use tucker_nb::{
@@ -32,15 +33,36 @@ struct RankArgs {
     /// JSON file {"layer1.0.conv1": [r_out, r_in], ...}; other layers stay dense.
     #[arg(long)]
     ranks: Option<PathBuf>,
+    /// ratio:R | energy:E | vbmf | budget-macs:F | budget-params:F
+    #[arg(long)]
+    policy: Option<String>,
+}
+
+/// How factors are fitted, and rank rounding.
+#[derive(Args)]
+struct FitArgs {
+    /// hosvd or hooi (default: hosvd for --ratio/--ranks/ratio:, hooi for the others).
+    #[arg(long)]
+    method: Option<String>,
+    /// Round automatically chosen ranks up to a multiple of N (8 suits tensor cores).
+    #[arg(long)]
+    round_to: Option<i64>,
 }
 
 impl RankArgs {
-    fn policy(&self) -> tucker_nb::Result<RankPolicy> {
-        match (self.ratio, &self.ranks) {
-            (Some(r), _) => RankPolicy::ratio(r),
-            (None, Some(file)) => RankPolicy::from_ranks_file(file),
-            (None, None) => unreachable!("clap requires --ratio or --ranks"),
-        }
+    fn policy(&self, fit: &FitArgs, image_size: i64) -> tucker_nb::Result<CompressionPolicy> {
+        let ranks = match (self.ratio, &self.ranks, &self.policy) {
+            (Some(r), _, _) => RankPolicy::ratio(r)?,
+            (_, Some(file), _) => RankPolicy::from_ranks_file(file)?,
+            (_, _, Some(spec)) => RankPolicy::parse(spec)?,
+            _ => unreachable!("clap requires one of --ratio, --ranks, --policy"),
+        };
+        Ok(CompressionPolicy {
+            ranks,
+            input_size: [image_size, image_size],
+            method: fit.method.as_deref().map(Method::parse).transpose()?,
+            round_to: fit.round_to,
+        })
     }
 }
 
@@ -56,6 +78,8 @@ enum Command {
         num_classes: Option<i64>,
         #[command(flatten)]
         ranks: RankArgs,
+        #[command(flatten)]
+        fit: FitArgs,
         /// Output .safetensors (the seed's compressed state_dict keys).
         #[arg(long)]
         out: PathBuf,
@@ -143,6 +167,8 @@ struct RunArgs {
     compressed_epochs: Option<usize>,
     #[command(flatten)]
     ranks: RankArgs,
+    #[command(flatten)]
+    fit: FitArgs,
     #[arg(long)]
     device: Option<String>,
     #[arg(long)]
@@ -216,13 +242,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             weights,
             num_classes,
             ranks,
+            fit,
             out,
             report,
             image_size,
             device,
         } => {
             let device = runtime::select_device(device.as_deref())?;
-            let ranks = ranks.policy()?;
+            let policy = ranks.policy(&fit, image_size)?;
             if out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
                 anyhow::bail!("{}: the output must be a .safetensors file", out.display());
             }
@@ -231,10 +258,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 check_output(r)?;
             }
             let mut model = ResNet18::load(&weights, num_classes, device)?;
-            let policy = CompressionPolicy {
-                ranks,
-                input_size: [image_size, image_size],
-            };
             let layer_report = compress_model(&mut model, &policy)?;
             model.save(&out)?;
             if let Some(path) = report {
@@ -264,10 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.fine_tune.bn = experiment::parse_bn_mode(&args.bn)?;
             config.fine_tune.bf16 = args.bf16;
             config.compressed_epochs = args.compressed_epochs.unwrap_or(args.epochs);
-            config.policy = CompressionPolicy {
-                ranks: args.ranks.policy()?,
-                input_size: [args.image_size, args.image_size],
-            };
+            config.policy = args.ranks.policy(&args.fit, args.image_size)?;
             config.resume = args.resume;
             config.seed = args.seed;
             config.train_limit = args.train_limit;

@@ -414,6 +414,17 @@ impl ResNet18 {
             .sum()
     }
 
+    /// An independent copy (the seed's `copy.deepcopy` before compressing).
+    pub fn deep_copy(&self) -> Self {
+        let tensors = self
+            .named_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().copy()))
+            .collect();
+        Self::from_state_dict(Path::new("<in memory>"), tensors, None, self.device())
+            .expect("a model's own tensors form a valid state_dict")
+    }
+
     /// Loads a state_dict file: torchvision's `.pth`/`.pt` (a `torch.save` zip) or
     /// `.safetensors`, dense or Tucker-compressed. When `num_classes` differs from the file's
     /// classifier, `fc` is replaced by a freshly initialised one (as the seed does).

@@ -232,6 +232,7 @@ impl NotebookConfig {
         Ok(CompressionPolicy {
             ranks: RankPolicy::ratio(self.ratio)?,
             input_size: [self.image_size, self.image_size],
+            ..Default::default()
         })
     }
 }

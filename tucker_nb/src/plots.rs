@@ -71,7 +71,10 @@ const PALETTE: [RGBColor; 4] = [
 ];
 
 /// Per phase (in first-seen order), the (epoch, value) points of `column`.
-fn per_phase(metrics: &DataFrame, column: &str) -> Result<Vec<(String, Vec<(f64, f64)>)>> {
+/// (phase, its (epoch, value) points).
+type PhaseSeries = (String, Vec<(f64, f64)>);
+
+fn per_phase(metrics: &DataFrame, column: &str) -> Result<Vec<PhaseSeries>> {
     let err = |e: polars::error::PolarsError| Error::value("metrics", e);
     let phases = metrics.column("phase").map_err(err)?.str().map_err(err)?;
     let epochs = metrics
@@ -161,7 +164,9 @@ fn line_chart(
                     .map_err(|e| draw_err(e.to_string()))?
                     .label(&s.label)
                     .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+                        EmptyElement::at((x, y))
+                            + PathElement::new(vec![(0, 0), (9, 0)], color.stroke_width(3))
+                            + PathElement::new(vec![(15, 0), (24, 0)], color.stroke_width(3))
                     });
             } else {
                 chart
@@ -182,6 +187,7 @@ fn line_chart(
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .position(legend)
+            .margin(12)
             .draw()
             .map_err(|e| draw_err(e.to_string()))?;
         root.present().map_err(|e| draw_err(e.to_string()))?;

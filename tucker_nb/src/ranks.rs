@@ -118,7 +118,7 @@ pub fn evbmf_rank(rows: usize, cols: usize, singular: &[f64], frobenius2: f64) -
         let mean = tail.iter().map(|v| v * v).sum::<f64>() / tail.len() as f64 / m;
         first.max(mean)
     };
-    if !(upper > 0.0) {
+    if upper.is_nan() || upper <= 0.0 {
         return 0;
     }
     let lower = lower.min(upper * 0.999_999).max(upper * 1e-12);

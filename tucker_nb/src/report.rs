@@ -25,6 +25,8 @@ pub struct LayerReport {
     pub macs_after: i64,
     /// ‖W − Ŵ‖ / ‖W‖ (0 for a layer left as it was).
     pub rel_error: f64,
+    /// Why the planner chose this (stem kept, left dense, VBMF fallback, budget), if anything.
+    pub note: String,
 }
 
 impl LayerReport {
@@ -51,7 +53,17 @@ impl LayerReport {
             macs_before,
             macs_after: slot.macs(input).0,
             rel_error,
+            note: String::new(),
         }
+    }
+}
+
+/// A CSV field, quoted when it holds a comma or quote.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
     }
 }
 
@@ -64,7 +76,7 @@ pub struct CompressionReport {
 
 /// CSV header of [`CompressionReport::to_csv`].
 pub const CSV_HEADER: &str = "layer,c_out,c_in,kh,kw,stride,r_out,r_in,input_h,input_w,\
-params_before,params_after,macs_before,macs_after,rel_error";
+params_before,params_after,macs_before,macs_after,rel_error,note";
 
 impl CompressionReport {
     pub fn conv_params(&self) -> (i64, i64) {
@@ -87,7 +99,7 @@ impl CompressionReport {
             });
             let _ = writeln!(
                 s,
-                "{},{c_out},{c_in},{kh},{kw},{},{r_out},{r_in},{},{},{},{},{},{},{:.6e}",
+                "{},{c_out},{c_in},{kh},{kw},{},{r_out},{r_in},{},{},{},{},{},{},{:.6e},{}",
                 l.layer,
                 l.stride,
                 l.input[0],
@@ -96,7 +108,8 @@ impl CompressionReport {
                 l.params_after,
                 l.macs_before,
                 l.macs_after,
-                l.rel_error
+                l.rel_error,
+                csv_field(&l.note)
             );
         }
         s

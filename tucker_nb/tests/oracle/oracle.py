@@ -131,6 +131,25 @@ def eval_transform(args):
     save_file({"images": torch.stack([ds[i][0] for i in range(len(ds))]).contiguous()}, args.out)
 
 
+def partial_tucker(args):
+    """tensorly's partial_tucker (HOOI from an SVD start) on each kernel `w{i}` at ranks `r{i}`:
+    saves `err{i}`, its relative reconstruction error ‖W − Ŵ‖/‖W‖."""
+    import tensorly as tl
+    from tensorly.decomposition import partial_tucker as tl_partial_tucker
+    tl.set_backend("pytorch")
+    data = load_file(args.input)
+    out = {}
+    i = 0
+    while f"w{i}" in data:
+        w = data[f"w{i}"].double()
+        rank = [int(r) for r in data[f"r{i}"]]
+        (core, factors), _ = tl_partial_tucker(w, rank=rank, modes=[0, 1], n_iter_max=500, tol=1e-12)
+        rec = tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1])
+        out[f"err{i}"] = (torch.linalg.norm(w - rec) / torch.linalg.norm(w)).reshape(1)
+        i += 1
+    save_file(out, args.out)
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -155,6 +174,9 @@ def main():
     a.add_argument("input")
     a.add_argument("out")
     a.add_argument("--macs-size", type=int, default=224)
+    a = sub.add_parser("partial-tucker")
+    a.add_argument("input")
+    a.add_argument("out")
     a = sub.add_parser("image-folder")
     a.add_argument("root")
     a.add_argument("out")
@@ -164,7 +186,7 @@ def main():
     a.add_argument("--size", type=int, default=32)
     args = p.parse_args()
     {"make-weights": make_weights, "reference": reference, "seed-reconstruct": seed_reconstruct,
-     "seed-load": seed_load, "image-folder": image_folder, "eval-transform": eval_transform}[args.cmd](args)
+     "seed-load": seed_load, "image-folder": image_folder, "eval-transform": eval_transform, "partial-tucker": partial_tucker}[args.cmd](args)
 
 
 if __name__ == "__main__":
