@@ -116,6 +116,22 @@ fn bad_values_name_the_value() {
         &["--weights", w, "--ratio", "0.2", "--device", "tpu"],
         &["device", "`tpu`"],
     );
+    fails(
+        &["--weights", w, "--policy", "magic:3"],
+        &["invalid policy", "`magic:3`"],
+    );
+    fails(
+        &["--weights", w, "--policy", "energy:1.5"],
+        &["invalid energy", "1.5"],
+    );
+    fails(
+        &["--weights", w, "--policy", "budget-macs:x"],
+        &["invalid policy", "needs a number"],
+    );
+    fails(
+        &["--weights", w, "--policy", "vbmf", "--method", "als"],
+        &["invalid method", "`als`"],
+    );
 }
 
 #[test]
