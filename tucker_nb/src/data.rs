@@ -464,33 +464,20 @@ fn resize_and_crop(img: &image::RgbImage, w: u32, h: u32) -> image::RgbImage {
 /// Writes CIFAR-100 binary splits as the seed's ImageFolder layout `out/{train,val}/<class>/N.png`.
 /// Written into a temporary sibling folder and renamed at the end, so a failure leaves nothing.
 pub fn convert_cifar100_to_image_folder(cifar_dir: &Path, out: &Path) -> Result<usize> {
-    if out.exists() {
-        return Err(Error::file(
-            out,
-            "already exists; remove it or choose another output folder",
-        ));
-    }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}",
-        out.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = (|| {
+    io::create_dir_atomic(out, |tmp| {
         let mut total = 0;
         for (file, split) in [("train.bin", "train"), ("test.bin", "val")] {
             let data = read_cifar100(&cifar_dir.join(file))?;
-            for class in &data.classes {
-                fs::create_dir_all(tmp.join(split).join(class))
-                    .map_err(|e| Error::file(&tmp, e))?;
+            let labels = Vec::<i64>::try_from(&data.labels).map_err(Error::Torch)?;
+            // A folder per class that has images (an empty class folder is an ImageFolder error).
+            let mut present: Vec<i64> = labels.clone();
+            present.sort_unstable();
+            present.dedup();
+            for &label in &present {
+                let dir = tmp.join(split).join(&data.classes[label as usize]);
+                fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, e))?;
             }
             let images = Vec::<u8>::try_from(data.images.flatten(0, -1)).map_err(Error::Torch)?;
-            let labels = Vec::<i64>::try_from(&data.labels).map_err(Error::Torch)?;
             (0..data.len())
                 .into_par_iter()
                 .try_for_each(|i| -> Result<()> {
@@ -507,11 +494,6 @@ pub fn convert_cifar100_to_image_folder(cifar_dir: &Path, out: &Path) -> Result<
                 })?;
             total += data.len();
         }
-        fs::rename(&tmp, out).map_err(|e| Error::file(out, e))?;
         Ok(total)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    result
+    })
 }

@@ -60,6 +60,32 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     result
 }
 
+/// Builds a folder atomically: `build` fills a temporary sibling of `path`, which is then renamed
+/// into place; on failure the temporary folder is removed. `path` must not exist yet.
+pub fn create_dir_atomic<T>(path: &Path, build: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    if path.exists() {
+        return Err(Error::file(
+            path,
+            "already exists; remove it or choose another output folder",
+        ));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(|e| Error::file(&parent, e))?;
+    let tmp = temporary_sibling(path)?;
+    let result = build(&tmp).and_then(|v| {
+        fs::rename(&tmp, path)
+            .map(|()| v)
+            .map_err(|e| Error::file(path, e))
+    });
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
 fn temporary_sibling(path: &Path) -> Result<PathBuf> {
     let name = path
         .file_name()

@@ -88,29 +88,7 @@ pub fn generate(root: &Path, spec: SyntheticSpec, format: SyntheticFormat) -> Re
             "the CIFAR-100 binary format holds 32 px images of ≤ 100 classes",
         ));
     }
-    if root.exists() {
-        return Err(Error::file(root, "already exists"));
-    }
-    let parent = root
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(|e| Error::file(parent, e))?;
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}",
-        root.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = write_splits(&tmp, spec, format).and_then(|n| {
-        fs::rename(&tmp, root).map_err(|e| Error::file(root, e))?;
-        Ok(n)
-    });
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    result
+    crate::io::create_dir_atomic(root, |tmp| write_splits(tmp, spec, format))
 }
 
 fn write_splits(dir: &Path, spec: SyntheticSpec, format: SyntheticFormat) -> Result<usize> {

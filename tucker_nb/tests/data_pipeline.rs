@@ -311,3 +311,48 @@ fn bad_datasets_name_the_path() {
     );
     let _ = Kind::Float;
 }
+
+#[test]
+fn cifar_binary_converts_to_the_seeds_image_folder_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    synthetic::generate(&bin, spec(3, 2, 1, 32), SyntheticFormat::Cifar100Binary).unwrap();
+    let out = dir.path().join("cifar100");
+    assert_eq!(
+        data::convert_cifar100_to_image_folder(&bin, &out).unwrap(),
+        9
+    );
+    let source = DataSource::detect(&out).unwrap();
+    let (train, val) = source
+        .load_both(StorageOptions {
+            no_cache: true,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!((train.len(), val.len(), train.classes.len()), (6, 3, 3));
+    let original = data::read_cifar100(&bin.join("train.bin")).unwrap();
+    for (i, name) in train.names.iter().enumerate() {
+        let index: i64 = name
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .trim_end_matches(".png")
+            .parse()
+            .unwrap();
+        assert!(
+            train
+                .images
+                .get(i as i64)
+                .equal(&original.images.get(index)),
+            "{name}"
+        );
+    }
+    // A second conversion into the same folder is refused and changes nothing.
+    let e = data::convert_cifar100_to_image_folder(&bin, &out)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cifar100") && e.contains("already exists"),
+        "{e}"
+    );
+}
