@@ -105,12 +105,7 @@ pub struct RunResult {
 }
 
 fn checkpoint(model: &ResNet18, eval: &EvalResult, image_size: i64) -> Checkpoint {
-    let sizes = model.conv_input_sizes([image_size, image_size]);
-    let conv_macs = model
-        .conv_slots()
-        .iter()
-        .map(|(n, s)| s.macs(sizes[n]).0)
-        .sum();
+    let conv_macs = model.conv_macs([image_size, image_size]);
     Checkpoint {
         top1: eval.top1,
         top5: eval.top5,

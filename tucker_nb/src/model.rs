@@ -328,6 +328,16 @@ impl ResNet18 {
         sizes
     }
 
+    /// Multiply-accumulates of all convs for one image of `image` = [H, W] (Tucker layers at
+    /// their true cost, the first 1×1 at its input's resolution).
+    pub fn conv_macs(&self, image: [i64; 2]) -> i64 {
+        let sizes = self.conv_input_sizes(image);
+        self.conv_slots()
+            .iter()
+            .map(|(n, s)| s.macs(sizes[n]).0)
+            .sum()
+    }
+
     /// Every tensor under its state_dict name, in torchvision's order.
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
         fn push_bn<'a>(v: &mut Vec<(String, &'a Tensor)>, name: &str, bn: &'a BatchNorm) {

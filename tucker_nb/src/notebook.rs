@@ -274,17 +274,12 @@ pub fn summarize(
     eval: &EvalResult,
     image_size: i64,
 ) -> ModelSummary {
-    let sizes = model.conv_input_sizes([image_size, image_size]);
     ModelSummary {
         label: label.into(),
         top1: eval.top1,
         top5: eval.top5,
         params: model.num_params(),
-        conv_macs: model
-            .conv_slots()
-            .iter()
-            .map(|(n, s)| s.macs(sizes[n]).0)
-            .sum(),
+        conv_macs: model.conv_macs([image_size, image_size]),
         latency_ms: latency_ms(model, image_size),
     }
 }
