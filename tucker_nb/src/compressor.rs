@@ -14,7 +14,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::conv::{Conv2d, ConvConfig, ConvSlot, TuckerConv};
+use crate::conv::{Conv2d, ConvConfig, ConvSlot, Form, SvdConv, TuckerConv};
 use crate::error::{Error, Result};
 use crate::model::ResNet18;
 use crate::report::{CompressionReport, LayerReport};
@@ -108,6 +108,20 @@ impl RankPolicy {
             }
             RankPolicy::Explicit(ranks) => ranks.get(layer).copied(),
             _ => None,
+        }
+    }
+}
+
+/// The spec [`RankPolicy::parse`] reads (`explicit` for per-layer ranks).
+impl std::fmt::Display for RankPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RankPolicy::Ratio(r) => write!(f, "ratio:{r}"),
+            RankPolicy::Explicit(_) => write!(f, "explicit"),
+            RankPolicy::Energy(e) => write!(f, "energy:{e}"),
+            RankPolicy::Vbmf => write!(f, "vbmf"),
+            RankPolicy::BudgetMacs(b) => write!(f, "budget-macs:{b}"),
+            RankPolicy::BudgetParams(b) => write!(f, "budget-params:{b}"),
         }
     }
 }
@@ -345,13 +359,15 @@ pub fn relative_error(original: &Tensor, approx: &Tensor) -> f64 {
 /// What the planner decided for one conv.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerPlan {
-    /// `None`: left dense.
-    pub ranks: Option<(i64, i64)>,
+    /// The factorisation to apply; `None`: the slot stays as it is (dense, or as factorised by an
+    /// earlier stage).
+    pub form: Option<Form>,
     /// Why, when the decision is not simply the policy's rule.
     pub note: String,
 }
 
-/// What planning needs to know of a dense conv.
+/// What planning needs to know of a conv slot: its shape, where it runs, the spectra of the
+/// kernel it computes now, and what it costs now.
 struct LayerFacts {
     name: String,
     shape: [i64; 4],
@@ -361,36 +377,70 @@ struct LayerFacts {
     s0: Vec<f64>,
     s1: Vec<f64>,
     norm2: f64,
+    /// (MACs, params) of the slot as it is (dense, or factorised by an earlier stage).
+    current: (i64, i64),
+    is_dense: bool,
 }
 
 impl LayerFacts {
+    /// How the report says a slot was not changed.
+    fn unchanged(&self) -> &'static str {
+        if self.is_dense {
+            "left dense"
+        } else {
+            "left as it is"
+        }
+    }
+
+    fn pointwise(&self) -> bool {
+        self.shape[2] == 1 && self.shape[3] == 1
+    }
+
     fn dense_macs(&self) -> i64 {
         let [o, i, kh, kw] = self.shape;
         o * i * kh * kw * self.output[0] * self.output[1]
-    }
-
-    /// C_in·r_in·H_in·W_in + (r_out·r_in·kh·kw + C_out·r_out)·H_out·W_out.
-    fn tucker_macs(&self, (r0, r1): (i64, i64)) -> i64 {
-        let [o, i, kh, kw] = self.shape;
-        i * r1 * self.input[0] * self.input[1]
-            + (r0 * r1 * kh * kw + o * r0) * self.output[0] * self.output[1]
     }
 
     fn dense_params(&self) -> i64 {
         self.shape.iter().product()
     }
 
-    /// The three kernels and the last 1×1's bias.
-    fn tucker_params(&self, (r0, r1): (i64, i64)) -> i64 {
+    /// Tucker-2: C_in·r_in·H_in·W_in + (r_out·r_in·kh·kw + C_out·r_out)·H_out·W_out.
+    /// SVD: (C_in + C_out)·r·H_out·W_out (a strided 1×1 samples first).
+    fn macs(&self, form: Form) -> i64 {
         let [o, i, kh, kw] = self.shape;
-        i * r1 + r0 * r1 * kh * kw + o * r0 + o
+        let out = self.output[0] * self.output[1];
+        match form {
+            Form::Dense => self.dense_macs(),
+            Form::Tucker2 { r_out, r_in } => {
+                i * r_in * self.input[0] * self.input[1]
+                    + (r_out * r_in * kh * kw + o * r_out) * out
+            }
+            Form::Svd { rank } => (i + o) * rank * out,
+        }
     }
 
-    /// HOSVD's bound on the relative squared error: the discarded squared singular values of both
-    /// unfoldings over ‖W‖² (HOOI only does better).
-    fn error_bound(&self, (r0, r1): (i64, i64)) -> f64 {
+    /// The kernels and the last layer's bias.
+    fn params(&self, form: Form) -> i64 {
+        let [o, i, kh, kw] = self.shape;
+        match form {
+            Form::Dense => self.dense_params(),
+            Form::Tucker2 { r_out, r_in } => i * r_in + r_out * r_in * kh * kw + o * r_out + o,
+            Form::Svd { rank } => (i + o) * rank + o,
+        }
+    }
+
+    /// The relative squared error of a factorisation of the current kernel: HOSVD's bound for
+    /// Tucker-2 (the discarded squared singular values of both unfoldings over ‖W‖²; HOOI only
+    /// does better), the exact error for the SVD of a 1×1 kernel (whose mode-0 unfolding is W).
+    fn error(&self, form: Form) -> f64 {
         let tail = |s: &[f64], r: i64| s.iter().skip(r as usize).map(|v| v * v).sum::<f64>();
-        (tail(&self.s0, r0) + tail(&self.s1, r1)) / self.norm2.max(f64::MIN_POSITIVE)
+        let discarded = match form {
+            Form::Dense => 0.0,
+            Form::Tucker2 { r_out, r_in } => tail(&self.s0, r_out) + tail(&self.s1, r_in),
+            Form::Svd { rank } => tail(&self.s0, rank),
+        };
+        discarded / self.norm2.max(f64::MIN_POSITIVE)
     }
 }
 
@@ -402,9 +452,11 @@ fn round_rank(r: i64, multiple: Option<i64>, dim: i64) -> i64 {
     .clamp(1, dim)
 }
 
-/// Decides every dense conv's ranks. Rule-based policies apply their rule; data-driven ones
-/// (energy, VBMF, budgets) read the weights' singular values, keep the RGB input of the stem, and
-/// leave a conv dense when factorising would not cut its MACs.
+/// Decides every conv's factorisation. Rule-based policies (ratio, explicit) apply their rule to
+/// the dense convs, as Tucker-2 like the seed. Data-driven ones (energy, VBMF, budgets) read the
+/// singular values of the kernel each slot computes now, so they also compress an already
+/// factorised model further (multi-stage); they factorise 1×1 convs as two-layer SVDs, keep the
+/// RGB input of the stem, and leave a slot as it is when factorising would not cut its MACs.
 pub fn plan_layers(
     model: &ResNet18,
     policy: &CompressionPolicy,
@@ -424,22 +476,23 @@ pub fn plan_layers(
             return Err(Error::value("round_to", format!("{m} (must be ≥ 1)")));
         }
     }
+    let rule_based = matches!(policy.ranks, RankPolicy::Ratio(_) | RankPolicy::Explicit(_));
     let mut facts = Vec::new();
     let mut plans = BTreeMap::new();
     for (name, slot) in model.conv_slots() {
-        let ConvSlot::Dense(conv) = slot else {
-            continue; // already factorised: left as it is
-        };
-        if conv.config.groups != 1 {
+        if slot.config().groups != 1 {
             return Err(Error::layer(
                 &name,
                 "grouped convolution cannot be Tucker-2 compressed",
             ));
         }
         let shape = slot.dense_shape();
-        if matches!(policy.ranks, RankPolicy::Ratio(_) | RankPolicy::Explicit(_)) {
-            if let Some(ranks) = policy.ranks.ranks_for(&name, shape) {
-                check_ranks(&name, [shape[0], shape[1]], ranks)?;
+        if rule_based {
+            if !matches!(slot, ConvSlot::Dense(_)) {
+                continue; // already factorised: left as it is
+            }
+            if let Some((r_out, r_in)) = policy.ranks.ranks_for(&name, shape) {
+                check_ranks(&name, [shape[0], shape[1]], (r_out, r_in))?;
                 let note = if shape[1] <= RGB && matches!(policy.ranks, RankPolicy::Ratio(_)) {
                     "RGB input kept at full rank"
                 } else {
@@ -448,7 +501,7 @@ pub fn plan_layers(
                 plans.insert(
                     name,
                     LayerPlan {
-                        ranks: Some(ranks),
+                        form: Some(Form::Tucker2 { r_out, r_in }),
                         note: note.into(),
                     },
                 );
@@ -456,14 +509,17 @@ pub fn plan_layers(
             continue;
         }
         let input = sizes[&name];
-        let (u0, u1) = crate::ranks::unfoldings(&conv.weight);
+        let weight = slot.dense_weight().detach();
+        let (u0, u1) = crate::ranks::unfoldings(&weight);
         facts.push(LayerFacts {
             output: slot.macs(input).1,
             shape,
             input,
             s0: crate::ranks::singular_values(&u0),
             s1: crate::ranks::singular_values(&u1),
-            norm2: conv.weight.square().sum(Kind::Double).double_value(&[]),
+            norm2: weight.square().sum(Kind::Double).double_value(&[]),
+            current: (slot.macs(input).0, slot.num_params()),
+            is_dense: matches!(slot, ConvSlot::Dense(_)),
             name,
         });
     }
@@ -484,14 +540,20 @@ pub fn plan_layers(
                         r.max(1)
                     }
                 };
-                let r0 = round(pick(&f.s0, c_out, c_in * kh * kw, "r_out"), c_out);
-                let r1 = if c_in <= RGB {
-                    notes.push("RGB input kept at full rank".into());
-                    c_in
+                let form = if f.pointwise() && c_in > RGB {
+                    let rank = round(pick(&f.s0, c_out, c_in, "rank"), c_out.min(c_in));
+                    Form::Svd { rank }
                 } else {
-                    round(pick(&f.s1, c_in, c_out * kh * kw, "r_in"), c_in)
+                    let r_out = round(pick(&f.s0, c_out, c_in * kh * kw, "r_out"), c_out);
+                    let r_in = if c_in <= RGB {
+                        notes.push("RGB input kept at full rank".into());
+                        c_in
+                    } else {
+                        round(pick(&f.s1, c_in, c_out * kh * kw, "r_in"), c_in)
+                    };
+                    Form::Tucker2 { r_out, r_in }
                 };
-                plans.insert(f.name.clone(), dense_if_not_cheaper(f, (r0, r1), notes));
+                plans.insert(f.name.clone(), unchanged_if_not_cheaper(f, form, notes));
             }
         }
         RankPolicy::BudgetMacs(target) | RankPolicy::BudgetParams(target) => {
@@ -503,28 +565,48 @@ pub fn plan_layers(
     Ok(plans)
 }
 
-fn dense_if_not_cheaper(f: &LayerFacts, ranks: (i64, i64), mut notes: Vec<String>) -> LayerPlan {
-    if f.tucker_macs(ranks) >= f.dense_macs() {
+fn unchanged_if_not_cheaper(f: &LayerFacts, form: Form, mut notes: Vec<String>) -> LayerPlan {
+    if f.macs(form) >= f.current.0 {
+        let ranks = form.ranks().expect("a factorisation");
         notes.push(format!(
-            "left dense: ranks {ranks:?} would not cut its MACs"
+            "{}: {} at {ranks:?} would not cut its MACs",
+            f.unchanged(),
+            form.name()
         ));
         return LayerPlan {
-            ranks: None,
+            form: None,
             note: notes.join("; "),
         };
     }
     LayerPlan {
-        ranks: Some(ranks),
+        form: Some(form),
         note: notes.join("; "),
     }
 }
 
-/// (ranks, or `None` for dense; cost; error bound).
-type BudgetOption = (Option<(i64, i64)>, i64, f64);
+/// One candidate for a layer under a budget: (form, or `None` to keep the slot as it is; cost;
+/// relative squared error).
+type BudgetOption = (Option<Form>, i64, f64);
+
+/// The rank grid of a mode of size `dim`: every multiple of `round_to`, else about 64 evenly
+/// spaced ranks starting at 1.
+fn rank_grid(dim: i64, round_to: Option<i64>) -> Vec<i64> {
+    let rounded = round_to.filter(|&m| m > 1);
+    let step = rounded.unwrap_or((dim / 64).max(1));
+    let mut g: Vec<i64> = (1..=dim / step).map(|k| k * step).collect();
+    if (step > 1 && rounded.is_none()) || g.is_empty() {
+        g.insert(0, 1); // the smallest rank, unless ranks must be multiples
+    }
+    if g.last() != Some(&dim) && rounded.is_some() {
+        g.push(dim);
+    }
+    g
+}
 
 /// One budget for the model: minimise Σ relative squared errors subject to total cost ≤ target ×
-/// dense cost, by a Lagrangian search: for a price λ each layer independently takes the option
-/// (dense, or ranks on a grid) minimising error + λ·cost, and λ is bisected to meet the budget.
+/// the dense model's cost, by a Lagrangian search: for a price λ each layer independently takes
+/// the option (as it is, or a factorisation on a rank grid) minimising error + λ·cost, and λ is
+/// bisected to meet the budget.
 ///
 /// Sensitivity: errors are weighted equally *as relative errors*. Every conv here feeds a BN,
 /// which rescales its output per channel, so what the next layer sees is the conv's relative
@@ -535,48 +617,42 @@ fn plan_budget(
     by_macs: bool,
     round_to: Option<i64>,
 ) -> BTreeMap<String, LayerPlan> {
-    let cost_dense = |f: &LayerFacts| {
+    let cost = |f: &LayerFacts, form: Form| {
         if by_macs {
-            f.dense_macs()
+            f.macs(form)
         } else {
-            f.dense_params()
+            f.params(form)
         }
     };
-    let cost_tucker = |f: &LayerFacts, r| {
-        if by_macs {
-            f.tucker_macs(r)
-        } else {
-            f.tucker_params(r)
-        }
-    };
-    let total: i64 = facts.iter().map(cost_dense).sum();
-    // Candidate options per layer.
+    let current = |f: &LayerFacts| if by_macs { f.current.0 } else { f.current.1 };
+    let total: i64 = facts.iter().map(|f| cost(f, Form::Dense)).sum();
     let options: Vec<Vec<BudgetOption>> = facts
         .iter()
         .map(|f| {
             let [c_out, c_in, _, _] = f.shape;
-            let grid = |dim: i64| -> Vec<i64> {
-                let rounded = round_to.filter(|&m| m > 1);
-                let step = rounded.unwrap_or((dim / 64).max(1));
-                let mut g: Vec<i64> = (1..=dim / step).map(|k| k * step).collect();
-                if (step > 1 && rounded.is_none()) || g.is_empty() {
-                    g.insert(0, 1); // the smallest rank, unless ranks must be multiples
-                }
-                if g.last() != Some(&dim) && rounded.is_some() {
-                    g.push(dim);
-                }
-                g
+            let forms: Vec<Form> = if f.pointwise() && c_in > RGB {
+                rank_grid(c_out.min(c_in), round_to)
+                    .into_iter()
+                    .map(|rank| Form::Svd { rank })
+                    .collect()
+            } else {
+                let r_ins = if c_in <= RGB {
+                    vec![c_in]
+                } else {
+                    rank_grid(c_in, round_to)
+                };
+                rank_grid(c_out, round_to)
+                    .into_iter()
+                    .flat_map(|r_out| r_ins.iter().map(move |&r_in| Form::Tucker2 { r_out, r_in }))
+                    .collect()
             };
-            let r1s = if c_in <= RGB { vec![c_in] } else { grid(c_in) };
-            let mut v = vec![(None, cost_dense(f), 0.0)];
-            for &r0 in &grid(c_out) {
-                for &r1 in &r1s {
-                    let c = cost_tucker(f, (r0, r1));
-                    if c < cost_dense(f) {
-                        v.push((Some((r0, r1)), c, f.error_bound((r0, r1))));
-                    }
-                }
-            }
+            let mut v = vec![(None, current(f), 0.0)];
+            v.extend(
+                forms
+                    .into_iter()
+                    .filter(|&form| cost(f, form) < current(f))
+                    .map(|form| (Some(form), cost(f, form), f.error(form))),
+            );
             v
         })
         .collect();
@@ -584,8 +660,7 @@ fn plan_budget(
         options
             .iter()
             .map(|opts| {
-                let score =
-                    |o: &(Option<(i64, i64)>, i64, f64)| o.2 + lambda * o.1 as f64 / total as f64;
+                let score = |o: &BudgetOption| o.2 + lambda * o.1 as f64 / total as f64;
                 (0..opts.len())
                     .min_by(|&a, &b| score(&opts[a]).total_cmp(&score(&opts[b])))
                     .unwrap()
@@ -612,22 +687,94 @@ fn plan_budget(
         .zip(&options)
         .zip(&choice)
         .map(|((f, opts), &i)| {
-            let (ranks, _, err) = opts[i];
+            let (form, _, err) = opts[i];
             let mut note =
                 format!("budget {what} {target:.3}: model at {achieved:.3}; error bound {err:.4}");
-            if ranks.is_none() {
-                note.push_str("; left dense: cheapest under this price");
+            if form.is_none() {
+                note.push_str(&format!("; {}: cheapest under this price", f.unchanged()));
             } else if f.shape[1] <= RGB {
                 note.push_str("; RGB input kept at full rank");
             }
-            (f.name.clone(), LayerPlan { ranks, note })
+            (f.name.clone(), LayerPlan { form, note })
         })
         .collect()
 }
 
-/// Swaps the dense convs that `policy` selects for Tucker-2 layers, in place, and reports every
-/// conv (compressed or not). All ranks are decided and checked before anything changes, so an
-/// error leaves the model as it was.
+/// Factorises a dense conv into `form` (Tucker-2 fitted by `method`, or an SVD).
+pub fn factorise(layer: &str, conv: &Conv2d, form: Form, method: Method) -> Result<ConvSlot> {
+    match form {
+        Form::Dense => Ok(ConvSlot::Dense(Conv2d {
+            weight: conv.weight.detach().copy(),
+            bias: conv.bias.as_ref().map(|b| b.detach().copy()),
+            config: conv.config,
+        })),
+        Form::Tucker2 { r_out, r_in } => {
+            compress_conv_with(layer, conv, (r_out, r_in), method).map(ConvSlot::Tucker)
+        }
+        Form::Svd { rank } => compress_pointwise(layer, conv, rank).map(ConvSlot::Svd),
+    }
+}
+
+/// Replaces a 1×1 conv by its rank-`rank` truncated SVD, two 1×1 layers (computed in f64).
+pub fn compress_pointwise(layer: &str, conv: &Conv2d, rank: i64) -> Result<SvdConv> {
+    let [c_out, c_in] = [conv.out_channels(), conv.in_channels()];
+    if conv.kernel() != [1, 1] || conv.config.groups != 1 {
+        return Err(Error::layer(
+            layer,
+            format!(
+                "an SVD factorisation needs an ungrouped 1×1 conv, not {:?} with groups = {}",
+                conv.kernel(),
+                conv.config.groups
+            ),
+        ));
+    }
+    let max = c_out.min(c_in);
+    if rank < 1 || rank > max {
+        return Err(Error::layer(
+            layer,
+            format!("rank = {rank} is outside 1..={max} for a {c_out}×{c_in} 1×1 conv"),
+        ));
+    }
+    let w = conv
+        .weight
+        .detach()
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Double)
+        .reshape([c_out, c_in]);
+    let (u, s, v) = w.svd(true, true);
+    let root = s.narrow(0, 0, rank).sqrt();
+    let last = u.narrow(1, 0, rank) * root.unsqueeze(0); // C_out × r
+    let first = v.narrow(1, 0, rank).tr() * root.unsqueeze(1); // r × C_in
+    let device = conv.weight.device();
+    let to_model = |t: Tensor| {
+        t.unsqueeze(-1)
+            .unsqueeze(-1)
+            .to_kind(Kind::Float)
+            .to_device(device)
+            .contiguous()
+    };
+    let bias = match &conv.bias {
+        Some(b) => b.detach().copy(),
+        None => Tensor::zeros([c_out], (Kind::Float, device)),
+    };
+    Ok(SvdConv {
+        first: Conv2d {
+            weight: to_model(first),
+            bias: None,
+            config: conv.config,
+        },
+        last: Conv2d {
+            weight: to_model(last),
+            bias: Some(bias),
+            config: ConvConfig::default(),
+        },
+    })
+}
+
+/// Factorises the convs that `policy` selects, in place, and reports every conv (changed or
+/// not). A slot already factorised (by an earlier stage) is refactorised from the kernel it
+/// computes now, its error measured against that kernel. All ranks are decided and checked
+/// before anything changes, so an error leaves the model as it was.
 pub fn compress_model(
     model: &mut ResNet18,
     policy: &CompressionPolicy,
@@ -642,19 +789,16 @@ pub fn compress_model(
         let input = sizes[&name];
         let (macs_before, _) = slot.macs(input);
         let params_before = slot.num_params();
-        let original = slot.dense_weight();
         let layer_plan = plan.get(&name);
         let mut rel_error = 0.0;
-        if let (
-            Some(LayerPlan {
-                ranks: Some(ranks), ..
-            }),
-            ConvSlot::Dense(conv),
-        ) = (layer_plan, &*slot)
+        if let Some(LayerPlan {
+            form: Some(form), ..
+        }) = layer_plan
         {
-            let tucker = compress_conv_with(&name, conv, *ranks, method)?;
-            rel_error = relative_error(&original, &tucker.reconstruct());
-            *slot = ConvSlot::Tucker(tucker);
+            let original = slot.to_dense();
+            let new_slot = factorise(&name, &original, *form, method)?;
+            rel_error = relative_error(&original.weight, &new_slot.dense_weight());
+            *slot = new_slot;
         }
         let mut line = LayerReport::new(&name, slot, input, params_before, macs_before, rel_error);
         line.note = layer_plan.map(|p| p.note.clone()).unwrap_or_default();
@@ -763,5 +907,31 @@ mod tests {
             RankPolicy::Ratio(0.01).ranks_for("x", [64, 64, 3, 3]),
             Some((1, 1))
         );
+    }
+
+    #[test]
+    fn full_rank_svd_layer_computes_the_same_strided_convolution() {
+        let mut dense = conv(12, 8, 1, true);
+        dense.config = ConvConfig::new(2, 0);
+        let svd = compress_pointwise("d", &dense, 8).unwrap();
+        let x = Tensor::randn([2, 8, 9, 9], (Kind::Float, Device::Cpu));
+        let err = relative_error(&dense.forward(&x), &svd.forward(&x));
+        assert!(err < 1e-5, "{err}");
+        // Truncated, its error is exactly the discarded singular values'.
+        let svd = compress_pointwise("d", &dense, 3).unwrap();
+        let w = dense.weight.reshape([12, 8]).to_kind(Kind::Double);
+        let (_, s, _) = w.svd(true, false);
+        let s2 = &s * &s;
+        let exact = (s2.narrow(0, 3, 5).sum(Kind::Double) / s2.sum(Kind::Double))
+            .sqrt()
+            .double_value(&[]);
+        let err = relative_error(&dense.weight, &svd.reconstruct());
+        assert!((err - exact).abs() < 1e-6, "{err} vs {exact}");
+        for (bad, rank) in [(conv(8, 8, 3, false), 2), (conv(12, 8, 1, false), 9)] {
+            let err = compress_pointwise("layer3.0.downsample.0", &bad, rank)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("layer3.0.downsample.0"), "{err}");
+        }
     }
 }

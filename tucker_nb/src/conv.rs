@@ -138,11 +138,81 @@ impl TuckerConv {
     }
 }
 
-/// A conv position in the model: dense, or replaced by its Tucker-2 factorisation.
+/// A 1×1 conv as two 1×1 layers, the truncated SVD W ≈ (U·√Σ)·(√Σ·Vᵀ), the seed-style
+/// `nn.Sequential(first, last)`: `first` = √Σ·Vᵀ (r × C_in × 1 × 1, carrying the stride, no bias),
+/// `last` = U·√Σ (C_out × r × 1 × 1, with the original bias, zeros when it had none). The singular
+/// values are split evenly so that both factors train at the same scale.
+///
+/// Cost per image: (C_in·r + C_out·r)·H_out·W_out multiply-accumulates: a strided 1×1 samples
+/// first, so both layers run at the output's resolution. One layer fewer than Tucker-2, whose
+/// k×k core is a third 1×1 here.
+#[derive(Debug)]
+pub struct SvdConv {
+    pub first: Conv2d,
+    pub last: Conv2d,
+}
+
+impl SvdConv {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.last.forward(&self.first.forward(x))
+    }
+
+    pub fn rank(&self) -> i64 {
+        self.first.out_channels()
+    }
+
+    /// The dense C_out × C_in × 1 × 1 kernel this layer computes.
+    pub fn reconstruct(&self) -> Tensor {
+        self.last
+            .weight
+            .flatten(1, 3)
+            .matmul(&self.first.weight.flatten(1, 3))
+            .unsqueeze(-1)
+            .unsqueeze(-1)
+    }
+}
+
+/// How a conv slot is factorised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Form {
+    Dense,
+    /// 1×1 → k×k core → 1×1, ranks (r_out, r_in).
+    Tucker2 {
+        r_out: i64,
+        r_in: i64,
+    },
+    /// 1×1 → 1×1 (1×1 convs only), rank r.
+    Svd {
+        rank: i64,
+    },
+}
+
+impl Form {
+    /// `dense`, `tucker2` or `svd`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Form::Dense => "dense",
+            Form::Tucker2 { .. } => "tucker2",
+            Form::Svd { .. } => "svd",
+        }
+    }
+
+    /// (r_out, r_in); an SVD's single rank is both.
+    pub fn ranks(&self) -> Option<(i64, i64)> {
+        match *self {
+            Form::Dense => None,
+            Form::Tucker2 { r_out, r_in } => Some((r_out, r_in)),
+            Form::Svd { rank } => Some((rank, rank)),
+        }
+    }
+}
+
+/// A conv position in the model: dense, or replaced by a factorisation.
 #[derive(Debug)]
 pub enum ConvSlot {
     Dense(Conv2d),
     Tucker(TuckerConv),
+    Svd(SvdConv),
 }
 
 impl ConvSlot {
@@ -150,20 +220,57 @@ impl ConvSlot {
         match self {
             ConvSlot::Dense(c) => c.forward(x),
             ConvSlot::Tucker(t) => t.forward(x),
+            ConvSlot::Svd(s) => s.forward(x),
         }
+    }
+
+    pub fn form(&self) -> Form {
+        match self {
+            ConvSlot::Dense(_) => Form::Dense,
+            ConvSlot::Tucker(t) => {
+                let (r_out, r_in) = t.ranks();
+                Form::Tucker2 { r_out, r_in }
+            }
+            ConvSlot::Svd(s) => Form::Svd { rank: s.rank() },
+        }
+    }
+
+    /// The layers the slot runs, in order.
+    pub fn parts(&self) -> Vec<&Conv2d> {
+        match self {
+            ConvSlot::Dense(c) => vec![c],
+            ConvSlot::Tucker(t) => vec![&t.first, &t.core, &t.last],
+            ConvSlot::Svd(s) => vec![&s.first, &s.last],
+        }
+    }
+
+    fn parts_mut(&mut self) -> Vec<&mut Conv2d> {
+        match self {
+            ConvSlot::Dense(c) => vec![c],
+            ConvSlot::Tucker(t) => vec![&mut t.first, &mut t.core, &mut t.last],
+            ConvSlot::Svd(s) => vec![&mut s.first, &mut s.last],
+        }
+    }
+
+    /// The layer that produces the slot's output (the one carrying its bias).
+    pub fn output_layer_mut(&mut self) -> &mut Conv2d {
+        self.parts_mut().pop().expect("a slot has a layer")
     }
 
     /// C_out × C_in × kh × kw of the convolution this slot computes.
     pub fn dense_shape(&self) -> [i64; 4] {
-        let outer = match self {
-            ConvSlot::Dense(c) => c,
+        let parts = self.parts();
+        let spatial = match self {
             ConvSlot::Tucker(t) => &t.core,
+            _ => parts[0],
         };
-        let [kh, kw] = outer.kernel();
-        match self {
-            ConvSlot::Dense(c) => [c.out_channels(), c.in_channels(), kh, kw],
-            ConvSlot::Tucker(t) => [t.last.out_channels(), t.first.in_channels(), kh, kw],
-        }
+        let [kh, kw] = spatial.kernel();
+        [
+            parts[parts.len() - 1].out_channels(),
+            parts[0].in_channels(),
+            kh,
+            kw,
+        ]
     }
 
     /// The geometry (stride, padding, dilation) of the spatial convolution.
@@ -171,27 +278,21 @@ impl ConvSlot {
         match self {
             ConvSlot::Dense(c) => c.config,
             ConvSlot::Tucker(t) => t.core.config,
+            ConvSlot::Svd(s) => s.first.config,
         }
     }
 
     pub fn num_params(&self) -> i64 {
-        match self {
-            ConvSlot::Dense(c) => c.num_params(),
-            ConvSlot::Tucker(t) => t.first.num_params() + t.core.num_params() + t.last.num_params(),
-        }
+        self.parts().iter().map(|c| c.num_params()).sum()
     }
 
-    /// (MACs for one image, output [H, W]) for an input of [H, W].
+    /// (MACs for one image, output [H, W]) for an input of [H, W]: each layer at the
+    /// resolution it reads.
     pub fn macs(&self, input: [i64; 2]) -> (i64, [i64; 2]) {
-        match self {
-            ConvSlot::Dense(c) => c.macs(input),
-            ConvSlot::Tucker(t) => {
-                let (first, _) = t.first.macs(input);
-                let (core, out) = t.core.macs(input);
-                let (last, _) = t.last.macs(out);
-                (first + core + last, out)
-            }
-        }
+        self.parts().iter().fold((0, input), |(total, size), c| {
+            let (macs, out) = c.macs(size);
+            (total + macs, out)
+        })
     }
 
     /// The dense kernel the slot computes (the weight itself when dense).
@@ -199,44 +300,56 @@ impl ConvSlot {
         match self {
             ConvSlot::Dense(c) => c.weight.shallow_clone(),
             ConvSlot::Tucker(t) => t.reconstruct(),
+            ConvSlot::Svd(s) => s.reconstruct(),
+        }
+    }
+
+    /// The dense conv this slot computes (a copy): kernel, bias and geometry.
+    pub fn to_dense(&self) -> Conv2d {
+        let parts = self.parts();
+        Conv2d {
+            weight: self.dense_weight().detach().copy(),
+            bias: parts[parts.len() - 1]
+                .bias
+                .as_ref()
+                .map(|b| b.detach().copy()),
+            config: self.config(),
         }
     }
 
     /// Named tensors under the state_dict names of the seed's model: `weight`/`bias` when dense,
-    /// `0.weight`, `1.weight`, `2.weight`, `2.bias` when Tucker.
+    /// `{i}.weight`, `{i}.bias` for the i-th layer of a factorisation (`nn.Sequential`).
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
-        match self {
-            ConvSlot::Dense(c) => c
-                .tensors()
-                .into_iter()
-                .map(|(n, t)| (n.to_string(), t))
-                .collect(),
-            ConvSlot::Tucker(t) => [(0, &t.first), (1, &t.core), (2, &t.last)]
-                .into_iter()
-                .flat_map(|(i, c)| {
-                    c.tensors()
-                        .into_iter()
-                        .map(move |(n, t)| (format!("{i}.{n}"), t))
-                })
-                .collect(),
-        }
+        let dense = matches!(self, ConvSlot::Dense(_));
+        self.parts()
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                c.tensors()
+                    .into_iter()
+                    .map(move |(n, t)| (part_name(dense, i, n), t))
+            })
+            .collect()
     }
 
     pub fn named_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        match self {
-            ConvSlot::Dense(c) => c
-                .tensors_mut()
-                .into_iter()
-                .map(|(n, t)| (n.to_string(), t))
-                .collect(),
-            ConvSlot::Tucker(t) => [(0, &mut t.first), (1, &mut t.core), (2, &mut t.last)]
-                .into_iter()
-                .flat_map(|(i, c)| {
-                    c.tensors_mut()
-                        .into_iter()
-                        .map(move |(n, t)| (format!("{i}.{n}"), t))
-                })
-                .collect(),
-        }
+        let dense = matches!(self, ConvSlot::Dense(_));
+        self.parts_mut()
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                c.tensors_mut()
+                    .into_iter()
+                    .map(move |(n, t)| (part_name(dense, i, n), t))
+            })
+            .collect()
+    }
+}
+
+fn part_name(dense: bool, index: usize, tensor: &str) -> String {
+    if dense {
+        tensor.to_string()
+    } else {
+        format!("{index}.{tensor}")
     }
 }

@@ -5,6 +5,7 @@
 
 use polars::prelude::{AnyValue, DataFrame};
 
+use crate::conv::Form;
 use crate::plots::Chart;
 use crate::report::CompressionReport;
 use crate::train::EvalResult;
@@ -127,8 +128,11 @@ pub fn report_table(report: &CompressionReport) -> Html {
                 l.layer.clone(),
                 format!("{o}×{i}×{kh}×{kw}"),
                 l.stride.to_string(),
-                l.ranks
-                    .map_or("dense".into(), |(a, b)| format!("({a}, {b})")),
+                match l.form {
+                    Form::Dense => "dense".into(),
+                    Form::Tucker2 { r_out, r_in } => format!("({r_out}, {r_in})"),
+                    Form::Svd { rank } => format!("SVD {rank}"),
+                },
                 l.params_before.to_string(),
                 l.params_after.to_string(),
                 format!("{:.2} M", l.macs_before as f64 / 1e6),

@@ -1,6 +1,8 @@
 //! The seed's whole experiment as one call: fine-tune the original → evaluate → compress →
 //! evaluate → fine-tune the compressed model → evaluate, writing `metrics.csv`, `layers.csv`,
-//! `summary.json`, the models and per-phase checkpoints into one output folder.
+//! `summary.json`, the models and per-phase checkpoints into one output folder. With further
+//! stages, each fine-tunes the compressed model briefly and compresses it further
+//! (`layers-stage2.csv`, …) before the final fine-tune.
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +38,11 @@ pub struct RunConfig {
     /// Epochs of the compressed model's fine-tune.
     pub compressed_epochs: usize,
     pub policy: CompressionPolicy,
+    /// Multi-stage (MUSCO-style) compression: after `policy`, fine-tune `stage_epochs` epochs,
+    /// then compress further with each of these in turn (data-driven policies refactorise the
+    /// already factorised layers; budgets are fractions of the dense model's cost).
+    pub stages: Vec<CompressionPolicy>,
+    pub stage_epochs: usize,
     pub device: Device,
     pub out: PathBuf,
     pub resume: bool,
@@ -60,6 +67,8 @@ impl RunConfig {
             fine_tune: FineTuneConfig::default(),
             compressed_epochs: 5,
             policy: CompressionPolicy::default(),
+            stages: Vec::new(),
+            stage_epochs: 1,
             device,
             out: out.into(),
             resume: false,
@@ -87,7 +96,10 @@ pub struct Checkpoint {
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub original: Checkpoint,
+    /// Right after the (first) compression.
     pub compressed: Checkpoint,
+    /// Right after each further stage's compression (multi-stage runs).
+    pub stages: Vec<Checkpoint>,
     pub fine_tuned: Checkpoint,
     pub image_size: i64,
     pub device: String,
@@ -100,7 +112,10 @@ pub struct Summary {
 pub struct RunResult {
     /// Both fine-tunes' epochs, in order ([`crate::train::METRICS_COLUMNS`]).
     pub metrics: DataFrame,
+    /// The first compression's report.
     pub report: CompressionReport,
+    /// Each further stage's report (its "before" is the previous stage's model).
+    pub stage_reports: Vec<CompressionReport>,
     pub summary: Summary,
 }
 
@@ -184,6 +199,28 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
     report.write_csv(&out.join("layers.csv"))?;
     let compressed = checkpoint(&model, &evaluate(&model, &val_loader)?, size);
 
+    // Multi-stage: fine-tune a little, then compress further toward the next budget.
+    let mut stages = Vec::new();
+    let mut stage_reports = Vec::new();
+    for (i, policy) in config.stages.iter().enumerate() {
+        let stage = i + 2;
+        let stage_config = phase_config(
+            &format!("stage{}", stage - 1),
+            config.stage_epochs,
+            Trainable::TuckerAndClassifier,
+        );
+        rows.extend(fine_tune_rows(
+            &mut model,
+            &train_loader,
+            &val_loader,
+            &stage_config,
+        )?);
+        let report = compress_model(&mut model, policy)?;
+        report.write_csv(&out.join(format!("layers-stage{stage}.csv")))?;
+        stages.push(checkpoint(&model, &evaluate(&model, &val_loader)?, size));
+        stage_reports.push(report);
+    }
+
     // 5) fine-tune the compressed model: Tucker factors and fc; 6) evaluate.
     let compressed_config = phase_config(
         "compressed",
@@ -204,6 +241,7 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
     let summary = Summary {
         original,
         compressed,
+        stages,
         fine_tuned,
         image_size: size,
         device: format!("{:?}", config.device),
@@ -215,6 +253,7 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
     Ok(RunResult {
         metrics,
         report,
+        stage_reports,
         summary,
     })
 }

@@ -3,14 +3,15 @@
 //! - [`runtime`]: process set-up (libtorch's CUDA backend) and device choice; call
 //!   [`runtime::init`] first.
 //! - [`model`]: ResNet18 as a plain struct tree with torchvision's names and swappable conv slots.
-//! - [`conv`]: dense and Tucker-2 conv layers.
-//! - [`compressor`]: HOSVD Tucker-2 factorisation, rank policies, `compress_model`.
+//! - [`conv`]: dense, Tucker-2 and two-layer SVD conv layers.
+//! - [`compressor`]: Tucker-2 (HOSVD, HOOI) and SVD factorisation, rank policies, `compress_model`.
 //! - [`report`]: the per-layer compression report.
 //! - [`io`]: state_dict files and atomic writes.
 //! - [`data`]: ImageFolder and CIFAR-100 datasets, decoded once and cached.
 //! - [`loader`]: batches and torchvision's transforms on the model's device.
 //! - [`train`]: `fine_tune` and `evaluate`, metrics as a polars DataFrame, checkpoints.
 //! - [`experiment`]: the seed's whole flow as one call (`tucker-nb run`).
+//! - [`sweep`]: accuracy, MACs and parameters over compression budgets (Pareto front).
 //! - [`synthetic`]: generated learnable datasets for tests, smoke runs and benchmarks.
 //! - [`bench`]: throughput figures (`tucker-nb bench`).
 //! - [`plots`]: accuracy and loss charts (plotters), PNG export.
@@ -34,6 +35,7 @@ pub mod progress;
 pub mod ranks;
 pub mod report;
 pub mod runtime;
+pub mod sweep;
 pub mod synthetic;
 pub mod torch_pickle;
 pub mod train;

@@ -89,6 +89,9 @@ enum Command {
         /// Image size at which the report counts MACs.
         #[arg(long, default_value_t = 224)]
         image_size: i64,
+        /// Fold each BN after a factorised conv into its last 1×1 (inference; same eval outputs).
+        #[arg(long)]
+        fold_bn: bool,
         /// cpu, cuda, cuda:N or auto.
         #[arg(long)]
         device: Option<String>,
@@ -169,6 +172,13 @@ struct RunArgs {
     ranks: RankArgs,
     #[command(flatten)]
     fit: FitArgs,
+    /// Multi-stage compression: after the first policy, fine-tune --stage-epochs epochs and
+    /// compress further with this policy (repeatable, e.g. --stage budget-macs:0.2).
+    #[arg(long = "stage", value_name = "POLICY")]
+    stages: Vec<String>,
+    /// Epochs of fine-tuning before each further stage.
+    #[arg(long, default_value_t = 1)]
+    stage_epochs: usize,
     #[arg(long)]
     device: Option<String>,
     #[arg(long)]
@@ -246,6 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             report,
             image_size,
+            fold_bn,
             device,
         } => {
             let device = runtime::select_device(device.as_deref())?;
@@ -259,6 +270,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let mut model = ResNet18::load(&weights, num_classes, device)?;
             let layer_report = compress_model(&mut model, &policy)?;
+            if fold_bn {
+                let folded = model.fold_batch_norms();
+                println!("folded {} BNs into their factorised convs", folded.len());
+            }
             model.save(&out)?;
             if let Some(path) = report {
                 if let Err(e) = layer_report.write_csv(&path) {
@@ -288,6 +303,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.fine_tune.bf16 = args.bf16;
             config.compressed_epochs = args.compressed_epochs.unwrap_or(args.epochs);
             config.policy = args.ranks.policy(&args.fit, args.image_size)?;
+            for spec in &args.stages {
+                let ranks = RankPolicy::parse(spec)?;
+                if matches!(ranks, RankPolicy::Ratio(_)) {
+                    anyhow::bail!(
+                        "invalid stage policy: `{spec}` (a further stage needs energy:, vbmf or \
+                         a budget: the ratio rule only compresses dense convs)"
+                    );
+                }
+                config.stages.push(CompressionPolicy {
+                    ranks,
+                    ..config.policy.clone()
+                });
+            }
+            config.stage_epochs = args.stage_epochs;
             config.resume = args.resume;
             config.seed = args.seed;
             config.train_limit = args.train_limit;

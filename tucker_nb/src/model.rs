@@ -10,7 +10,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::conv::{Conv2d, ConvConfig, ConvSlot, TuckerConv};
+use crate::conv::{Conv2d, ConvConfig, ConvSlot, SvdConv, TuckerConv};
 use crate::error::{Error, Result};
 use crate::io;
 
@@ -24,6 +24,8 @@ pub struct BatchNorm {
     pub num_batches_tracked: Tensor,
     pub eps: f64,
     pub momentum: f64,
+    /// Folded into the preceding conv: an identity in eval mode, skipped there.
+    pub folded: bool,
 }
 
 impl BatchNorm {
@@ -37,11 +39,40 @@ impl BatchNorm {
             num_batches_tracked: Tensor::zeros([], (Kind::Int64, device)),
             eps: 1e-5,
             momentum: 0.1,
+            folded: false,
         }
+    }
+
+    /// Folds this BN's eval-mode affine map y = γ·(x − μ)/√(σ² + ε) + β into `conv`, whose
+    /// output it normalises (per output channel: W ← s·W, b ← s·(b − μ) + β, s = γ/√(σ² + ε)),
+    /// computed in f64, and becomes the identity: γ = 1, β = 0, μ = 0, σ² = 1 − ε. Its keys and
+    /// shapes stay, so the file still loads into the unfolded structure and computes the same.
+    fn fold_into(&mut self, conv: &mut Conv2d) {
+        tch::no_grad(|| {
+            let f64 = |t: &Tensor| t.detach().to_kind(Kind::Double);
+            let scale = f64(&self.weight) / (f64(&self.running_var) + self.eps).sqrt();
+            let c_out = conv.out_channels();
+            let bias = match &conv.bias {
+                Some(b) => f64(b),
+                None => Tensor::zeros([c_out], (Kind::Double, conv.weight.device())),
+            };
+            let weight = f64(&conv.weight) * scale.reshape([c_out, 1, 1, 1]);
+            let bias = (bias - f64(&self.running_mean)) * &scale + f64(&self.bias);
+            conv.weight = weight.to_kind(Kind::Float);
+            conv.bias = Some(bias.to_kind(Kind::Float));
+            let _ = self.weight.fill_(1.0);
+            let _ = self.bias.fill_(0.0);
+            let _ = self.running_mean.fill_(0.0);
+            let _ = self.running_var.fill_(1.0 - self.eps);
+        });
+        self.folded = true;
     }
 
     /// In training mode, normalises with batch statistics and updates the running ones in place.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        if self.folded && !train {
+            return x.shallow_clone();
+        }
         if train {
             tch::no_grad(|| {
                 let _ = self.num_batches_tracked.shallow_clone().f_add_scalar_(1);
@@ -404,6 +435,47 @@ impl ResNet18 {
         v
     }
 
+    /// Folds each BN that follows a factorised conv into that conv's last 1×1 (for inference:
+    /// eval-mode outputs stay the same, one BN pass less per factorised conv). Dense convs and
+    /// their BNs are left alone: folding there would add a bias the seed's structure has no key
+    /// for. Returns the folded BNs' names.
+    pub fn fold_batch_norms(&mut self) -> Vec<String> {
+        fn fold(slot: &mut ConvSlot, bn: &mut BatchNorm, name: String, folded: &mut Vec<String>) {
+            if !matches!(slot, ConvSlot::Dense(_)) && !bn.folded {
+                bn.fold_into(slot.output_layer_mut());
+                folded.push(name);
+            }
+        }
+        let mut folded = Vec::new();
+        fold(&mut self.conv1, &mut self.bn1, "bn1".into(), &mut folded);
+        for (stage, blocks) in self.layers.iter_mut().enumerate() {
+            for (b, block) in blocks.iter_mut().enumerate() {
+                let p = format!("layer{}.{b}", stage + 1);
+                fold(
+                    &mut block.conv1,
+                    &mut block.bn1,
+                    format!("{p}.bn1"),
+                    &mut folded,
+                );
+                fold(
+                    &mut block.conv2,
+                    &mut block.bn2,
+                    format!("{p}.bn2"),
+                    &mut folded,
+                );
+                if let Some(d) = &mut block.downsample {
+                    fold(
+                        &mut d.conv,
+                        &mut d.bn,
+                        format!("{p}.downsample.1"),
+                        &mut folded,
+                    );
+                }
+            }
+        }
+        folded
+    }
+
     /// Moves every tensor to `device`.
     pub fn to_device(&mut self, device: Device) {
         for (_, t) in self.named_tensors_mut() {
@@ -592,6 +664,9 @@ impl StateDict<'_> {
                 key: format!("{name}.weight"),
             });
         }
+        if !self.tensors.contains_key(&format!("{name}.2.weight")) {
+            return self.svd_conv(spec);
+        }
         // Tucker-2: ranks come from the core's shape.
         let core_key = format!("{name}.1.weight");
         let core = self.take(&core_key, None)?;
@@ -630,6 +705,45 @@ impl StateDict<'_> {
                 weight: last,
                 bias: last_bias,
                 config: pointwise,
+            },
+        }))
+    }
+
+    /// A 1×1 conv stored as its two SVD factors (`.0.weight`, `.1.weight`, `.1.bias`); the rank
+    /// comes from the first factor's shape.
+    fn svd_conv(&mut self, spec: &ConvSpec) -> Result<ConvSlot> {
+        let name = &spec.name;
+        let [c_out, c_in, kh, kw] = spec.shape;
+        if kh != 1 || kw != 1 {
+            // Only 1×1 convs have a two-layer form: a k×k one is Tucker-2 or dense.
+            return Err(Error::MissingKey {
+                path: self.path.to_path_buf(),
+                key: format!("{name}.2.weight"),
+            });
+        }
+        let first_key = format!("{name}.0.weight");
+        let first = self.take(&first_key, None)?;
+        let s = first.size();
+        if s.len() != 4 || s[0] < 1 || s[0] > c_out.min(c_in) || s[1] != c_in || s[2..] != [1, 1] {
+            return Err(self.shape_error(
+                &first_key,
+                &first,
+                format!("[r≤{}, {c_in}, 1, 1]", c_out.min(c_in)),
+            ));
+        }
+        let rank = s[0];
+        let last = self.take(&format!("{name}.1.weight"), Some(&[c_out, rank, 1, 1]))?;
+        let last_bias = self.take_optional(&format!("{name}.1.bias"), &[c_out])?;
+        Ok(ConvSlot::Svd(SvdConv {
+            first: Conv2d {
+                weight: first,
+                bias: None,
+                config: spec.config,
+            },
+            last: Conv2d {
+                weight: last,
+                bias: last_bias,
+                config: ConvConfig::default(),
             },
         }))
     }

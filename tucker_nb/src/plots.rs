@@ -192,15 +192,7 @@ fn line_chart(
             .map_err(|e| draw_err(e.to_string()))?;
         root.present().map_err(|e| draw_err(e.to_string()))?;
     }
-    let image = image::RgbImage::from_raw(w, h, buffer).expect("buffer of the drawn size");
-    let mut png = std::io::Cursor::new(Vec::new());
-    image
-        .write_to(&mut png, image::ImageFormat::Png)
-        .map_err(|e| draw_err(e.to_string()))?;
-    Ok(Chart {
-        title: title.to_string(),
-        png: png.into_inner(),
-    })
+    encode_png(title, w, h, buffer)
 }
 
 fn series_of(metrics: &DataFrame, columns: &[(&str, &str, bool)]) -> Result<Vec<Series>> {
@@ -255,6 +247,101 @@ pub fn loss_chart(metrics: &DataFrame) -> Result<Chart> {
         None,
         SeriesLabelPosition::UpperRight,
     )
+}
+
+/// Accuracy against conv MACs of a budget sweep ([`crate::sweep::sweep`]'s DataFrame): every
+/// policy as a labelled point, top-1 after its short fine-tune; the Pareto front as a line.
+pub fn pareto_chart(sweep: &DataFrame) -> Result<Chart> {
+    register_font();
+    let err = |e: polars::error::PolarsError| Error::value("sweep", e);
+    let policies = sweep.column("policy").map_err(err)?.str().map_err(err)?;
+    let macs = sweep
+        .column("conv_macs")
+        .map_err(err)?
+        .cast(&polars::prelude::DataType::Float64)
+        .map_err(err)?;
+    let macs = macs.f64().map_err(err)?;
+    let top1 = sweep.column("top1").map_err(err)?.f64().map_err(err)?;
+    let front = sweep.column("pareto").map_err(err)?.bool().map_err(err)?;
+    let mut points: Vec<(String, f64, f64, bool)> = Vec::new();
+    for (((p, m), t), on) in policies
+        .iter()
+        .zip(macs.iter())
+        .zip(top1.iter())
+        .zip(front.iter())
+    {
+        if let (Some(p), Some(m), Some(t)) = (p, m, t) {
+            points.push((p.to_string(), m / 1e9, t * 100.0, on.unwrap_or(false)));
+        }
+    }
+    let title = "Accuracy vs conv MACs";
+    let draw_err = |e: String| Error::value("chart", format!("{title}: {e}"));
+    if points.is_empty() {
+        return Err(draw_err("the sweep has no points".into()));
+    }
+    let (w, h) = (800u32, 480u32);
+    let mut buffer = vec![255u8; (w * h * 3) as usize];
+    let max_x = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.15 + 1e-3;
+    let mut line: Vec<(f64, f64)> = points.iter().filter(|p| p.3).map(|p| (p.1, p.2)).collect();
+    line.sort_by(|a, b| a.0.total_cmp(&b.0));
+    {
+        let root = BitMapBackend::with_buffer(&mut buffer, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| draw_err(e.to_string()))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, (FAMILY, 26))
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..max_x, 0f64..100f64)
+            .map_err(|e| draw_err(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("conv MACs per image (G)")
+            .y_desc("top-1 after fine-tuning (%)")
+            .label_style((FAMILY, 16))
+            .axis_desc_style((FAMILY, 18))
+            .draw()
+            .map_err(|e| draw_err(e.to_string()))?;
+        let front_color = PALETTE[1];
+        chart
+            .draw_series(LineSeries::new(line, front_color.stroke_width(2)))
+            .map_err(|e| draw_err(e.to_string()))?
+            .label("Pareto front")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], front_color));
+        for (label, x, y, on) in &points {
+            let color = if *on { front_color } else { PALETTE[0] };
+            chart
+                .draw_series(std::iter::once(
+                    EmptyElement::at((*x, *y))
+                        + Circle::new((0, 0), 5, color.filled())
+                        + Text::new(label.clone(), (8, -18), (FAMILY, 15)),
+                ))
+                .map_err(|e| draw_err(e.to_string()))?;
+        }
+        chart
+            .configure_series_labels()
+            .label_font((FAMILY, 16))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .margin(12)
+            .draw()
+            .map_err(|e| draw_err(e.to_string()))?;
+        root.present().map_err(|e| draw_err(e.to_string()))?;
+    }
+    encode_png(title, w, h, buffer)
+}
+
+fn encode_png(title: &str, w: u32, h: u32, buffer: Vec<u8>) -> Result<Chart> {
+    let image = image::RgbImage::from_raw(w, h, buffer).expect("buffer of the drawn size");
+    let mut png = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| Error::value("chart", format!("{title}: {e}")))?;
+    Ok(Chart {
+        title: title.to_string(),
+        png: png.into_inner(),
+    })
 }
 
 #[cfg(test)]
@@ -317,6 +404,36 @@ mod tests {
         let path = dir.path().join("accuracy.png");
         accuracy_chart(&frame).unwrap().save_png(&path).unwrap();
         assert!(image::open(&path).is_ok());
+    }
+
+    #[test]
+    fn pareto_chart_draws_points_labels_and_the_front() {
+        use crate::sweep::{sweep_frame, SweepPoint};
+        let point = |policy: &str, macs: i64, top1: f64| SweepPoint {
+            policy: policy.into(),
+            conv_macs: macs,
+            macs_ratio: macs as f64 / 1.8e9,
+            params: 11_000_000,
+            params_ratio: 1.0,
+            mean_rel_error: 0.1,
+            worst_rel_error: 0.2,
+            top1_compressed: top1 / 2.0,
+            top1,
+            top5: top1,
+        };
+        let frame = sweep_frame(&[
+            point("dense", 1_800_000_000, 0.7),
+            point("budget-macs:0.5", 900_000_000, 0.68),
+            point("budget-macs:0.33", 600_000_000, 0.69),
+        ]);
+        let chart = pareto_chart(&frame).unwrap();
+        let img = image::load_from_memory(&chart.png).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (800, 480));
+        assert!(ink(&img, 200..600, 0..40) > 200, "no title");
+        // Front points in red, the dominated one (0.5 budget) in blue.
+        let count = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
+        assert!(count([214, 39, 40]) > 100 && count([31, 119, 180]) > 30);
+        assert!(pareto_chart(&DataFrame::empty()).is_err());
     }
 
     #[test]

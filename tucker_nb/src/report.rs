@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::conv::ConvSlot;
+use crate::conv::{ConvSlot, Form};
 use crate::error::Result;
 use crate::io;
 
@@ -15,7 +15,9 @@ pub struct LayerReport {
     /// C_out × C_in × kh × kw of the dense conv.
     pub shape: [i64; 4],
     pub stride: i64,
-    /// (r_out, r_in) when the layer is Tucker-2, `None` when dense.
+    /// Dense, Tucker-2 or SVD, with the ranks.
+    pub form: Form,
+    /// (r_out, r_in) when factorised (an SVD's rank is both), `None` when dense.
     pub ranks: Option<(i64, i64)>,
     /// Input resolution [H, W] at which MACs are counted.
     pub input: [i64; 2],
@@ -38,15 +40,13 @@ impl LayerReport {
         macs_before: i64,
         rel_error: f64,
     ) -> Self {
-        let ranks = match slot {
-            ConvSlot::Dense(_) => None,
-            ConvSlot::Tucker(t) => Some(t.ranks()),
-        };
+        let form = slot.form();
         Self {
             layer: layer.to_string(),
             shape: slot.dense_shape(),
             stride: slot.config().stride[0],
-            ranks,
+            form,
+            ranks: form.ranks(),
             input,
             params_before,
             params_after: slot.num_params(),
@@ -75,7 +75,7 @@ pub struct CompressionReport {
 }
 
 /// CSV header of [`CompressionReport::to_csv`].
-pub const CSV_HEADER: &str = "layer,c_out,c_in,kh,kw,stride,r_out,r_in,input_h,input_w,\
+pub const CSV_HEADER: &str = "layer,c_out,c_in,kh,kw,stride,form,r_out,r_in,input_h,input_w,\
 params_before,params_after,macs_before,macs_after,rel_error,note";
 
 impl CompressionReport {
@@ -99,9 +99,10 @@ impl CompressionReport {
             });
             let _ = writeln!(
                 s,
-                "{},{c_out},{c_in},{kh},{kw},{},{r_out},{r_in},{},{},{},{},{},{},{:.6e},{}",
+                "{},{c_out},{c_in},{kh},{kw},{},{},{r_out},{r_in},{},{},{},{},{},{},{:.6e},{}",
                 l.layer,
                 l.stride,
+                l.form.name(),
                 l.input[0],
                 l.input[1],
                 l.params_before,

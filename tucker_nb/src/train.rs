@@ -22,8 +22,8 @@ use crate::progress::Progress;
 pub enum Trainable {
     /// `fc` only: the seed's fine-tune of the original model.
     Classifier,
-    /// The Tucker-2 factors (first, core, last, last's bias) and `fc`: the seed's fine-tune of the
-    /// compressed model.
+    /// The factorised convs' layers (Tucker-2's first, core, last and last's bias; an SVD's two)
+    /// and `fc`: the seed's fine-tune of the compressed model.
     TuckerAndClassifier,
     /// Every conv, BN and fc parameter.
     All,
@@ -259,7 +259,7 @@ pub fn trainable_parameters(
     let tucker: Vec<String> = model
         .conv_slots()
         .into_iter()
-        .filter(|(_, s)| matches!(s, ConvSlot::Tucker(_)))
+        .filter(|(_, s)| !matches!(s, ConvSlot::Dense(_)))
         .map(|(n, _)| format!("{n}."))
         .collect();
     model

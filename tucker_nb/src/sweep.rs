@@ -1,0 +1,174 @@
+//! A sweep over compression budgets: for each policy, compress a copy of the model, evaluate it,
+//! fine-tune it briefly and evaluate again; one DataFrame row per policy (plus the uncompressed
+//! model), with conv MACs, parameters, reconstruction errors and accuracy, and which rows lie on
+//! the accuracy-vs-MACs Pareto front ([`crate::plots::pareto_chart`] draws it).
+
+use polars::prelude::{Column, DataFrame};
+
+use crate::compressor::{compress_model, CompressionPolicy};
+use crate::error::Result;
+use crate::loader::Loader;
+use crate::model::ResNet18;
+use crate::train::{evaluate, fine_tune_rows, FineTuneConfig, Trainable};
+
+/// The sweep's columns, in order.
+pub const SWEEP_COLUMNS: [&str; 11] = [
+    "policy",
+    "conv_macs",
+    "macs_ratio",
+    "params",
+    "params_ratio",
+    "mean_rel_error",
+    "worst_rel_error",
+    "top1_compressed",
+    "top1",
+    "top5",
+    "pareto",
+];
+
+/// One point of the sweep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepPoint {
+    /// The policy's spec (`budget-macs:0.33`), or `dense` for the uncompressed model.
+    pub policy: String,
+    /// Conv MACs for one image at the policies' input size.
+    pub conv_macs: i64,
+    /// Of the uncompressed model's conv MACs.
+    pub macs_ratio: f64,
+    /// All parameters of the model.
+    pub params: i64,
+    pub params_ratio: f64,
+    /// Mean and worst relative reconstruction error over the factorised convs.
+    pub mean_rel_error: f64,
+    pub worst_rel_error: f64,
+    /// Validation top-1 right after compression, and after the short fine-tune.
+    pub top1_compressed: f64,
+    pub top1: f64,
+    pub top5: f64,
+}
+
+/// Compresses a copy of `model` with each policy, fine-tunes it with `fine_tune` (its
+/// `trainable` is set to the factorised convs and fc, its phase to the policy) and evaluates it
+/// on `val`. `model` is left as it was.
+pub fn sweep(
+    model: &ResNet18,
+    policies: &[CompressionPolicy],
+    train: &Loader,
+    val: &Loader,
+    fine_tune: &FineTuneConfig,
+) -> Result<DataFrame> {
+    let input = policies.first().map_or([224, 224], |p| p.input_size);
+    let dense_macs = model.conv_macs(input);
+    let dense_params = model.num_params();
+    let base = evaluate(model, val)?;
+    let mut points = vec![SweepPoint {
+        policy: "dense".into(),
+        conv_macs: dense_macs,
+        macs_ratio: 1.0,
+        params: dense_params,
+        params_ratio: 1.0,
+        mean_rel_error: 0.0,
+        worst_rel_error: 0.0,
+        top1_compressed: base.top1,
+        top1: base.top1,
+        top5: base.top5,
+    }];
+    for policy in policies {
+        let spec = policy.ranks.to_string();
+        let mut compressed = model.deep_copy();
+        let report = compress_model(&mut compressed, policy)?;
+        let top1_compressed = evaluate(&compressed, val)?.top1;
+        let config = FineTuneConfig {
+            phase: spec.clone(),
+            trainable: Trainable::TuckerAndClassifier,
+            checkpoint_dir: None,
+            ..fine_tune.clone()
+        };
+        fine_tune_rows(&mut compressed, train, val, &config)?;
+        let after = evaluate(&compressed, val)?;
+        let errors: Vec<f64> = report
+            .layers
+            .iter()
+            .filter(|l| l.ranks.is_some())
+            .map(|l| l.rel_error)
+            .collect();
+        let conv_macs = compressed.conv_macs(policy.input_size);
+        let params = compressed.num_params();
+        points.push(SweepPoint {
+            policy: spec,
+            conv_macs,
+            macs_ratio: conv_macs as f64 / dense_macs as f64,
+            params,
+            params_ratio: params as f64 / dense_params as f64,
+            mean_rel_error: errors.iter().sum::<f64>() / errors.len().max(1) as f64,
+            worst_rel_error: errors.iter().copied().fold(0.0, f64::max),
+            top1_compressed,
+            top1: after.top1,
+            top5: after.top5,
+        });
+    }
+    Ok(sweep_frame(&points))
+}
+
+/// Whether each point is on the Pareto front of (fewer conv MACs, higher top-1): no other point
+/// is at least as good on both and better on one.
+pub fn pareto_front(points: &[(i64, f64)]) -> Vec<bool> {
+    points
+        .iter()
+        .map(|&(macs, top1)| {
+            !points
+                .iter()
+                .any(|&(m, t)| m <= macs && t >= top1 && (m < macs || t > top1))
+        })
+        .collect()
+}
+
+/// The points as a DataFrame with [`SWEEP_COLUMNS`].
+pub fn sweep_frame(points: &[SweepPoint]) -> DataFrame {
+    let f = |get: fn(&SweepPoint) -> f64| points.iter().map(get).collect::<Vec<f64>>();
+    let i = |get: fn(&SweepPoint) -> i64| points.iter().map(get).collect::<Vec<i64>>();
+    let front = pareto_front(
+        &points
+            .iter()
+            .map(|p| (p.conv_macs, p.top1))
+            .collect::<Vec<_>>(),
+    );
+    let columns = vec![
+        Column::new(
+            "policy".into(),
+            points.iter().map(|p| p.policy.clone()).collect::<Vec<_>>(),
+        ),
+        Column::new("conv_macs".into(), i(|p| p.conv_macs)),
+        Column::new("macs_ratio".into(), f(|p| p.macs_ratio)),
+        Column::new("params".into(), i(|p| p.params)),
+        Column::new("params_ratio".into(), f(|p| p.params_ratio)),
+        Column::new("mean_rel_error".into(), f(|p| p.mean_rel_error)),
+        Column::new("worst_rel_error".into(), f(|p| p.worst_rel_error)),
+        Column::new("top1_compressed".into(), f(|p| p.top1_compressed)),
+        Column::new("top1".into(), f(|p| p.top1)),
+        Column::new("top5".into(), f(|p| p.top5)),
+        Column::new("pareto".into(), front),
+    ];
+    DataFrame::new(points.len(), columns).expect("columns of equal length")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_front_keeps_only_undominated_points() {
+        let points = [
+            (100, 0.7),
+            (50, 0.6),
+            (50, 0.5),
+            (30, 0.65),
+            (20, 0.1),
+            (30, 0.65),
+        ];
+        assert_eq!(
+            pareto_front(&points),
+            [true, false, false, true, true, true]
+        );
+    }
+}
