@@ -174,3 +174,179 @@ fn energy_and_vbmf_policies_choose_ranks_from_the_weights() {
         "{dense:?}"
     );
 }
+
+#[test]
+fn data_driven_policies_factorise_pointwise_convs_as_two_layer_svds() {
+    use tucker_nb::conv::{ConvSlot, Form};
+    use tucker_nb::{compress_model, CompressionPolicy, RankPolicy, ResNet18};
+    tucker_nb::runtime::init();
+    tch::manual_seed(6);
+    let mut model = ResNet18::new(10, Device::Cpu);
+    // A rank-8 projection shortcut (plus noise): the budget should keep its 8 directions in two
+    // 1×1 layers rather than three.
+    tch::no_grad(|| {
+        let opts = (Kind::Float, Device::Cpu);
+        let w = Tensor::randn([256, 8], opts).matmul(&Tensor::randn([8, 128], opts))
+            + Tensor::randn([256, 128], opts) * 0.01;
+        if let Some(d) = &mut model.layers[2][0].downsample {
+            if let ConvSlot::Dense(c) = &mut d.conv {
+                c.weight.copy_(&w.reshape([256, 128, 1, 1]));
+            }
+        }
+    });
+    let report = compress_model(
+        &mut model,
+        &CompressionPolicy::new(RankPolicy::parse("budget-macs:0.33").unwrap()),
+    )
+    .unwrap();
+    let downsample: Vec<_> = report
+        .layers
+        .iter()
+        .filter(|l| l.layer.ends_with("downsample.0"))
+        .collect();
+    assert_eq!(downsample.len(), 3);
+    for l in &downsample {
+        assert!(
+            matches!(l.form, Form::Svd { .. } | Form::Dense),
+            "{}: {:?}",
+            l.layer,
+            l.form
+        );
+    }
+    let planted = downsample
+        .iter()
+        .find(|l| l.layer == "layer3.0.downsample.0")
+        .unwrap();
+    assert!(
+        matches!(planted.form, Form::Svd { rank } if (8..=16).contains(&rank))
+            && planted.rel_error < 0.02,
+        "{planted:?}"
+    );
+    // The report's MACs and errors are the slots' own.
+    let sizes = model.conv_input_sizes([224, 224]);
+    for (name, slot) in model.conv_slots() {
+        let line = report.layers.iter().find(|l| l.layer == name).unwrap();
+        assert_eq!(line.macs_after, slot.macs(sizes[&name]).0, "{name}");
+        if let ConvSlot::Svd(s) = slot {
+            assert_eq!(line.form, Form::Svd { rank: s.rank() });
+        }
+    }
+    // Saved and loaded back without being told the forms.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("svd.safetensors");
+    model.save(&path).unwrap();
+    let loaded = ResNet18::load(&path, None, Device::Cpu).unwrap();
+    let x = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let (a, b) = tch::no_grad(|| (model.forward(&x, false), loaded.forward(&x, false)));
+    assert_eq!(
+        a.to_kind(Kind::Double)
+            .f_sub(&b.to_kind(Kind::Double))
+            .unwrap()
+            .abs()
+            .max()
+            .double_value(&[]),
+        0.0
+    );
+    for (name, slot) in loaded.conv_slots() {
+        let original = model
+            .conv_slots()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1;
+        assert_eq!(slot.form(), original.form(), "{name}");
+    }
+}
+
+#[test]
+fn a_second_stage_compresses_further_to_its_budget_of_the_dense_model() {
+    use tucker_nb::{compress_model, CompressionPolicy, RankPolicy, ResNet18};
+    tucker_nb::runtime::init();
+    tch::manual_seed(7);
+    let mut model = ResNet18::new(10, Device::Cpu);
+    let dense_macs = model.conv_macs([224, 224]);
+    let policy = |spec: &str| CompressionPolicy {
+        ranks: RankPolicy::parse(spec).unwrap(),
+        method: Some(tucker_nb::compressor::Method::Hosvd),
+        ..Default::default()
+    };
+    compress_model(&mut model, &policy("budget-macs:0.5")).unwrap();
+    let first: Vec<_> = model
+        .conv_slots()
+        .into_iter()
+        .map(|(n, s)| (n, s.form(), s.dense_weight().copy()))
+        .collect();
+    let stage2 = compress_model(&mut model, &policy("budget-macs:0.25")).unwrap();
+    let achieved = model.conv_macs([224, 224]) as f64 / dense_macs as f64;
+    assert!((achieved / 0.25 - 1.0).abs() <= 0.02, "reached {achieved}");
+    for ((name, form, kernel), line) in first.iter().zip(&stage2.layers) {
+        assert_eq!(name, &line.layer);
+        // Every layer ends no larger than the first stage left it, and its error is measured
+        // against the first stage's kernel.
+        assert!(line.macs_after <= line.macs_before, "{name}");
+        if let (Some(a), Some(b)) = (form.ranks(), line.ranks) {
+            assert!(b.0 <= a.0 && b.1 <= a.1, "{name}: {a:?} → {b:?}");
+        }
+        let slot = model
+            .conv_slots()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1;
+        let err = tucker_nb::compressor::relative_error(kernel, &slot.dense_weight());
+        assert!(
+            (err - line.rel_error).abs() < 1e-6,
+            "{name}: {err} vs {}",
+            line.rel_error
+        );
+    }
+}
+
+#[test]
+fn folding_batch_norms_keeps_eval_outputs_to_1e_5() {
+    use tucker_nb::{compress_model, CompressionPolicy, RankPolicy, ResNet18};
+    tucker_nb::runtime::init();
+    tch::manual_seed(8);
+    let mut model = ResNet18::new(10, Device::Cpu);
+    // Non-trivial BN statistics and affine parameters.
+    for (name, t) in model.named_tensors_mut() {
+        let (lo, hi) = match name.rsplit('.').next().unwrap() {
+            "running_var" => (0.5, 2.0),
+            "running_mean" | "bias" if !name.contains("conv") && !name.starts_with("fc") => {
+                (-0.3, 0.3)
+            }
+            "weight" if name.contains("bn") || name.contains("downsample.1") => (0.5, 1.5),
+            _ => continue,
+        };
+        tch::no_grad(|| {
+            let _ = t.uniform_(lo, hi);
+        });
+    }
+    compress_model(
+        &mut model,
+        &CompressionPolicy::new(RankPolicy::parse("budget-macs:0.4").unwrap()),
+    )
+    .unwrap();
+    let x = Tensor::randn([4, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let before = tch::no_grad(|| model.forward(&x, false));
+    let folded = model.fold_batch_norms();
+    let factorised = model
+        .conv_slots()
+        .iter()
+        .filter(|(_, s)| !matches!(s, tucker_nb::conv::ConvSlot::Dense(_)))
+        .count();
+    assert_eq!(folded.len(), factorised);
+    assert!(factorised > 10, "{factorised}");
+    let after = tch::no_grad(|| model.forward(&x, false));
+    let err = (&before - &after).norm().double_value(&[]) / before.norm().double_value(&[]);
+    assert!(err < 1e-5, "folded logits differ: rel. err {err}");
+    // Saved and loaded, the identity BNs still compute the same (no flag in the file).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("folded.safetensors");
+    model.save(&path).unwrap();
+    let loaded = ResNet18::load(&path, None, Device::Cpu).unwrap();
+    let again = tch::no_grad(|| loaded.forward(&x, false));
+    let err = (&before - &again).norm().double_value(&[]) / before.norm().double_value(&[]);
+    assert!(err < 1e-5, "loaded folded logits differ: rel. err {err}");
+    assert!(model.fold_batch_norms().is_empty(), "folded twice");
+}

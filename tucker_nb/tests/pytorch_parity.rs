@@ -15,12 +15,14 @@ fn logits(model: &ResNet18, input: &Tensor) -> Tensor {
     tch::no_grad(|| model.forward(input, false))
 }
 
+/// `{"layer": [r_out, r_in]}` for Tucker-2 layers, `[r]` for two-layer SVDs.
 fn ranks_json(model: &ResNet18) -> String {
-    let ranks: BTreeMap<String, (i64, i64)> = model
+    let ranks: BTreeMap<String, Vec<i64>> = model
         .conv_slots()
         .into_iter()
         .filter_map(|(name, slot)| match slot {
-            ConvSlot::Tucker(t) => Some((name, t.ranks())),
+            ConvSlot::Tucker(t) => Some((name, vec![t.ranks().0, t.ranks().1])),
+            ConvSlot::Svd(s) => Some((name, vec![s.rank()])),
             ConvSlot::Dense(_) => None,
         })
         .collect();
@@ -286,4 +288,53 @@ fn torch_input_and_compare(
         .map(|(_, t)| t.numel() as i64)
         .sum();
     assert_eq!(params_after, counted);
+}
+
+#[test]
+fn svd_layers_and_folded_bns_load_strictly_into_pytorch_with_the_same_logits() {
+    runtime::init();
+    let dir = tempfile::tempdir().unwrap();
+    let weights = torchvision_weights(dir.path(), 5);
+    let out = dir.path().join("energy.safetensors");
+    let csv = dir.path().join("layers.csv");
+    let run = tucker_nb(&[
+        "compress",
+        "--weights",
+        path_str(&weights),
+        "--num-classes",
+        "100",
+        "--policy",
+        "energy:0.5",
+        "--method",
+        "hosvd",
+        "--fold-bn",
+        "--out",
+        path_str(&out),
+        "--report",
+        path_str(&csv),
+        "--device",
+        "cpu",
+    ]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("folded 20 BNs"), "{stdout}");
+    let model = ResNet18::load(&out, None, Device::Cpu).unwrap();
+    let svd = model
+        .conv_slots()
+        .iter()
+        .filter(|(_, s)| matches!(s, ConvSlot::Svd(_)))
+        .count();
+    assert_eq!(svd, 3, "the three projection shortcuts are two-layer SVDs");
+    let keys: Vec<String> = read(&out).into_keys().collect();
+    for key in [
+        "layer2.0.downsample.0.0.weight",
+        "layer2.0.downsample.0.1.bias",
+    ] {
+        assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
+    }
+    torch_input_and_compare(&model, dir.path(), &out, &csv);
 }

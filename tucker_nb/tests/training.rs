@@ -248,3 +248,128 @@ fn a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
     assert_eq!(metrics(&full), metrics(&resumed));
     assert_eq!(metrics(&full).len(), 1 + 3 + 1);
 }
+
+#[test]
+fn a_multi_stage_run_compresses_further_after_a_short_fine_tune() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 4, 8);
+    let out = dir.path().join("stages");
+    let mut args = run_args(path_str(&data), path_str(&out));
+    let ratio = args.iter().position(|a| *a == "--ratio").unwrap();
+    args.splice(ratio..ratio + 2, ["--policy", "budget-macs:0.5"]);
+    let epochs = args.iter().position(|a| *a == "--epochs").unwrap();
+    args[epochs + 1] = "1";
+    args.extend([
+        "--stage",
+        "budget-macs:0.25",
+        "--stage-epochs",
+        "1",
+        "--method",
+        "hosvd",
+    ]);
+    let run = tucker_nb(&args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let macs = |v: &serde_json::Value| v["conv_macs"].as_f64().unwrap();
+    let dense = macs(&summary["original"]);
+    let first = macs(&summary["compressed"]) / dense;
+    let second = macs(&summary["stages"][0]) / dense;
+    assert!((first / 0.5 - 1.0).abs() <= 0.02, "stage 1 at {first}");
+    assert!((second / 0.25 - 1.0).abs() <= 0.02, "stage 2 at {second}");
+    assert_eq!(macs(&summary["fine_tuned"]), macs(&summary["stages"][0]));
+    assert!(out.join("layers-stage2.csv").is_file());
+    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let phases: Vec<&str> = metrics
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(phases, ["original", "stage1", "compressed"]);
+
+    let bad = tucker_nb(&[
+        "run",
+        "--data",
+        path_str(&data),
+        "--weights",
+        "none",
+        "--ratio",
+        "0.5",
+        "--stage",
+        "ratio:0.2",
+        "--out",
+        path_str(&dir.path().join("bad")),
+    ]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && stderr.contains("ratio:0.2"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_budget_sweep_gives_one_row_per_policy_and_leaves_the_model_alone() {
+    use tucker_nb::sweep::{sweep, SWEEP_COLUMNS};
+    use tucker_nb::{CompressionPolicy, RankPolicy};
+    tucker_nb::runtime::init();
+    tch::manual_seed(1);
+    let dir = tempfile::tempdir().unwrap();
+    let (train, val) = loaders(&dataset(dir.path(), 4, 8), 16);
+    let model = ResNet18::new(4, Device::Cpu);
+    let before: Vec<tch::Tensor> = model
+        .named_tensors()
+        .iter()
+        .map(|(_, t)| t.copy())
+        .collect();
+    let policies: Vec<CompressionPolicy> = [0.5, 0.25]
+        .iter()
+        .map(|b| CompressionPolicy {
+            ranks: RankPolicy::BudgetMacs(*b),
+            input_size: [32, 32],
+            method: Some(tucker_nb::compressor::Method::Hosvd),
+            round_to: None,
+        })
+        .collect();
+    let config = FineTuneConfig {
+        epochs: 1,
+        ..Default::default()
+    };
+    let frame = sweep(&model, &policies, &train, &val, &config).unwrap();
+    let names: Vec<&str> = frame
+        .get_column_names()
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
+    assert_eq!(names, SWEEP_COLUMNS);
+    assert_eq!(frame.height(), 3);
+    let policy: Vec<&str> = frame
+        .column("policy")
+        .unwrap()
+        .str()
+        .unwrap()
+        .iter()
+        .map(|p| p.unwrap())
+        .collect();
+    assert_eq!(policy, ["dense", "budget-macs:0.5", "budget-macs:0.25"]);
+    let ratios: Vec<f64> = frame
+        .column("macs_ratio")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect();
+    for (got, want) in ratios.iter().zip([1.0, 0.5, 0.25]) {
+        assert!((got / want - 1.0).abs() <= 0.02, "{got} for {want}");
+    }
+    let front = frame.column("pareto").unwrap().bool().unwrap();
+    assert!(front.iter().any(|b| b == Some(true)));
+    for ((name, t), b) in model.named_tensors().iter().zip(&before) {
+        assert!(t.equal(b), "{name} changed");
+    }
+    let chart = tucker_nb::plots::pareto_chart(&frame).unwrap();
+    assert!(image::load_from_memory(&chart.png).is_ok());
+}

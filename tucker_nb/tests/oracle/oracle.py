@@ -45,13 +45,21 @@ def load_state(path):
 
 def replace_convs(model, ranks):
     """The seed's compressed structure: each conv named in `ranks` becomes the seed's
-    nn.Sequential(first, core, last) at those ranks."""
+    nn.Sequential(first, core, last) at [r_out, r_in], or, for [r], a 1×1 conv's two-layer SVD
+    nn.Sequential(1×1 to r channels with the conv's stride, 1×1 back with a bias)."""
     compressor = TuckerCompressor()
     for name, rank in ranks.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         conv = getattr(parent, child)
-        setattr(parent, child, compressor.compress_conv2d(conv, rank=tuple(rank)))
+        if len(rank) == 1:
+            assert conv.kernel_size == (1, 1), name
+            replacement = nn.Sequential(
+                nn.Conv2d(conv.in_channels, rank[0], 1, stride=conv.stride, bias=False),
+                nn.Conv2d(rank[0], conv.out_channels, 1, bias=True))
+        else:
+            replacement = compressor.compress_conv2d(conv, rank=tuple(rank))
+        setattr(parent, child, replacement)
     return model
 
 
