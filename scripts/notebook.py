@@ -61,11 +61,15 @@ def check(nb, out_dir):
     results.append(("HTML metrics table", any("train_loss" in h and "<table" in h for h in html), ""))
     results.append(("HTML layer report", any("rel. error" in h and "layer4.1.conv2" in h for h in html), ""))
     results.append(("HTML summary table", any("latency (batch 1)" in h for h in html), ""))
-    for name in ["accuracy.png", "loss.png"]:
+    results.append(("HTML sweep table", any("pareto" in h and "budget-macs:" in h for h in html), ""))
+    results.append(("multi-stage and folded rows in a summary",
+                    any("multi-stage" in h and "BNs folded" in h and "latency (batch 1)" in h for h in html), ""))
+    for name in ["accuracy.png", "loss.png", "accuracy-multistage.png", "pareto.png"]:
         path = os.path.join(out_dir, name)
         ok = os.path.isfile(path) and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
         results.append((f"{name} is a PNG file", ok, path))
-    for name in ["metrics.csv", "layers.csv"]:
+    for name in ["metrics.csv", "layers.csv", "layers-multistage.csv", "sweep.csv",
+                 "multistage-folded.safetensors"]:
         results.append((f"{name} written", os.path.isfile(os.path.join(out_dir, name)), ""))
     passed = [r for r in results if r[1]]
     failed = [r for r in results if not r[1]]

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::compressor::{CompressionPolicy, RankPolicy};
+use crate::compressor::{CompressionPolicy, Method, RankPolicy};
 use crate::data::{DataSource, StorageOptions};
 use crate::display::{grid, Html};
 use crate::error::{Error, Result};
@@ -45,6 +45,14 @@ pub struct NotebookConfig {
     /// Charts, tables and models are written here.
     pub out: PathBuf,
     pub seed: u64,
+    /// Budget sweep: fractions of the dense model's conv MACs, one compressed copy each.
+    pub sweep_budgets: Vec<f64>,
+    /// Multi-stage compression: the conv-MACs budget of each stage, in order.
+    pub stage_budgets: Vec<f64>,
+    /// Fine-tune epochs of each sweep point and between stages.
+    pub short_epochs: usize,
+    /// How the budget policies fit the factors; `None`: HOOI (their default).
+    pub method: Option<Method>,
 }
 
 /// The project's root folder (where `data/` and `runs/` live), known from where the crate was built.
@@ -113,6 +121,10 @@ impl NotebookConfig {
                 device: runtime::select_device(None)?,
                 out: root.join("runs/notebook"),
                 seed: 0,
+                sweep_budgets: vec![0.5, 0.33, 0.2, 0.1],
+                stage_budgets: vec![0.5, 0.2],
+                short_epochs: 1,
+                method: None,
             },
             None => Self::smoke(&root)?,
         };
@@ -172,6 +184,11 @@ impl NotebookConfig {
             device: Device::Cpu,
             out: root.join("runs/notebook-smoke"),
             seed: 0,
+            sweep_budgets: vec![0.5, 0.25],
+            stage_budgets: vec![0.5, 0.25],
+            short_epochs: 1,
+            // Random weights have flat spectra, on which HOOI iterates for minutes.
+            method: Some(Method::Hosvd),
         })
     }
 
@@ -225,6 +242,33 @@ impl NotebookConfig {
             phase: "compressed".into(),
             trainable: Trainable::TuckerAndClassifier,
             ..Default::default()
+        }
+    }
+
+    /// A budget of `fraction` of the dense model's conv MACs at the notebook's image size.
+    pub fn budget_policy(&self, fraction: f64) -> Result<CompressionPolicy> {
+        Ok(CompressionPolicy {
+            ranks: RankPolicy::parse(&format!("budget-macs:{fraction}"))?,
+            input_size: [self.image_size, self.image_size],
+            method: self.method,
+            round_to: None,
+        })
+    }
+
+    /// The sweep's policies, one per entry of `sweep_budgets`.
+    pub fn sweep_policies(&self) -> Result<Vec<CompressionPolicy>> {
+        self.sweep_budgets
+            .iter()
+            .map(|&b| self.budget_policy(b))
+            .collect()
+    }
+
+    /// A short fine-tune (`short_epochs`) of the factorised convs and fc, named `phase`.
+    pub fn fine_tune_short(&self, phase: &str) -> FineTuneConfig {
+        FineTuneConfig {
+            epochs: self.short_epochs,
+            phase: phase.into(),
+            ..self.fine_tune_compressed()
         }
     }
 
