@@ -131,12 +131,8 @@ fn checkpoint(model: &ResNet18, eval: &EvalResult, image_size: i64) -> Checkpoin
     }
 }
 
-/// Runs the seed's flow. With `resume`, each phase continues from its checkpoint in `out`.
-pub fn run(config: &RunConfig) -> Result<RunResult> {
-    let out = &config.out;
-    std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
-    tch::manual_seed(config.seed as i64);
-
+/// The run's training and validation loaders, and their image counts.
+fn data_loaders(config: &RunConfig) -> Result<(Loader, Loader, usize, usize)> {
     let source = DataSource::detect(&config.data)?;
     let (mut train, mut val) = source.load_both(config.storage)?;
     if let Some(n) = config.train_limit {
@@ -172,11 +168,24 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
         config.device,
         config.resident_data,
     );
+    Ok((train_loader, val_loader, train.len(), val.len()))
+}
 
-    let mut model = match &config.weights {
-        Some(w) => ResNet18::load(w, Some(config.num_classes), config.device)?,
-        None => ResNet18::new(config.num_classes, config.device),
-    };
+fn initial_model(config: &RunConfig) -> Result<ResNet18> {
+    match &config.weights {
+        Some(w) => ResNet18::load(w, Some(config.num_classes), config.device),
+        None => Ok(ResNet18::new(config.num_classes, config.device)),
+    }
+}
+
+/// Runs the seed's flow. With `resume`, each phase continues from its checkpoint in `out`.
+pub fn run(config: &RunConfig) -> Result<RunResult> {
+    let out = &config.out;
+    std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
+    tch::manual_seed(config.seed as i64);
+    let (train_loader, val_loader, train_images, val_images) = data_loaders(config)?;
+    let size = config.image_size;
+    let mut model = initial_model(config)?;
 
     // 1) fine-tune the original: the seed trains fc only.
     let phase_config = |phase: &str, epochs, trainable| FineTuneConfig {
@@ -245,8 +254,8 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
         fine_tuned,
         image_size: size,
         device: format!("{:?}", config.device),
-        train_images: train.len(),
-        val_images: val.len(),
+        train_images,
+        val_images,
     };
     let json = serde_json::to_vec_pretty(&summary).expect("serialisable");
     io::write_atomic(&out.join("summary.json"), &json)?;
@@ -256,6 +265,26 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
         stage_reports,
         summary,
     })
+}
+
+/// The budget sweep on the run's data and weights: each of `policies` compresses a copy of the
+/// model, which is fine-tuned for `config.compressed_epochs` (factorised convs and fc) and
+/// evaluated. Writes `sweep.csv` and `pareto.png` into `config.out`; returns the sweep's frame
+/// ([`crate::sweep::SWEEP_COLUMNS`]).
+pub fn run_sweep(config: &RunConfig, policies: &[CompressionPolicy]) -> Result<DataFrame> {
+    let out = &config.out;
+    std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
+    tch::manual_seed(config.seed as i64);
+    let (train_loader, val_loader, _, _) = data_loaders(config)?;
+    let model = initial_model(config)?;
+    let fine_tune = FineTuneConfig {
+        epochs: config.compressed_epochs,
+        ..config.fine_tune.clone()
+    };
+    let frame = crate::sweep::sweep(&model, policies, &train_loader, &val_loader, &fine_tune)?;
+    write_frame_csv(&frame, &out.join("sweep.csv"))?;
+    crate::plots::pareto_chart(&frame)?.save_png(out.join("pareto.png"))?;
+    Ok(frame)
 }
 
 /// Writes `path,true,predicted` for every image of an evaluation, atomically.

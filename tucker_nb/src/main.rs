@@ -98,6 +98,8 @@ enum Command {
     },
     /// The seed's experiment: fine-tune → evaluate → compress → evaluate → fine-tune → evaluate.
     Run(RunArgs),
+    /// Accuracy, conv MACs and parameters over compression budgets: sweep.csv and pareto.png.
+    Sweep(SweepArgs),
     /// Evaluate a model on a dataset split.
     Evaluate {
         /// Model weights (.pth or .safetensors, dense or compressed).
@@ -219,6 +221,48 @@ struct RunArgs {
     storage_size: Option<u32>,
 }
 
+#[derive(Args)]
+struct SweepArgs {
+    /// ImageFolder root (train/, val/) or CIFAR-100 binary folder.
+    #[arg(long)]
+    data: PathBuf,
+    /// The model to compress (e.g. a run's original.safetensors), or `none` for random weights.
+    #[arg(long)]
+    weights: String,
+    #[arg(long, default_value_t = 100)]
+    num_classes: i64,
+    #[arg(long, default_value_t = 224)]
+    image_size: i64,
+    /// Policies to compare, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "budget-macs:0.5,budget-macs:0.33,budget-macs:0.2,budget-macs:0.1"
+    )]
+    policies: Vec<String>,
+    #[command(flatten)]
+    fit: FitArgs,
+    /// Fine-tune epochs of each compressed model.
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    eval_batch_size: usize,
+    #[arg(long, default_value_t = 0.01)]
+    lr: f64,
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    train_limit: Option<usize>,
+    #[arg(long)]
+    val_limit: Option<usize>,
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -331,6 +375,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 s.original.top1, s.compressed.top1, s.fine_tuned.top1
             );
             println!("wrote {}/{{metrics.csv,layers.csv,summary.json,original.safetensors,compressed.safetensors}}", args.out.display());
+        }
+        Command::Sweep(args) => {
+            let device = runtime::select_device(args.device.as_deref())?;
+            let mut config = RunConfig::new(&args.data, &args.out, device);
+            config.weights = (args.weights != "none").then(|| PathBuf::from(&args.weights));
+            config.num_classes = args.num_classes;
+            config.image_size = args.image_size;
+            config.batch_size = args.batch_size;
+            config.eval_batch_size = args.eval_batch_size;
+            config.fine_tune.lr = args.lr;
+            config.compressed_epochs = args.epochs;
+            config.seed = args.seed;
+            config.train_limit = args.train_limit;
+            config.val_limit = args.val_limit;
+            let policies = args
+                .policies
+                .iter()
+                .map(|spec| {
+                    let ranks = RankArgs {
+                        ratio: None,
+                        ranks: None,
+                        policy: Some(spec.clone()),
+                    };
+                    ranks.policy(&args.fit, args.image_size)
+                })
+                .collect::<tucker_nb::Result<Vec<_>>>()?;
+            let frame = experiment::run_sweep(&config, &policies)?;
+            println!("{frame}");
+            println!("wrote {}/{{sweep.csv,pareto.png}}", args.out.display());
         }
         Command::Evaluate {
             model,

@@ -373,3 +373,55 @@ fn a_budget_sweep_gives_one_row_per_policy_and_leaves_the_model_alone() {
     let chart = tucker_nb::plots::pareto_chart(&frame).unwrap();
     assert!(image::load_from_memory(&chart.png).is_ok());
 }
+
+#[test]
+fn the_sweep_command_writes_its_table_and_chart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 4, 8);
+    let out = dir.path().join("sweep");
+    let common = [
+        "sweep",
+        "--data",
+        path_str(&data),
+        "--weights",
+        "none",
+        "--num-classes",
+        "4",
+        "--image-size",
+        "32",
+        "--method",
+        "hosvd",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--out",
+        path_str(&out),
+    ];
+    let bad = tucker_nb(
+        &[
+            &common[..],
+            &["--policies", "budget-macs:0.5,budget-macs:2"],
+        ]
+        .concat(),
+    );
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && stderr.contains("budget-macs: 2"),
+        "{stderr}"
+    );
+    assert!(!out.join("sweep.csv").exists());
+
+    let run = tucker_nb(&[&common[..], &["--policies", "budget-macs:0.5"]].concat());
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], tucker_nb::sweep::SWEEP_COLUMNS.join(","));
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines[1].starts_with("dense,") && lines[2].starts_with("budget-macs:0.5,"));
+    assert!(image::open(out.join("pareto.png")).is_ok());
+}
