@@ -370,8 +370,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let s = &result.summary;
             println!("{}", result.metrics);
             println!("{}", result.report.summary());
+            for (i, report) in result.stage_reports.iter().enumerate() {
+                println!("stage {}: {}", i + 2, report.summary());
+            }
+            let stages: String = s
+                .stages
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!(" | stage {} {:.4}", i + 2, c.top1))
+                .collect();
             println!(
-                "top-1: original {:.4} | compressed {:.4} | compressed + fine-tuned {:.4}",
+                "top-1: original {:.4} | compressed {:.4}{stages} | compressed + fine-tuned {:.4}",
                 s.original.top1, s.compressed.top1, s.fine_tuned.top1
             );
             println!("wrote {}/{{metrics.csv,layers.csv,summary.json,original.safetensors,compressed.safetensors}}", args.out.display());
