@@ -25,7 +25,8 @@ pub struct LayerReport {
     pub params_after: i64,
     pub macs_before: i64,
     pub macs_after: i64,
-    /// ‖W − Ŵ‖ / ‖W‖ (0 for a layer left as it was).
+    /// ‖W − Ŵ‖ / ‖W‖, W the kernel the slot computed before this compression (the dense one, or
+    /// an earlier stage's), Ŵ the new factorisation's; 0 for a layer left as it was.
     pub rel_error: f64,
     /// Why the planner chose this (stem kept, left dense, VBMF fallback, budget), if anything.
     pub note: String,
