@@ -679,7 +679,8 @@ fn plan_budget(
             lo = mid;
         }
     }
-    let choice = choose(hi.exp());
+    let mut choice = choose(hi.exp());
+    fill_budget(&options, &mut choice, budget);
     let achieved = cost_of(&choice) as f64 / total as f64;
     let what = if by_macs { "MACs" } else { "params" };
     facts
@@ -698,6 +699,47 @@ fn plan_budget(
             (f.name.clone(), LayerPlan { form, note })
         })
         .collect()
+}
+
+/// Spends what the Lagrangian choice leaves of the budget. Its choices are the lower convex hull
+/// of each layer's error-vs-cost options, so where errors fall about linearly with cost (flat
+/// spectra) it can stop well short of the target. Greedily, take the upgrade (a dearer option
+/// of one layer) with the largest error reduction per unit of cost that still fits, until none
+/// does.
+fn fill_budget(options: &[Vec<BudgetOption>], choice: &mut [usize], budget: i64) {
+    let mut spent: i64 = choice.iter().zip(options).map(|(&i, o)| o[i].1).sum();
+    // A layer's best upgrade within `room`: (option, error reduction per unit of cost).
+    let best_upgrade = |layer: usize, current: usize, room: i64| -> Option<(usize, f64)> {
+        let (_, cost, error) = options[layer][current];
+        options[layer]
+            .iter()
+            .enumerate()
+            .filter(|(_, &(_, c, e))| c > cost && c - cost <= room && e < error)
+            .map(|(i, &(_, c, e))| (i, (error - e) / (c - cost) as f64))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    };
+    // Cached per layer; the room only shrinks, so a cached upgrade that still fits is still the
+    // layer's best, and one that no longer fits is recomputed.
+    let mut cached: Vec<Option<(usize, f64)>> = (0..options.len())
+        .map(|l| best_upgrade(l, choice[l], budget - spent))
+        .collect();
+    loop {
+        let Some(layer) = (0..options.len())
+            .filter(|&l| cached[l].is_some())
+            .max_by(|&a, &b| cached[a].unwrap().1.total_cmp(&cached[b].unwrap().1))
+        else {
+            break;
+        };
+        let (i, _) = cached[layer].unwrap();
+        let extra = options[layer][i].1 - options[layer][choice[layer]].1;
+        if spent + extra > budget {
+            cached[layer] = best_upgrade(layer, choice[layer], budget - spent);
+            continue;
+        }
+        spent += extra;
+        choice[layer] = i;
+        cached[layer] = best_upgrade(layer, i, budget - spent);
+    }
 }
 
 /// Factorises a dense conv into `form` (Tucker-2 fitted by `method`, or an SVD).

@@ -80,6 +80,7 @@ fn budgets_reach_their_target_within_two_percent() {
         ("budget-macs:0.33", true, 0.33),
         ("budget-params:0.25", false, 0.25),
         ("budget-macs:0.1", true, 0.1),
+        ("budget-macs:0.2", true, 0.2),
     ] {
         for round_to in [None, Some(8)] {
             tch::manual_seed(4);
