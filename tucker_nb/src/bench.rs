@@ -3,46 +3,54 @@
 //! seed's torchvision pipeline on the same files and cores, and training / evaluation images/s of
 //! the original and the compressed model.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use clap::Args;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use crate::compressor::{compress_model, CompressionPolicy, RankPolicy};
-use crate::data::{decode_cached, ImageFolder, StorageOptions};
+use crate::compress::compress_model;
+use crate::compress::policy::{CompressionPolicy, RankPolicy};
+use crate::data::{decode_cached, Dataset, ImageFolder, StorageOptions};
 use crate::error::{Error, Result};
-use crate::loader::{Loader, Transform};
+use crate::experiment::{loader_pair, RunConfig};
+use crate::loader::Loader;
 use crate::model::ResNet18;
-use crate::runtime;
 use crate::train::{trainable_parameters, BnMode, Trainable};
 
-#[derive(Args, Debug, Clone)]
-pub struct BenchArgs {
+/// What to measure; the defaults are `tucker-nb bench`'s.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
     /// ImageFolder root with train/ (e.g. from `tucker-nb gen-data`).
-    #[arg(long)]
     pub data: PathBuf,
-    #[arg(long, default_value_t = 32)]
     pub image_size: i64,
-    #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     /// Batches per model throughput measurement.
-    #[arg(long, default_value_t = 5)]
     pub model_batches: usize,
-    #[arg(long)]
-    pub device: Option<String>,
+    pub device: Device,
     /// Also run the seed's torchvision pipeline with this python (e.g. .venv/bin/python).
-    #[arg(long)]
     pub seed_python: Option<PathBuf>,
-    /// DataLoader workers for the seed's pipeline (the seed uses 4; default: this machine's cores).
-    #[arg(long)]
+    /// DataLoader workers for the seed's pipeline (the seed uses 4; `None`: this machine's cores).
     pub workers: Option<usize>,
-    /// Compression ratio for the compressed model.
-    #[arg(long, default_value_t = 0.2)]
-    pub ratio: f64,
+    /// The compressed model's policy (the seed's ratio 0.2).
+    pub ranks: RankPolicy,
+}
+
+impl BenchConfig {
+    pub fn new(data: impl Into<PathBuf>, device: Device) -> Self {
+        Self {
+            data: data.into(),
+            image_size: 32,
+            batch_size: 64,
+            repeats: 3,
+            model_batches: 5,
+            device,
+            seed_python: None,
+            workers: None,
+            ranks: CompressionPolicy::default().ranks,
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -66,23 +74,21 @@ fn sync(t: &Tensor) {
 }
 
 /// Runs the seed's data pipeline (scripts/bench_seed.py) and returns its JSON figures.
-fn seed_pipeline(python: &PathBuf, args: &BenchArgs, workers: usize) -> Result<serde_json::Value> {
+fn seed_pipeline(python: &Path, config: &BenchConfig, workers: usize) -> Result<serde_json::Value> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_seed.py");
+    let args = [
+        ("--data", config.data.to_string_lossy().into_owned()),
+        ("--size", config.image_size.to_string()),
+        ("--batch", config.batch_size.to_string()),
+        ("--workers", workers.to_string()),
+        ("--repeats", config.repeats.to_string()),
+    ];
     let out = Command::new(python)
         .arg(&script)
-        .args([
-            "--data",
-            &args.data.to_string_lossy(),
-            "--size",
-            &args.image_size.to_string(),
-        ])
-        .args([
-            "--batch",
-            &args.batch_size.to_string(),
-            "--workers",
-            &workers.to_string(),
-        ])
-        .args(["--repeats", &args.repeats.to_string()])
+        .args(
+            args.iter()
+                .flat_map(|(flag, value)| [*flag, value.as_str()]),
+        )
         .output()
         .map_err(|e| Error::file(python, e))?;
     if !out.status.success() {
@@ -97,141 +103,104 @@ fn seed_pipeline(python: &PathBuf, args: &BenchArgs, workers: usize) -> Result<s
         .map_err(|e| Error::file(&script, format!("unexpected output {last:?}: {e}")))
 }
 
-pub fn run(args: &BenchArgs) -> Result<()> {
-    let device = runtime::select_device(args.device.as_deref())?;
-    let workers = args
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    println!(
-        "device {device:?}, image size {}, batch {}, {} repeats (medians)",
-        args.image_size, args.batch_size, args.repeats
-    );
-    let folder = ImageFolder::scan(&args.data.join("train"))?;
+/// The data path's rates: decode without cache, cached load, and both loaders with transforms.
+fn data_path(config: &BenchConfig, folder: &ImageFolder) -> Result<([f64; 4], Dataset)> {
     let n = folder.samples.len();
-
-    // Data path: decode without cache, then load from the cache.
-    let decode = rate(args.repeats, n, || {
-        decode_cached(
-            &folder,
-            &args.data,
-            StorageOptions {
-                no_cache: true,
-                ..Default::default()
-            },
-        )
-        .map(drop)
+    let uncached = StorageOptions {
+        no_cache: true,
+        ..Default::default()
+    };
+    let decode = rate(config.repeats, n, || {
+        decode_cached(folder, &config.data, uncached).map(drop)
     })?;
-    let _ = decode_cached(&folder, &args.data, StorageOptions::default())?;
-    let cached = rate(args.repeats, n, || {
-        decode_cached(&folder, &args.data, StorageOptions::default()).map(drop)
+    let _ = decode_cached(folder, &config.data, StorageOptions::default())?;
+    let cached = rate(config.repeats, n, || {
+        decode_cached(folder, &config.data, StorageOptions::default()).map(drop)
     })?;
-    let dataset = decode_cached(&folder, &args.data, StorageOptions::default())?;
-    let size = args.image_size;
-    let train_loader = Loader::new(
-        &dataset,
-        args.batch_size,
-        Transform::Train { size },
-        device,
-        true,
-    );
-    let eval_loader = Loader::new(
-        &dataset,
-        args.batch_size,
-        Transform::Eval { size },
-        device,
-        true,
-    );
+    let dataset = decode_cached(folder, &config.data, StorageOptions::default())?;
+    // Both loaders read the training images, as the seed's pipeline benchmark does.
+    let mut run = RunConfig::new(&config.data, "", config.device);
+    run.image_size = config.image_size;
+    run.batch_size = config.batch_size;
+    run.eval_batch_size = config.batch_size;
+    let (train, eval) = loader_pair(&run, &dataset, &dataset);
     let mut epoch = 0;
     let mut loader_rate = |loader: &Loader| {
-        rate(args.repeats, n, || {
+        rate(config.repeats, n, || {
             epoch += 1;
             loader.epoch(epoch).for_each(|b| sync(&b.images));
             Ok(())
         })
     };
-    let train_rate = loader_rate(&train_loader)?;
-    let eval_rate = loader_rate(&eval_loader)?;
+    let rates = [decode, cached, loader_rate(&train)?, loader_rate(&eval)?];
+    Ok((rates, dataset))
+}
+
+/// Prints our data-path rates beside the seed pipeline's (when it ran), with ratios.
+fn print_data_path(ours: [f64; 4], seed: Option<&serde_json::Value>, n: usize, workers: usize) {
     println!("\n== data path ({n} images, {workers} DataLoader workers for torchvision) ==");
     println!(
         "{:<34} {:>14} {:>14} {:>8}",
         "stage", "tucker_nb img/s", "torchvision", "ratio"
     );
-    let seed = match &args.seed_python {
-        Some(python) => Some(seed_pipeline(python, args, workers)?),
-        None => None,
-    };
-    let theirs = |key: &str| seed.as_ref().and_then(|s| s[key].as_f64());
-    for (label, ours, key) in [
-        ("decode (no cache) / PIL open", decode, "decode"),
-        ("cached load", cached, ""),
-        ("train loader + transforms", train_rate, "train_loader"),
-        ("eval loader + transforms", eval_rate, "eval_loader"),
-    ] {
-        match theirs(key) {
+    let stages = [
+        ("decode (no cache) / PIL open", "decode"),
+        ("cached load", ""),
+        ("train loader + transforms", "train_loader"),
+        ("eval loader + transforms", "eval_loader"),
+    ];
+    for ((label, key), ours) in stages.into_iter().zip(ours) {
+        match seed.and_then(|s| s[key].as_f64()) {
             Some(t) => println!("{label:<34} {ours:>14.0} {t:>14.0} {:>7.1}×", ours / t),
             None => println!("{label:<34} {ours:>14.0} {:>14} {:>8}", "-", "-"),
         }
     }
+}
 
-    // Models: training step and evaluation throughput on resident data.
-    println!(
-        "\n== model ({} batches of {}) ==",
-        args.model_batches, args.batch_size
-    );
-    println!(
-        "{:<34} {:>14} {:>14} {:>8}",
-        "", "original", "compressed", "ratio"
-    );
-    let original = ResNet18::new(dataset.classes.len() as i64, device);
-    let mut compressed = ResNet18::new(dataset.classes.len() as i64, device);
-    tch::no_grad(|| {
-        for ((_, a), (_, b)) in compressed
-            .named_tensors_mut()
-            .into_iter()
-            .zip(original.named_tensors())
-        {
-            a.copy_(b);
-        }
-    });
-    compress_model(
-        &mut compressed,
-        &CompressionPolicy::new(RankPolicy::ratio(args.ratio)?),
-    )?;
-    let x = Tensor::randn(
-        [args.batch_size as i64, 3, size, size],
-        (Kind::Float, device),
-    );
-    let y = Tensor::randint(
-        dataset.classes.len() as i64,
-        [args.batch_size as i64],
-        (Kind::Int64, device),
-    );
-    let images = args.batch_size * args.model_batches;
+/// Training-step and evaluation images/s of the original and the compressed model, on one
+/// resident batch.
+fn model_rates(config: &BenchConfig, classes: i64) -> Result<Vec<(&'static str, f64, f64)>> {
+    let (device, batch, size) = (config.device, config.batch_size as i64, config.image_size);
+    let original = ResNet18::new(classes, device);
+    let mut compressed = original.deep_copy();
+    let policy = CompressionPolicy {
+        ranks: config.ranks.clone(),
+        input_size: [size, size],
+        ..Default::default()
+    };
+    compress_model(&mut compressed, &policy)?;
+    let x = Tensor::randn([batch, 3, size, size], (Kind::Float, device));
+    let y = Tensor::randint(classes, [batch], (Kind::Int64, device));
+    let images = config.batch_size * config.model_batches;
     let train_step = |model: &ResNet18, trainable: Trainable| {
         let params = trainable_parameters(model, trainable, BnMode::Statistics);
-        for (_, p) in &params {
-            let _ = p.set_requires_grad(true);
-        }
-        let r = rate(args.repeats, images, || {
-            for _ in 0..args.model_batches {
-                let loss = model.forward(&x, true).cross_entropy_for_logits(&y);
-                loss.backward();
+        params
+            .iter()
+            .for_each(|(_, p)| drop(p.set_requires_grad(true)));
+        let r = rate(config.repeats, images, || {
+            for _ in 0..config.model_batches {
+                model
+                    .forward(&x, true)
+                    .cross_entropy_for_logits(&y)
+                    .backward();
             }
             sync(&params[0].1.grad());
             Ok(())
         });
-        for (_, p) in &params {
-            let _ = p.set_requires_grad(false);
-        }
+        params
+            .iter()
+            .for_each(|(_, p)| drop(p.set_requires_grad(false)));
         r
     };
     let eval_step = |model: &ResNet18| {
-        rate(args.repeats, images, || {
-            tch::no_grad(|| (0..args.model_batches).for_each(|_| sync(&model.forward(&x, false))));
+        rate(config.repeats, images, || {
+            tch::no_grad(|| {
+                (0..config.model_batches).for_each(|_| sync(&model.forward(&x, false)))
+            });
             Ok(())
         })
     };
-    let rows = [
+    Ok(vec![
         (
             "train, seed's trainable (img/s)",
             train_step(&original, Trainable::Classifier)?,
@@ -247,8 +216,35 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             eval_step(&original)?,
             eval_step(&compressed)?,
         ),
-    ];
-    for (label, a, b) in rows {
+    ])
+}
+
+/// Measures and prints everything.
+pub fn run(config: &BenchConfig) -> Result<()> {
+    let workers = config
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    println!(
+        "device {:?}, image size {}, batch {}, {} repeats (medians)",
+        config.device, config.image_size, config.batch_size, config.repeats
+    );
+    let folder = ImageFolder::scan(&config.data.join("train"))?;
+    let (ours, dataset) = data_path(config, &folder)?;
+    let seed = match &config.seed_python {
+        Some(python) => Some(seed_pipeline(python, config, workers)?),
+        None => None,
+    };
+    print_data_path(ours, seed.as_ref(), folder.samples.len(), workers);
+
+    println!(
+        "\n== model ({} batches of {}) ==",
+        config.model_batches, config.batch_size
+    );
+    println!(
+        "{:<34} {:>14} {:>14} {:>8}",
+        "", "original", "compressed", "ratio"
+    );
+    for (label, a, b) in model_rates(config, dataset.classes.len() as i64)? {
         println!("{label:<34} {a:>14.1} {b:>14.1} {:>7.2}×", b / a);
     }
     Ok(())

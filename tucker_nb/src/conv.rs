@@ -1,7 +1,11 @@
 //! Convolution layers as plain tensors: a dense [`Conv2d`], a [`TuckerConv`] (1×1 → k×k core →
-//! 1×1), and the [`ConvSlot`] a model holds, which is either and can be swapped in place.
+//! 1×1), a [`SvdConv`] (1×1 → 1×1), and the [`ConvSlot`] a model holds, which is any of them and can
+//! be swapped in place. [`Form::macs`] is the one cost model: layers, reports and the planner all
+//! count multiply-accumulates through it.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
+
+use crate::compress::decompose::{mode_products, Tucker2Factors};
 
 /// Geometry of a convolution, as in `torch.nn.Conv2d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +40,31 @@ impl ConvConfig {
     pub fn output_size(&self, size: i64, kernel: i64, d: usize) -> i64 {
         (size + 2 * self.padding[d] - self.dilation[d] * (kernel - 1) - 1) / self.stride[d] + 1
     }
+
+    /// Output [H, W] for an input of `input` and a kernel of `[kh, kw]`.
+    pub fn output(&self, input: [i64; 2], [kh, kw]: [i64; 2]) -> [i64; 2] {
+        [
+            self.output_size(input[0], kh, 0),
+            self.output_size(input[1], kw, 1),
+        ]
+    }
+}
+
+/// What a conv computes, whatever its form: the dense shape C_out × C_in × kh × kw and geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub shape: [i64; 4],
+    pub config: ConvConfig,
+}
+
+impl ConvGeometry {
+    pub fn kernel(&self) -> [i64; 2] {
+        [self.shape[2], self.shape[3]]
+    }
+
+    pub fn is_pointwise(&self) -> bool {
+        self.kernel() == [1, 1]
+    }
 }
 
 /// A dense 2-D convolution: `weight` is C_out × C_in/groups × kh × kw.
@@ -47,6 +76,15 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
+    /// A 1×1, stride-1 conv with this weight (C_out × C_in × 1 × 1) and bias.
+    pub fn pointwise(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            config: ConvConfig::default(),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let c = &self.config;
         x.conv2d(
@@ -72,35 +110,34 @@ impl Conv2d {
         [s[2], s[3]]
     }
 
+    pub fn geometry(&self) -> ConvGeometry {
+        let [kh, kw] = self.kernel();
+        ConvGeometry {
+            shape: [self.out_channels(), self.in_channels(), kh, kw],
+            config: self.config,
+        }
+    }
+
     pub fn num_params(&self) -> i64 {
         self.weight.numel() as i64 + self.bias.as_ref().map_or(0, |b| b.numel() as i64)
     }
 
-    /// Multiply-accumulates for one image of `input` = [H, W]; returns (MACs, output [H, W]).
-    pub fn macs(&self, input: [i64; 2]) -> (i64, [i64; 2]) {
-        let [kh, kw] = self.kernel();
-        let out = [
-            self.config.output_size(input[0], kh, 0),
-            self.config.output_size(input[1], kw, 1),
-        ];
-        let per_pixel = self.out_channels() * (self.in_channels() / self.config.groups) * kh * kw;
-        (per_pixel * out[0] * out[1], out)
-    }
-
-    fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
-        let mut v = vec![("weight", &self.weight)];
+    /// `weight` and `bias` as shallow handles: writing through them writes the layer.
+    fn tensors(&self) -> Vec<(&'static str, Tensor)> {
+        let mut v = vec![("weight", self.weight.shallow_clone())];
         if let Some(b) = &self.bias {
-            v.push(("bias", b));
+            v.push(("bias", b.shallow_clone()));
         }
         v
     }
+}
 
-    fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
-        let mut v = vec![("weight", &mut self.weight)];
-        if let Some(b) = &mut self.bias {
-            v.push(("bias", b));
-        }
-        v
+/// The bias a factorisation's last layer carries: the original conv's, or zeros (never random,
+/// unlike the seed's).
+fn bias_or_zeros(bias: Option<&Tensor>, c_out: i64, like: &Tensor) -> Tensor {
+    match bias {
+        Some(b) => b.detach().copy(),
+        None => Tensor::zeros([c_out], (Kind::Float, like.device())),
     }
 }
 
@@ -120,6 +157,43 @@ pub struct TuckerConv {
 }
 
 impl TuckerConv {
+    /// The three layers from their kernels as the model stores them: `first` r_in × C_in × 1 × 1,
+    /// `core` r_out × r_in × kh × kw (with `config`), `last` C_out × r_out × 1 × 1.
+    pub fn new(
+        first: Tensor,
+        core: Tensor,
+        last: Tensor,
+        bias: Option<Tensor>,
+        config: ConvConfig,
+    ) -> Self {
+        Self {
+            first: Conv2d::pointwise(first, None),
+            core: Conv2d {
+                weight: core,
+                bias: None,
+                config,
+            },
+            last: Conv2d::pointwise(last, bias),
+        }
+    }
+
+    /// The layers for fitted factors of `dense`, in `dense`'s dtype and device; the last layer
+    /// carries `dense`'s bias (zeros when it has none).
+    pub fn from_factors(factors: &Tucker2Factors, dense: &Conv2d) -> Self {
+        let to_model = |t: &Tensor| to_layer(t, &dense.weight);
+        Self::new(
+            to_model(&factors.u1.tr().unsqueeze(-1).unsqueeze(-1)),
+            to_model(&factors.core),
+            to_model(&factors.u0.unsqueeze(-1).unsqueeze(-1)),
+            Some(bias_or_zeros(
+                dense.bias.as_ref(),
+                dense.out_channels(),
+                &dense.weight,
+            )),
+            dense.config,
+        )
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.last
             .forward(&self.core.forward(&self.first.forward(x)))
@@ -134,14 +208,18 @@ impl TuckerConv {
     pub fn reconstruct(&self) -> Tensor {
         let u0 = self.last.weight.flatten(1, 3); // C_out × r_out
         let u1t = self.first.weight.flatten(1, 3); // r_in × C_in
-        crate::compressor::mode_products(&self.core.weight, &u0, &u1t.tr())
+        mode_products(&self.core.weight, &u0, &u1t.tr())
     }
+}
+
+/// A kernel computed in f64 on the CPU, as a layer weight like `like` (dtype, device, contiguous).
+fn to_layer(t: &Tensor, like: &Tensor) -> Tensor {
+    t.to_kind(like.kind()).to_device(like.device()).contiguous()
 }
 
 /// A 1×1 conv as two 1×1 layers, the truncated SVD W ≈ (U·√Σ)·(√Σ·Vᵀ), the seed-style
 /// `nn.Sequential(first, last)`: `first` = √Σ·Vᵀ (r × C_in × 1 × 1, carrying the stride, no bias),
-/// `last` = U·√Σ (C_out × r × 1 × 1, with the original bias, zeros when it had none). The singular
-/// values are split evenly so that both factors train at the same scale.
+/// `last` = U·√Σ (C_out × r × 1 × 1, with the original bias, zeros when it had none).
 ///
 /// Cost per image: (C_in·r + C_out·r)·H_out·W_out multiply-accumulates: a strided 1×1 samples
 /// first, so both layers run at the output's resolution. One layer fewer than Tucker-2, whose
@@ -153,6 +231,34 @@ pub struct SvdConv {
 }
 
 impl SvdConv {
+    /// The two layers from their kernels: `first` r × C_in × 1 × 1 (with `config`, the original
+    /// stride), `last` C_out × r × 1 × 1.
+    pub fn new(first: Tensor, last: Tensor, bias: Option<Tensor>, config: ConvConfig) -> Self {
+        Self {
+            first: Conv2d {
+                weight: first,
+                bias: None,
+                config,
+            },
+            last: Conv2d::pointwise(last, bias),
+        }
+    }
+
+    /// The layers for the factors (first r × C_in, last C_out × r) of the 1×1 conv `dense`.
+    pub fn from_factors(first: &Tensor, last: &Tensor, dense: &Conv2d) -> Self {
+        let to_model = |t: &Tensor| to_layer(&t.unsqueeze(-1).unsqueeze(-1), &dense.weight);
+        Self::new(
+            to_model(first),
+            to_model(last),
+            Some(bias_or_zeros(
+                dense.bias.as_ref(),
+                dense.out_channels(),
+                &dense.weight,
+            )),
+            dense.config,
+        )
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.last.forward(&self.first.forward(x))
     }
@@ -205,6 +311,36 @@ impl Form {
             Form::Svd { rank } => Some((rank, rank)),
         }
     }
+
+    /// (multiply-accumulates for one image, output [H, W]) of a conv of `geometry` in this form,
+    /// for an input of [H, W]; each layer counted at the resolution it reads:
+    ///
+    /// - dense: C_out·(C_in/groups)·kh·kw·H_out·W_out;
+    /// - Tucker-2: C_in·r_in·H_in·W_in + (r_out·r_in·kh·kw + C_out·r_out)·H_out·W_out;
+    /// - SVD: (C_in + C_out)·r·H_out·W_out (a strided 1×1 samples first).
+    pub fn macs(&self, geometry: &ConvGeometry, input: [i64; 2]) -> (i64, [i64; 2]) {
+        let [o, i, kh, kw] = geometry.shape;
+        let output = geometry.config.output(input, geometry.kernel());
+        let out = output[0] * output[1];
+        let macs = match *self {
+            Form::Dense => o * (i / geometry.config.groups) * kh * kw * out,
+            Form::Tucker2 { r_out, r_in } => {
+                i * r_in * input[0] * input[1] + (r_out * r_in * kh * kw + o * r_out) * out
+            }
+            Form::Svd { rank } => (i + o) * rank * out,
+        };
+        (macs, output)
+    }
+
+    /// Parameters of a conv of dense shape `shape` in this form: the kernels, plus the last
+    /// layer's bias for a factorisation (which always carries one).
+    pub fn params(&self, [o, i, kh, kw]: [i64; 4]) -> i64 {
+        match *self {
+            Form::Dense => o * i * kh * kw,
+            Form::Tucker2 { r_out, r_in } => i * r_in + r_out * r_in * kh * kw + o * r_out + o,
+            Form::Svd { rank } => (i + o) * rank + o,
+        }
+    }
 }
 
 /// A conv position in the model: dense, or replaced by a factorisation.
@@ -222,6 +358,10 @@ impl ConvSlot {
             ConvSlot::Tucker(t) => t.forward(x),
             ConvSlot::Svd(s) => s.forward(x),
         }
+    }
+
+    pub fn is_dense(&self) -> bool {
+        matches!(self, ConvSlot::Dense(_))
     }
 
     pub fn form(&self) -> Form {
@@ -244,55 +384,52 @@ impl ConvSlot {
         }
     }
 
-    fn parts_mut(&mut self) -> Vec<&mut Conv2d> {
+    /// The layer that produces the slot's output (the one carrying its bias).
+    pub fn output_layer_mut(&mut self) -> &mut Conv2d {
         match self {
-            ConvSlot::Dense(c) => vec![c],
-            ConvSlot::Tucker(t) => vec![&mut t.first, &mut t.core, &mut t.last],
-            ConvSlot::Svd(s) => vec![&mut s.first, &mut s.last],
+            ConvSlot::Dense(c) => c,
+            ConvSlot::Tucker(t) => &mut t.last,
+            ConvSlot::Svd(s) => &mut s.last,
         }
     }
 
-    /// The layer that produces the slot's output (the one carrying its bias).
-    pub fn output_layer_mut(&mut self) -> &mut Conv2d {
-        self.parts_mut().pop().expect("a slot has a layer")
+    /// The dense shape and geometry of the convolution this slot computes.
+    pub fn geometry(&self) -> ConvGeometry {
+        match self {
+            ConvSlot::Dense(c) => c.geometry(),
+            ConvSlot::Tucker(t) => ConvGeometry {
+                shape: [
+                    t.last.out_channels(),
+                    t.first.in_channels(),
+                    t.core.kernel()[0],
+                    t.core.kernel()[1],
+                ],
+                config: t.core.config,
+            },
+            ConvSlot::Svd(s) => ConvGeometry {
+                shape: [s.last.out_channels(), s.first.in_channels(), 1, 1],
+                config: s.first.config,
+            },
+        }
     }
 
     /// C_out × C_in × kh × kw of the convolution this slot computes.
     pub fn dense_shape(&self) -> [i64; 4] {
-        let parts = self.parts();
-        let spatial = match self {
-            ConvSlot::Tucker(t) => &t.core,
-            _ => parts[0],
-        };
-        let [kh, kw] = spatial.kernel();
-        [
-            parts[parts.len() - 1].out_channels(),
-            parts[0].in_channels(),
-            kh,
-            kw,
-        ]
+        self.geometry().shape
     }
 
     /// The geometry (stride, padding, dilation) of the spatial convolution.
     pub fn config(&self) -> ConvConfig {
-        match self {
-            ConvSlot::Dense(c) => c.config,
-            ConvSlot::Tucker(t) => t.core.config,
-            ConvSlot::Svd(s) => s.first.config,
-        }
+        self.geometry().config
     }
 
     pub fn num_params(&self) -> i64 {
         self.parts().iter().map(|c| c.num_params()).sum()
     }
 
-    /// (MACs for one image, output [H, W]) for an input of [H, W]: each layer at the
-    /// resolution it reads.
+    /// (MACs for one image, output [H, W]) for an input of [H, W] ([`Form::macs`]).
     pub fn macs(&self, input: [i64; 2]) -> (i64, [i64; 2]) {
-        self.parts().iter().fold((0, input), |(total, size), c| {
-            let (macs, out) = c.macs(size);
-            (total + macs, out)
-        })
+        self.form().macs(&self.geometry(), input)
     }
 
     /// The dense kernel the slot computes (the weight itself when dense).
@@ -317,39 +454,69 @@ impl ConvSlot {
         }
     }
 
-    /// Named tensors under the state_dict names of the seed's model: `weight`/`bias` when dense,
-    /// `{i}.weight`, `{i}.bias` for the i-th layer of a factorisation (`nn.Sequential`).
-    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
-        let dense = matches!(self, ConvSlot::Dense(_));
+    /// Shallow handles to the slot's tensors under the seed's state_dict names, relative to the
+    /// slot: `weight`/`bias` when dense, `{i}.weight`, `{i}.bias` for the i-th layer of a
+    /// factorisation (`nn.Sequential`).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let dense = self.is_dense();
         self.parts()
             .into_iter()
             .enumerate()
             .flat_map(|(i, c)| {
-                c.tensors()
-                    .into_iter()
-                    .map(move |(n, t)| (part_name(dense, i, n), t))
-            })
-            .collect()
-    }
-
-    pub fn named_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        let dense = matches!(self, ConvSlot::Dense(_));
-        self.parts_mut()
-            .into_iter()
-            .enumerate()
-            .flat_map(|(i, c)| {
-                c.tensors_mut()
-                    .into_iter()
-                    .map(move |(n, t)| (part_name(dense, i, n), t))
+                c.tensors().into_iter().map(move |(n, t)| {
+                    let name = if dense {
+                        n.to_string()
+                    } else {
+                        format!("{i}.{n}")
+                    };
+                    (name, t)
+                })
             })
             .collect()
     }
 }
 
-fn part_name(dense: bool, index: usize, tensor: &str) -> String {
-    if dense {
-        tensor.to_string()
-    } else {
-        format!("{index}.{tensor}")
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn the_cost_model_counts_each_layer_at_the_resolution_it_reads() {
+        let geometry = ConvGeometry {
+            shape: [128, 64, 3, 3],
+            config: ConvConfig::new(2, 1),
+        };
+        let (dense, out) = Form::Dense.macs(&geometry, [56, 56]);
+        assert_eq!(out, [28, 28]);
+        assert_eq!(dense, 128 * 64 * 9 * 28 * 28);
+        let (tucker, _) = Form::Tucker2 {
+            r_out: 25,
+            r_in: 12,
+        }
+        .macs(&geometry, [56, 56]);
+        assert_eq!(
+            tucker,
+            64 * 12 * 56 * 56 + (25 * 12 * 9 + 128 * 25) * 28 * 28
+        );
+        // A slot's MACs are its layers' own, each at its input's resolution.
+        let opts = (Kind::Float, Device::Cpu);
+        let slot = ConvSlot::Tucker(TuckerConv::new(
+            Tensor::zeros([12, 64, 1, 1], opts),
+            Tensor::zeros([25, 12, 3, 3], opts),
+            Tensor::zeros([128, 25, 1, 1], opts),
+            None,
+            ConvConfig::new(2, 1),
+        ));
+        let by_layer: i64 = slot
+            .parts()
+            .iter()
+            .fold((0, [56, 56]), |(total, size), c| {
+                let (macs, out) = Form::Dense.macs(&c.geometry(), size);
+                (total + macs, out)
+            })
+            .0;
+        assert_eq!(slot.macs([56, 56]).0, by_layer);
+        assert_eq!(by_layer, tucker);
     }
 }

@@ -26,10 +26,11 @@ const CIFAR_RECORD: usize = 2 + 3 * 32 * 32;
 pub const CIFAR100_CLASSES: usize = 100;
 
 /// Which half of a dataset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Split {
     Train,
     /// `val/` of an ImageFolder root, `test.bin` of CIFAR-100.
+    #[value(alias = "test")]
     Val,
 }
 
@@ -38,17 +39,6 @@ impl Split {
         match self {
             Split::Train => "train",
             Split::Val => "val",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "train" => Ok(Split::Train),
-            "val" | "test" => Ok(Split::Val),
-            other => Err(Error::value(
-                "split",
-                format!("`{other}` (expected train or val)"),
-            )),
         }
     }
 }

@@ -34,7 +34,7 @@ impl Html {
     }
 
     /// Writes the block as a standalone HTML page, atomically.
-    pub fn save(&self, path: impl AsRef<std::path::Path>) -> crate::Result<()> {
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> crate::error::Result<()> {
         let page = format!("<!DOCTYPE html><html><head><meta charset=\"utf-8\"></head><body>\n{}\n</body></html>\n", self.0);
         crate::io::write_atomic(path.as_ref(), page.as_bytes())
     }

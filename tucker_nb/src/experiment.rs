@@ -1,8 +1,8 @@
-//! The seed's whole experiment as one call: fine-tune the original → evaluate → compress →
-//! evaluate → fine-tune the compressed model → evaluate, writing `metrics.csv`, `layers.csv`,
-//! `summary.json`, the models and per-phase checkpoints into one output folder. With further
-//! stages, each fine-tunes the compressed model briefly and compresses it further
-//! (`layers-stage2.csv`, …) before the final fine-tune.
+//! The seed's whole experiment and its steps: [`loaders`], [`initial_model`], compression (in one
+//! or more stages, [`compress_in_stages`]), fine-tuning and evaluation, and [`run`], which chains
+//! them as the seed does (fine-tune the original → evaluate → compress → evaluate → fine-tune the
+//! compressed model → evaluate), writing `metrics.csv`, `layers.csv`, `summary.json`, the models
+//! and per-phase checkpoints into one output folder. The notebook calls the same steps cell by cell.
 
 use std::path::{Path, PathBuf};
 
@@ -10,16 +10,17 @@ use polars::prelude::DataFrame;
 use serde::Serialize;
 use tch::Device;
 
-use crate::compressor::{compress_model, CompressionPolicy};
-use crate::data::{DataSource, StorageOptions};
+use crate::compress::compress_model;
+use crate::compress::policy::CompressionPolicy;
+use crate::data::{DataSource, Dataset, StorageOptions};
 use crate::error::{Error, Result};
+use crate::frame::write_frame_csv;
 use crate::io;
 use crate::loader::{Loader, Transform};
 use crate::model::ResNet18;
 use crate::report::CompressionReport;
 use crate::train::{
-    evaluate, fine_tune_rows, metrics_frame, write_frame_csv, BnMode, EvalResult, FineTuneConfig,
-    Trainable,
+    evaluate, fine_tune_rows, metrics_frame, EpochMetrics, EvalResult, FineTuneConfig, Trainable,
 };
 
 /// Settings of a run; defaults mirror the seed (224 px, 5 + 5 epochs, batch 64, ratio 0.2).
@@ -33,7 +34,7 @@ pub struct RunConfig {
     pub image_size: i64,
     pub batch_size: usize,
     pub eval_batch_size: usize,
-    /// Fine-tune settings of the original model (`phase`, `trainable` are set by the run).
+    /// Fine-tune settings (the original model's epochs; `phase`, `trainable` are set per phase).
     pub fine_tune: FineTuneConfig,
     /// Epochs of the compressed model's fine-tune.
     pub compressed_epochs: usize,
@@ -79,6 +80,197 @@ impl RunConfig {
             resident_data: true,
         }
     }
+
+    /// Checks what can be checked before any work: the policies (a later stage must be able to
+    /// compress an already compressed model), sizes and classes.
+    pub fn validate(&self) -> Result<()> {
+        self.policy.validate()?;
+        for stage in &self.stages {
+            stage.validate_as_stage()?;
+        }
+        for (what, value) in [
+            ("image size", self.image_size),
+            ("num_classes", self.num_classes),
+            ("batch size", self.batch_size as i64),
+            ("eval batch size", self.eval_batch_size as i64),
+        ] {
+            if value < 1 {
+                return Err(Error::value(what, format!("{value} (must be ≥ 1)")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The fine-tune of one phase: `epochs` of `trainable`, checkpointed in `out/PHASE`.
+    pub fn phase(&self, phase: &str, epochs: usize, trainable: Trainable) -> FineTuneConfig {
+        FineTuneConfig {
+            epochs,
+            phase: phase.into(),
+            trainable,
+            checkpoint_dir: Some(self.out.join(phase)),
+            resume: self.resume,
+            ..self.fine_tune.clone()
+        }
+    }
+
+    /// The seed's fine-tune of the original model: fc only.
+    pub fn original_phase(&self) -> FineTuneConfig {
+        self.phase("original", self.fine_tune.epochs, Trainable::Classifier)
+    }
+
+    /// The seed's fine-tune of the compressed model: the factorised convs and fc.
+    pub fn compressed_phase(&self) -> FineTuneConfig {
+        self.phase(
+            "compressed",
+            self.compressed_epochs,
+            Trainable::TuckerAndClassifier,
+        )
+    }
+
+    /// The first policy and the further stages, in order.
+    pub fn all_stages(&self) -> Vec<CompressionPolicy> {
+        std::iter::once(self.policy.clone())
+            .chain(self.stages.iter().cloned())
+            .collect()
+    }
+}
+
+/// The run's training and validation loaders (train: the seed's augmentation, shuffled with the
+/// run's seed; val: the eval transform). Fails when the data has more classes than the model.
+pub fn loaders(config: &RunConfig) -> Result<(Loader, Loader)> {
+    let source = DataSource::detect(&config.data)?;
+    let (mut train, mut val) = source.load_both(config.storage)?;
+    if let Some(n) = config.train_limit {
+        train = train.take(n);
+    }
+    if let Some(n) = config.val_limit {
+        val = val.take(n);
+    }
+    if (train.classes.len() as i64) > config.num_classes {
+        return Err(Error::value(
+            "num_classes",
+            format!(
+                "{} but {} has {} classes",
+                config.num_classes,
+                config.data.display(),
+                train.classes.len()
+            ),
+        ));
+    }
+    Ok(loader_pair(config, &train, &val))
+}
+
+/// The loader pair for `train` and `val` with the run's sizes, device and seed: train with the
+/// seed's augmentation, shuffled; val with the eval transform.
+pub fn loader_pair(config: &RunConfig, train: &Dataset, val: &Dataset) -> (Loader, Loader) {
+    let size = config.image_size;
+    let loader = |data, batch_size, transform| {
+        Loader::new(
+            data,
+            batch_size,
+            transform,
+            config.device,
+            config.resident_data,
+        )
+    };
+    (
+        loader(train, config.batch_size, Transform::Train { size }).with_seed(config.seed),
+        loader(val, config.eval_batch_size, Transform::Eval { size }),
+    )
+}
+
+/// The starting model: the weights with a fresh `fc` for `num_classes` (as the seed), or random
+/// weights; seeded with the run's seed.
+pub fn initial_model(config: &RunConfig) -> Result<ResNet18> {
+    tch::manual_seed(config.seed as i64);
+    match &config.weights {
+        Some(w) => ResNet18::load(w, Some(config.num_classes), config.device),
+        None => Ok(ResNet18::new(config.num_classes, config.device)),
+    }
+}
+
+/// The epochs' metrics of several fine-tunes as one table, in order.
+pub fn concat_metrics(frames: &[&DataFrame]) -> Result<DataFrame> {
+    let mut all = metrics_frame(&[]);
+    for frame in frames {
+        all.vstack_mut(frame)
+            .map_err(|e| Error::value("metrics", e))?;
+    }
+    Ok(all)
+}
+
+/// What [`compress_in_stages`] did: per stage, its report and the evaluation right after it (with
+/// the model's cost then, at the policy's input size), and the metrics of the fine-tunes in
+/// between.
+#[derive(Debug)]
+pub struct Stages {
+    pub reports: Vec<CompressionReport>,
+    pub evals: Vec<EvalResult>,
+    pub checkpoints: Vec<Checkpoint>,
+    pub metrics: Vec<EpochMetrics>,
+}
+
+impl Stages {
+    /// The last stage's report (there is at least one stage).
+    pub fn final_report(&self) -> &CompressionReport {
+        self.reports.last().expect("at least one stage")
+    }
+
+    /// The evaluation after the last stage.
+    pub fn final_eval(&self) -> &EvalResult {
+        self.evals.last().expect("at least one stage")
+    }
+
+    /// The fine-tunes in between as a metrics table.
+    pub fn metrics_frame(&self) -> DataFrame {
+        metrics_frame(&self.metrics)
+    }
+}
+
+/// Compresses `model` with `policies[0]`, then, for each further policy, fine-tunes it with
+/// `between` (the factorised convs and fc; phase `PHASE1`, `PHASE2`, … after `between.phase`;
+/// with a checkpoint folder, each stage's checkpoints go in `DIR/PHASEn`) and
+/// compresses it further (MUSCO-style). Evaluates on `val` after each compression. Later policies
+/// must be data-driven ([`CompressionPolicy::validate_as_stage`]); that is checked first.
+pub fn compress_in_stages(
+    model: &mut ResNet18,
+    policies: &[CompressionPolicy],
+    train: &Loader,
+    val: &Loader,
+    between: &FineTuneConfig,
+) -> Result<Stages> {
+    if policies.is_empty() {
+        return Err(Error::value("stages", "no compression policy given"));
+    }
+    for later in &policies[1..] {
+        later.validate_as_stage()?;
+    }
+    let mut stages = Stages {
+        reports: Vec::new(),
+        evals: Vec::new(),
+        checkpoints: Vec::new(),
+        metrics: Vec::new(),
+    };
+    for (i, policy) in policies.iter().enumerate() {
+        if i > 0 {
+            let phase = format!("{}{i}", between.phase);
+            let config = FineTuneConfig {
+                checkpoint_dir: between.checkpoint_dir.as_ref().map(|d| d.join(&phase)),
+                phase,
+                trainable: Trainable::TuckerAndClassifier,
+                ..between.clone()
+            };
+            stages
+                .metrics
+                .extend(fine_tune_rows(model, train, val, &config)?);
+        }
+        stages.reports.push(compress_model(model, policy)?);
+        let eval = evaluate(model, val)?;
+        let checkpoint = Checkpoint::new(model, &eval, policy.input_size[0]);
+        stages.evals.push(eval);
+        stages.checkpoints.push(checkpoint);
+    }
+    Ok(stages)
 }
 
 /// Accuracy and cost of one model at one point of the run.
@@ -90,6 +282,19 @@ pub struct Checkpoint {
     pub params: i64,
     pub conv_macs: i64,
     pub eval_images_per_s: f64,
+}
+
+impl Checkpoint {
+    pub fn new(model: &ResNet18, eval: &EvalResult, image_size: i64) -> Self {
+        Checkpoint {
+            top1: eval.top1,
+            top5: eval.top5,
+            loss: eval.loss,
+            params: model.num_params(),
+            conv_macs: model.conv_macs([image_size, image_size]),
+            eval_images_per_s: eval.images_per_s,
+        }
+    }
 }
 
 /// `summary.json`.
@@ -110,7 +315,7 @@ pub struct Summary {
 /// What a run returns.
 #[derive(Debug)]
 pub struct RunResult {
-    /// Both fine-tunes' epochs, in order ([`crate::train::METRICS_COLUMNS`]).
+    /// All fine-tunes' epochs, in order ([`crate::train::METRICS_COLUMNS`]).
     pub metrics: DataFrame,
     /// The first compression's report.
     pub report: CompressionReport,
@@ -119,150 +324,67 @@ pub struct RunResult {
     pub summary: Summary,
 }
 
-fn checkpoint(model: &ResNet18, eval: &EvalResult, image_size: i64) -> Checkpoint {
-    let conv_macs = model.conv_macs([image_size, image_size]);
-    Checkpoint {
-        top1: eval.top1,
-        top5: eval.top5,
-        loss: eval.loss,
-        params: model.num_params(),
-        conv_macs,
-        eval_images_per_s: eval.images_per_s,
-    }
-}
-
-/// The run's training and validation loaders, and their image counts.
-fn data_loaders(config: &RunConfig) -> Result<(Loader, Loader, usize, usize)> {
-    let source = DataSource::detect(&config.data)?;
-    let (mut train, mut val) = source.load_both(config.storage)?;
-    if let Some(n) = config.train_limit {
-        train = train.take(n);
-    }
-    if let Some(n) = config.val_limit {
-        val = val.take(n);
-    }
-    if (train.classes.len() as i64) > config.num_classes {
-        return Err(Error::value(
-            "num_classes",
-            format!(
-                "{} but {} has {} classes",
-                config.num_classes,
-                config.data.display(),
-                train.classes.len()
-            ),
-        ));
-    }
-    let size = config.image_size;
-    let train_loader = Loader::new(
-        &train,
-        config.batch_size,
-        Transform::Train { size },
-        config.device,
-        config.resident_data,
-    )
-    .with_seed(config.seed);
-    let val_loader = Loader::new(
-        &val,
-        config.eval_batch_size,
-        Transform::Eval { size },
-        config.device,
-        config.resident_data,
-    );
-    Ok((train_loader, val_loader, train.len(), val.len()))
-}
-
-fn initial_model(config: &RunConfig) -> Result<ResNet18> {
-    match &config.weights {
-        Some(w) => ResNet18::load(w, Some(config.num_classes), config.device),
-        None => Ok(ResNet18::new(config.num_classes, config.device)),
-    }
-}
-
 /// Runs the seed's flow. With `resume`, each phase continues from its checkpoint in `out`.
 pub fn run(config: &RunConfig) -> Result<RunResult> {
+    config.validate()?;
     let out = &config.out;
     std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
-    tch::manual_seed(config.seed as i64);
-    let (train_loader, val_loader, train_images, val_images) = data_loaders(config)?;
+    let (train, val) = loaders(config)?;
     let size = config.image_size;
     let mut model = initial_model(config)?;
 
-    // 1) fine-tune the original: the seed trains fc only.
-    let phase_config = |phase: &str, epochs, trainable| FineTuneConfig {
-        epochs,
-        phase: phase.into(),
-        trainable,
-        checkpoint_dir: Some(out.join(phase)),
-        resume: config.resume,
-        ..config.fine_tune.clone()
-    };
-    let original_config = phase_config("original", config.fine_tune.epochs, Trainable::Classifier);
-    let mut rows = fine_tune_rows(&mut model, &train_loader, &val_loader, &original_config)?;
+    // 1) fine-tune the original: the seed trains fc only; 2) evaluate it.
+    let mut rows = fine_tune_rows(&mut model, &train, &val, &config.original_phase())?;
     model.save(out.join("original.safetensors"))?;
+    let original = Checkpoint::new(&model, &evaluate(&model, &val)?, size);
 
-    // 2) evaluate the original.
-    let original = checkpoint(&model, &evaluate(&model, &val_loader)?, size);
-
-    // 3) compress; 4) evaluate before fine-tuning.
-    let report = compress_model(&mut model, &config.policy)?;
-    report.write_csv(&out.join("layers.csv"))?;
-    let compressed = checkpoint(&model, &evaluate(&model, &val_loader)?, size);
-
-    // Multi-stage: fine-tune a little, then compress further toward the next budget.
-    let mut stages = Vec::new();
-    let mut stage_reports = Vec::new();
-    for (i, policy) in config.stages.iter().enumerate() {
-        let stage = i + 2;
-        let stage_config = phase_config(
-            &format!("stage{}", stage - 1),
-            config.stage_epochs,
-            Trainable::TuckerAndClassifier,
-        );
-        rows.extend(fine_tune_rows(
-            &mut model,
-            &train_loader,
-            &val_loader,
-            &stage_config,
-        )?);
-        let report = compress_model(&mut model, policy)?;
-        report.write_csv(&out.join(format!("layers-stage{stage}.csv")))?;
-        stages.push(checkpoint(&model, &evaluate(&model, &val_loader)?, size));
-        stage_reports.push(report);
+    // 3) compress (in stages, with short fine-tunes between); 4) evaluate before fine-tuning.
+    let between = FineTuneConfig {
+        checkpoint_dir: Some(out.clone()),
+        ..config.phase("stage", config.stage_epochs, Trainable::TuckerAndClassifier)
+    };
+    let stages = compress_in_stages(&mut model, &config.all_stages(), &train, &val, &between)?;
+    rows.extend(stages.metrics.iter().cloned());
+    for (i, report) in stages.reports.iter().enumerate() {
+        let name = match i {
+            0 => "layers.csv".to_string(),
+            _ => format!("layers-stage{}.csv", i + 1),
+        };
+        report.write_csv(&out.join(name))?;
     }
+    let mut after_stage = stages.checkpoints.iter().cloned();
+    let compressed = after_stage.next().expect("at least one stage");
+    let further: Vec<Checkpoint> = after_stage.collect();
 
-    // 5) fine-tune the compressed model: Tucker factors and fc; 6) evaluate.
-    let compressed_config = phase_config(
-        "compressed",
-        config.compressed_epochs,
-        Trainable::TuckerAndClassifier,
-    );
+    // 5) fine-tune the compressed model: factorised convs and fc; 6) evaluate.
     rows.extend(fine_tune_rows(
         &mut model,
-        &train_loader,
-        &val_loader,
-        &compressed_config,
+        &train,
+        &val,
+        &config.compressed_phase(),
     )?);
     model.save(out.join("compressed.safetensors"))?;
-    let fine_tuned = checkpoint(&model, &evaluate(&model, &val_loader)?, size);
+    let fine_tuned = Checkpoint::new(&model, &evaluate(&model, &val)?, size);
 
     let metrics = metrics_frame(&rows);
     write_frame_csv(&metrics, &out.join("metrics.csv"))?;
     let summary = Summary {
         original,
         compressed,
-        stages,
+        stages: further,
         fine_tuned,
         image_size: size,
         device: format!("{:?}", config.device),
-        train_images,
-        val_images,
+        train_images: train.len(),
+        val_images: val.len(),
     };
     let json = serde_json::to_vec_pretty(&summary).expect("serialisable");
     io::write_atomic(&out.join("summary.json"), &json)?;
+    let mut reports = stages.reports.into_iter();
     Ok(RunResult {
         metrics,
-        report,
-        stage_reports,
+        report: reports.next().expect("at least one stage"),
+        stage_reports: reports.collect(),
         summary,
     })
 }
@@ -272,16 +394,19 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
 /// evaluated. Writes `sweep.csv` and `pareto.png` into `config.out`; returns the sweep's frame
 /// ([`crate::sweep::SWEEP_COLUMNS`]).
 pub fn run_sweep(config: &RunConfig, policies: &[CompressionPolicy]) -> Result<DataFrame> {
+    config.validate()?;
+    for policy in policies {
+        policy.validate()?;
+    }
     let out = &config.out;
     std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
-    tch::manual_seed(config.seed as i64);
-    let (train_loader, val_loader, _, _) = data_loaders(config)?;
+    let (train, val) = loaders(config)?;
     let model = initial_model(config)?;
     let fine_tune = FineTuneConfig {
         epochs: config.compressed_epochs,
         ..config.fine_tune.clone()
     };
-    let frame = crate::sweep::sweep(&model, policies, &train_loader, &val_loader, &fine_tune)?;
+    let frame = crate::sweep::sweep(&model, policies, &train, &val, &fine_tune)?;
     write_frame_csv(&frame, &out.join("sweep.csv"))?;
     crate::plots::pareto_chart(&frame)?.save_png(out.join("pareto.png"))?;
     Ok(frame)
@@ -296,25 +421,7 @@ pub fn write_predictions(
 ) -> Result<()> {
     let mut csv = String::from("path,true,predicted\n");
     for ((name, truth), pred) in names.iter().zip(labels).zip(predictions) {
-        let quoted = if name.contains([',', '"', '\n']) {
-            format!("\"{}\"", name.replace('"', "\"\""))
-        } else {
-            name.clone()
-        };
-        csv.push_str(&format!("{quoted},{truth},{pred}\n"));
+        csv.push_str(&format!("{},{truth},{pred}\n", io::csv_field(name)));
     }
     io::write_atomic(path, csv.as_bytes())
-}
-
-/// The BN modes by CLI name.
-pub fn parse_bn_mode(s: &str) -> Result<BnMode> {
-    match s {
-        "frozen" => Ok(BnMode::Frozen),
-        "stats" => Ok(BnMode::Statistics),
-        "train" => Ok(BnMode::Train),
-        other => Err(Error::value(
-            "bn mode",
-            format!("`{other}` (expected frozen, stats or train)"),
-        )),
-    }
 }

@@ -33,6 +33,15 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
     })
 }
 
+/// A CSV field, quoted when it holds a comma, quote or newline.
+pub fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
 /// Writes named tensors as safetensors, atomically.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     write_atomic_with(path, |tmp| {

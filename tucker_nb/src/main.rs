@@ -1,16 +1,21 @@
-//! `tucker-nb`: the command-line face of the tucker_nb crate.
+//! `tucker-nb`: the command-line face of the tucker_nb crate. Each subcommand's arguments convert
+//! to the library's configuration, which validates them; each subcommand is one function.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand};
-use tucker_nb::compressor::Method;
+use tch::Device;
+use tucker_nb::bench::{self, BenchConfig};
+use tucker_nb::data::{self, Split};
 use tucker_nb::experiment::{self, RunConfig};
 use tucker_nb::synthetic::{self, SyntheticFormat, SyntheticSpec};
+use tucker_nb::train::{self, BnMode};
 use tucker_nb::{
-    bench, compress_model, data, runtime, train, CompressionPolicy, RankPolicy, ResNet18,
+    compress_model, runtime, CompressionPolicy, DataSource, Loader, Method, RankPolicy, ResNet18,
+    StorageOptions, Transform,
 };
-use tucker_nb::{DataSource, Loader, Split, StorageOptions, Transform};
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +26,56 @@ use tucker_nb::{DataSource, Loader, Split, StorageOptions, Transform};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compress a ResNet18's convolutions and save the result as safetensors.
+    Compress(CompressArgs),
+    /// The seed's experiment: fine-tune → evaluate → compress → evaluate → fine-tune → evaluate.
+    Run(RunArgs),
+    /// Accuracy, conv MACs and parameters over compression budgets: sweep.csv and pareto.png.
+    Sweep(SweepArgs),
+    /// Evaluate a model on a dataset split.
+    Evaluate(EvaluateArgs),
+    /// Generate a learnable CIFAR-shaped dataset (tests, smoke runs, benchmarks).
+    GenData(GenDataArgs),
+    /// Convert the CIFAR-100 binary release to the seed's layout OUT/{train,val}/<class>/*.png.
+    ConvertCifar {
+        /// Folder with train.bin, test.bin, fine_label_names.txt.
+        #[arg(long)]
+        cifar: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Throughput figures: data path, training and evaluation, original vs compressed.
+    Bench(BenchArgs),
+}
+
+/// Where to run.
+#[derive(Args)]
+struct DeviceArg {
+    /// cpu, cuda, cuda:N or auto (default: TUCKER_NB_DEVICE, else CUDA when available).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+impl DeviceArg {
+    fn device(&self) -> tucker_nb::Result<Device> {
+        runtime::select_device(self.device.as_deref())
+    }
+}
+
+/// Starting weights: a file, or `none` for random initialisation.
+#[derive(Clone)]
+struct Weights(Option<PathBuf>);
+
+impl FromStr for Weights {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Weights((s != "none").then(|| PathBuf::from(s))))
+    }
 }
 
 /// How ranks are chosen.
@@ -35,159 +90,69 @@ struct RankArgs {
     ranks: Option<PathBuf>,
     /// ratio:R | energy:E | vbmf | budget-macs:F | budget-params:F
     #[arg(long)]
-    policy: Option<String>,
+    policy: Option<RankPolicy>,
+}
+
+impl RankArgs {
+    fn ranks(&self) -> tucker_nb::Result<RankPolicy> {
+        match (self.ratio, &self.ranks, &self.policy) {
+            (Some(r), _, _) => RankPolicy::ratio(r),
+            (_, Some(file), _) => RankPolicy::from_ranks_file(file),
+            (_, _, Some(policy)) => Ok(policy.clone()),
+            _ => unreachable!("clap requires one of --ratio, --ranks, --policy"),
+        }
+    }
 }
 
 /// How factors are fitted, and rank rounding.
 #[derive(Args)]
 struct FitArgs {
-    /// hosvd or hooi (default: hosvd for --ratio/--ranks/ratio:, hooi for the others).
-    #[arg(long)]
-    method: Option<String>,
+    /// Default: hosvd for --ratio/--ranks/ratio:, hooi for the others.
+    #[arg(long, value_enum)]
+    method: Option<Method>,
     /// Round automatically chosen ranks up to a multiple of N (8 suits tensor cores).
     #[arg(long)]
     round_to: Option<i64>,
 }
 
-impl RankArgs {
-    fn policy(&self, fit: &FitArgs, image_size: i64) -> tucker_nb::Result<CompressionPolicy> {
-        let ranks = match (self.ratio, &self.ranks, &self.policy) {
-            (Some(r), _, _) => RankPolicy::ratio(r)?,
-            (_, Some(file), _) => RankPolicy::from_ranks_file(file)?,
-            (_, _, Some(spec)) => RankPolicy::parse(spec)?,
-            _ => unreachable!("clap requires one of --ratio, --ranks, --policy"),
-        };
-        Ok(CompressionPolicy {
+impl FitArgs {
+    fn policy(&self, ranks: RankPolicy, image_size: i64) -> CompressionPolicy {
+        CompressionPolicy {
             ranks,
             input_size: [image_size, image_size],
-            method: fit.method.as_deref().map(Method::parse).transpose()?,
-            round_to: fit.round_to,
-        })
+            method: self.method,
+            round_to: self.round_to,
+        }
     }
 }
 
-#[derive(Subcommand)]
-enum Command {
-    /// Compress a ResNet18's convolutions and save the result as safetensors.
-    Compress {
-        /// Weights to compress: torchvision's .pth or a .safetensors file.
-        #[arg(long)]
-        weights: PathBuf,
-        /// Classes of the classifier; a fresh fc is made when the file has another count.
-        #[arg(long)]
-        num_classes: Option<i64>,
-        #[command(flatten)]
-        ranks: RankArgs,
-        #[command(flatten)]
-        fit: FitArgs,
-        /// Output .safetensors (the seed's compressed state_dict keys).
-        #[arg(long)]
-        out: PathBuf,
-        /// Per-layer report as CSV.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        /// Image size at which the report counts MACs.
-        #[arg(long, default_value_t = 224)]
-        image_size: i64,
-        /// Fold each BN after a factorised conv into its last 1×1 (inference; same eval outputs).
-        #[arg(long)]
-        fold_bn: bool,
-        /// cpu, cuda, cuda:N or auto.
-        #[arg(long)]
-        device: Option<String>,
-    },
-    /// The seed's experiment: fine-tune → evaluate → compress → evaluate → fine-tune → evaluate.
-    Run(RunArgs),
-    /// Accuracy, conv MACs and parameters over compression budgets: sweep.csv and pareto.png.
-    Sweep(SweepArgs),
-    /// Evaluate a model on a dataset split.
-    Evaluate {
-        /// Model weights (.pth or .safetensors, dense or compressed).
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        num_classes: i64,
-        /// ImageFolder root or CIFAR-100 binary folder.
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long, default_value = "val")]
-        split: String,
-        #[arg(long, default_value_t = 224)]
-        image_size: i64,
-        #[arg(long, default_value_t = 256)]
-        batch_size: usize,
-        /// Write `path,true,predicted` per image.
-        #[arg(long)]
-        predictions: Option<PathBuf>,
-        #[arg(long)]
-        device: Option<String>,
-    },
-    /// Generate a learnable CIFAR-shaped dataset (tests, smoke runs, benchmarks).
-    GenData {
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = 10)]
-        classes: usize,
-        #[arg(long, default_value_t = 20)]
-        train_per_class: usize,
-        #[arg(long, default_value_t = 10)]
-        val_per_class: usize,
-        #[arg(long, default_value_t = 32)]
-        size: u32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// image-folder (PNG tree, the seed's layout) or cifar100 (binary release format).
-        #[arg(long, default_value = "image-folder")]
-        format: String,
-    },
-    /// Convert the CIFAR-100 binary release to the seed's layout OUT/{train,val}/<class>/*.png.
-    ConvertCifar {
-        /// Folder with train.bin, test.bin, fine_label_names.txt.
-        #[arg(long)]
-        cifar: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Throughput figures: data path, training and evaluation, original vs compressed.
-    Bench(bench::BenchArgs),
-}
-
+/// The data and model a run starts from.
 #[derive(Args)]
-struct RunArgs {
+struct DataArgs {
     /// ImageFolder root (train/, val/) or CIFAR-100 binary folder.
     #[arg(long)]
     data: PathBuf,
     /// torchvision .pth or .safetensors weights, or `none` for random initialisation.
     #[arg(long)]
-    weights: String,
+    weights: Weights,
     #[arg(long, default_value_t = 100)]
     num_classes: i64,
     #[arg(long, default_value_t = 224)]
     image_size: i64,
-    /// Epochs of each fine-tune (original, then compressed).
-    #[arg(long, default_value_t = 5)]
-    epochs: usize,
-    /// Epochs of the compressed model's fine-tune, when different.
+    /// Use only the first N training images.
     #[arg(long)]
-    compressed_epochs: Option<usize>,
-    #[command(flatten)]
-    ranks: RankArgs,
-    #[command(flatten)]
-    fit: FitArgs,
-    /// Multi-stage compression: after the first policy, fine-tune --stage-epochs epochs and
-    /// compress further with this policy (repeatable, e.g. --stage budget-macs:0.2).
-    #[arg(long = "stage", value_name = "POLICY")]
-    stages: Vec<String>,
-    /// Epochs of fine-tuning before each further stage.
-    #[arg(long, default_value_t = 1)]
-    stage_epochs: usize,
+    train_limit: Option<usize>,
+    /// Use only the first N validation images.
     #[arg(long)]
-    device: Option<String>,
+    val_limit: Option<usize>,
+    /// Square size decoded images are stored at when their sizes differ.
     #[arg(long)]
-    out: PathBuf,
-    /// Continue each phase from its checkpoint in OUT.
-    #[arg(long)]
-    resume: bool,
+    storage_size: Option<u32>,
+}
+
+/// The fine-tune recipe (the seed's by default).
+#[derive(Args)]
+struct TrainArgs {
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
     #[arg(long, default_value_t = 256)]
@@ -202,69 +167,241 @@ struct RunArgs {
     step_size: usize,
     #[arg(long, default_value_t = 0.1)]
     gamma: f64,
-    /// BN while training: frozen, stats (the seed: batch statistics, affine fixed) or train.
-    #[arg(long, default_value = "stats")]
-    bn: String,
+    /// BN while training: frozen, statistics (the seed: batch statistics, affine fixed) or train.
+    #[arg(long, value_enum, default_value = "stats")]
+    bn: BnMode,
     /// bfloat16 autocast (CUDA).
     #[arg(long)]
     bf16: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Use only the first N training images.
+}
+
+/// The run configuration these groups describe (epochs and policy are the caller's).
+fn run_config(
+    data: &DataArgs,
+    train: &TrainArgs,
+    device: &DeviceArg,
+    out: &Path,
+) -> tucker_nb::Result<RunConfig> {
+    let mut config = RunConfig::new(&data.data, out, device.device()?);
+    config.weights = data.weights.0.clone();
+    config.num_classes = data.num_classes;
+    config.image_size = data.image_size;
+    config.train_limit = data.train_limit;
+    config.val_limit = data.val_limit;
+    config.storage.size = data.storage_size;
+    config.batch_size = train.batch_size;
+    config.eval_batch_size = train.eval_batch_size;
+    config.seed = train.seed;
+    let ft = &mut config.fine_tune;
+    ft.lr = train.lr;
+    ft.momentum = train.momentum;
+    ft.weight_decay = train.weight_decay;
+    ft.step_size = train.step_size;
+    ft.gamma = train.gamma;
+    ft.bn = train.bn;
+    ft.bf16 = train.bf16;
+    Ok(config)
+}
+
+#[derive(Args)]
+struct CompressArgs {
+    /// Weights to compress: torchvision's .pth or a .safetensors file.
     #[arg(long)]
-    train_limit: Option<usize>,
-    /// Use only the first N validation images.
+    weights: PathBuf,
+    /// Classes of the classifier; a fresh fc is made when the file has another count.
     #[arg(long)]
-    val_limit: Option<usize>,
-    /// Square size decoded images are stored at when their sizes differ.
+    num_classes: Option<i64>,
+    #[command(flatten)]
+    ranks: RankArgs,
+    #[command(flatten)]
+    fit: FitArgs,
+    /// Output .safetensors (the seed's compressed state_dict keys).
     #[arg(long)]
-    storage_size: Option<u32>,
+    out: PathBuf,
+    /// Per-layer report as CSV.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Image size at which the report counts MACs.
+    #[arg(long, default_value_t = 224)]
+    image_size: i64,
+    /// Fold each BN after a factorised conv into its last 1×1 (inference; same eval outputs).
+    #[arg(long)]
+    fold_bn: bool,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Epochs of each fine-tune (original, then compressed).
+    #[arg(long, default_value_t = 5)]
+    epochs: usize,
+    /// Epochs of the compressed model's fine-tune, when different.
+    #[arg(long)]
+    compressed_epochs: Option<usize>,
+    #[command(flatten)]
+    ranks: RankArgs,
+    #[command(flatten)]
+    fit: FitArgs,
+    /// Multi-stage compression: after the first policy, fine-tune --stage-epochs epochs and
+    /// compress further with this policy (repeatable, e.g. --stage budget-macs:0.2).
+    #[arg(long = "stage", value_name = "POLICY")]
+    stages: Vec<RankPolicy>,
+    /// Epochs of fine-tuning before each further stage.
+    #[arg(long, default_value_t = 1)]
+    stage_epochs: usize,
+    #[command(flatten)]
+    train: TrainArgs,
+    #[command(flatten)]
+    device: DeviceArg,
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue each phase from its checkpoint in OUT.
+    #[arg(long)]
+    resume: bool,
+}
+
+impl RunArgs {
+    fn config(&self) -> tucker_nb::Result<RunConfig> {
+        let mut config = run_config(&self.data, &self.train, &self.device, &self.out)?;
+        config.fine_tune.epochs = self.epochs;
+        config.compressed_epochs = self.compressed_epochs.unwrap_or(self.epochs);
+        config.policy = self.fit.policy(self.ranks.ranks()?, self.data.image_size);
+        config.stages = self
+            .stages
+            .iter()
+            .map(|ranks| config.policy.with_ranks(ranks.clone()))
+            .collect();
+        config.stage_epochs = self.stage_epochs;
+        config.resume = self.resume;
+        Ok(config)
+    }
 }
 
 #[derive(Args)]
 struct SweepArgs {
-    /// ImageFolder root (train/, val/) or CIFAR-100 binary folder.
-    #[arg(long)]
-    data: PathBuf,
-    /// The model to compress (e.g. a run's original.safetensors), or `none` for random weights.
-    #[arg(long)]
-    weights: String,
-    #[arg(long, default_value_t = 100)]
-    num_classes: i64,
-    #[arg(long, default_value_t = 224)]
-    image_size: i64,
+    #[command(flatten)]
+    data: DataArgs,
     /// Policies to compare, comma-separated.
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "budget-macs:0.5,budget-macs:0.33,budget-macs:0.2,budget-macs:0.1"
     )]
-    policies: Vec<String>,
+    policies: Vec<RankPolicy>,
     #[command(flatten)]
     fit: FitArgs,
     /// Fine-tune epochs of each compressed model.
     #[arg(long, default_value_t = 1)]
     epochs: usize,
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 256)]
-    eval_batch_size: usize,
-    #[arg(long, default_value_t = 0.01)]
-    lr: f64,
-    #[arg(long)]
-    device: Option<String>,
+    #[command(flatten)]
+    train: TrainArgs,
+    #[command(flatten)]
+    device: DeviceArg,
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Args)]
+struct EvaluateArgs {
+    /// Model weights (.pth or .safetensors, dense or compressed).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    num_classes: i64,
+    /// ImageFolder root or CIFAR-100 binary folder.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, value_enum, default_value = "val")]
+    split: Split,
+    #[arg(long, default_value_t = 224)]
+    image_size: i64,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Write `path,true,predicted` per image.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args)]
+struct GenDataArgs {
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    #[arg(long, default_value_t = 20)]
+    train_per_class: usize,
+    #[arg(long, default_value_t = 10)]
+    val_per_class: usize,
+    #[arg(long, default_value_t = 32)]
+    size: u32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The seed's PNG tree, or the CIFAR-100 binary release format.
+    #[arg(long, value_enum, default_value = "image-folder")]
+    format: SyntheticFormat,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// ImageFolder root with train/ (e.g. from `tucker-nb gen-data`).
     #[arg(long)]
-    train_limit: Option<usize>,
+    data: PathBuf,
+    #[arg(long, default_value_t = 32)]
+    image_size: i64,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Batches per model throughput measurement.
+    #[arg(long, default_value_t = 5)]
+    model_batches: usize,
+    #[command(flatten)]
+    device: DeviceArg,
+    /// Also run the seed's torchvision pipeline with this python (e.g. .venv/bin/python).
     #[arg(long)]
-    val_limit: Option<usize>,
+    seed_python: Option<PathBuf>,
+    /// DataLoader workers for the seed's pipeline (the seed uses 4; default: this machine's cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Compression ratio for the compressed model.
+    #[arg(long, default_value_t = 0.2)]
+    ratio: f64,
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One readable line, as for the library's errors.
+            let text = e.to_string();
+            let line: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            eprintln!("{}", line.join(" "));
+            return ExitCode::from(2);
+        }
+    };
+    runtime::init();
+    let result = match cli.command {
+        Command::Compress(args) => compress(args),
+        Command::Run(args) => run(args),
+        Command::Sweep(args) => sweep(args),
+        Command::Evaluate(args) => evaluate(args),
+        Command::GenData(args) => gen_data(args),
+        Command::ConvertCifar { cifar, out } => convert_cifar(&cifar, &out),
+        Command::Bench(args) => bench_command(args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -289,196 +426,129 @@ fn check_output(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    runtime::init();
-    match cli.command {
-        Command::Compress {
-            weights,
-            num_classes,
-            ranks,
-            fit,
-            out,
-            report,
-            image_size,
-            fold_bn,
-            device,
-        } => {
-            let device = runtime::select_device(device.as_deref())?;
-            let policy = ranks.policy(&fit, image_size)?;
-            if out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-                anyhow::bail!("{}: the output must be a .safetensors file", out.display());
-            }
-            check_output(&out)?;
-            if let Some(r) = &report {
-                check_output(r)?;
-            }
-            let mut model = ResNet18::load(&weights, num_classes, device)?;
-            let layer_report = compress_model(&mut model, &policy)?;
-            if fold_bn {
-                let folded = model.fold_batch_norms();
-                println!("folded {} BNs into their factorised convs", folded.len());
-            }
-            model.save(&out)?;
-            if let Some(path) = report {
-                if let Err(e) = layer_report.write_csv(&path) {
-                    // The report is part of the command's result: do not leave the model alone.
-                    let _ = std::fs::remove_file(&out);
-                    return Err(e.into());
-                }
-            }
-            println!("{}", layer_report.summary());
-            println!("wrote {}", out.display());
-        }
-        Command::Run(args) => {
-            let device = runtime::select_device(args.device.as_deref())?;
-            let mut config = RunConfig::new(&args.data, &args.out, device);
-            config.weights = (args.weights != "none").then(|| PathBuf::from(&args.weights));
-            config.num_classes = args.num_classes;
-            config.image_size = args.image_size;
-            config.batch_size = args.batch_size;
-            config.eval_batch_size = args.eval_batch_size;
-            config.fine_tune.epochs = args.epochs;
-            config.fine_tune.lr = args.lr;
-            config.fine_tune.momentum = args.momentum;
-            config.fine_tune.weight_decay = args.weight_decay;
-            config.fine_tune.step_size = args.step_size;
-            config.fine_tune.gamma = args.gamma;
-            config.fine_tune.bn = experiment::parse_bn_mode(&args.bn)?;
-            config.fine_tune.bf16 = args.bf16;
-            config.compressed_epochs = args.compressed_epochs.unwrap_or(args.epochs);
-            config.policy = args.ranks.policy(&args.fit, args.image_size)?;
-            for spec in &args.stages {
-                let ranks = RankPolicy::parse(spec)?;
-                if matches!(ranks, RankPolicy::Ratio(_)) {
-                    anyhow::bail!(
-                        "invalid stage policy: `{spec}` (a further stage needs energy:, vbmf or \
-                         a budget: the ratio rule only compresses dense convs)"
-                    );
-                }
-                config.stages.push(CompressionPolicy {
-                    ranks,
-                    ..config.policy.clone()
-                });
-            }
-            config.stage_epochs = args.stage_epochs;
-            config.resume = args.resume;
-            config.seed = args.seed;
-            config.train_limit = args.train_limit;
-            config.val_limit = args.val_limit;
-            config.storage.size = args.storage_size;
-            let result = experiment::run(&config)?;
-            let s = &result.summary;
-            println!("{}", result.metrics);
-            println!("{}", result.report.summary());
-            for (i, report) in result.stage_reports.iter().enumerate() {
-                println!("stage {}: {}", i + 2, report.summary());
-            }
-            let stages: String = s
-                .stages
-                .iter()
-                .enumerate()
-                .map(|(i, c)| format!(" | stage {} {:.4}", i + 2, c.top1))
-                .collect();
-            println!(
-                "top-1: original {:.4} | compressed {:.4}{stages} | compressed + fine-tuned {:.4}",
-                s.original.top1, s.compressed.top1, s.fine_tuned.top1
-            );
-            println!("wrote {}/{{metrics.csv,layers.csv,summary.json,original.safetensors,compressed.safetensors}}", args.out.display());
-        }
-        Command::Sweep(args) => {
-            let device = runtime::select_device(args.device.as_deref())?;
-            let mut config = RunConfig::new(&args.data, &args.out, device);
-            config.weights = (args.weights != "none").then(|| PathBuf::from(&args.weights));
-            config.num_classes = args.num_classes;
-            config.image_size = args.image_size;
-            config.batch_size = args.batch_size;
-            config.eval_batch_size = args.eval_batch_size;
-            config.fine_tune.lr = args.lr;
-            config.compressed_epochs = args.epochs;
-            config.seed = args.seed;
-            config.train_limit = args.train_limit;
-            config.val_limit = args.val_limit;
-            let policies = args
-                .policies
-                .iter()
-                .map(|spec| {
-                    let ranks = RankArgs {
-                        ratio: None,
-                        ranks: None,
-                        policy: Some(spec.clone()),
-                    };
-                    ranks.policy(&args.fit, args.image_size)
-                })
-                .collect::<tucker_nb::Result<Vec<_>>>()?;
-            let frame = experiment::run_sweep(&config, &policies)?;
-            println!("{frame}");
-            println!("wrote {}/{{sweep.csv,pareto.png}}", args.out.display());
-        }
-        Command::Evaluate {
-            model,
-            num_classes,
-            data: root,
-            split,
-            image_size,
-            batch_size,
-            predictions,
-            device,
-        } => {
-            let device = runtime::select_device(device.as_deref())?;
-            let split = Split::parse(&split)?;
-            if let Some(p) = &predictions {
-                check_output(p)?;
-            }
-            let dataset = DataSource::detect(&root)?.load(split, StorageOptions::default())?;
-            let net = ResNet18::load(&model, Some(num_classes), device)?;
-            let loader = Loader::new(
-                &dataset,
-                batch_size,
-                Transform::Eval { size: image_size },
-                device,
-                true,
-            );
-            let result = train::evaluate_with(&net, &loader, predictions.is_some(), false)?;
-            if let (Some(path), Some(pred)) = (&predictions, &result.predictions) {
-                let labels = Vec::<i64>::try_from(&dataset.labels)?;
-                experiment::write_predictions(path, &dataset.names, &labels, pred)?;
-            }
-            println!(
-                "{} images: top-1 {:.4}, top-5 {:.4}, loss {:.4}, {:.1} images/s",
-                result.images, result.top1, result.top5, result.loss, result.images_per_s
-            );
-        }
-        Command::GenData {
-            out,
-            classes,
-            train_per_class,
-            val_per_class,
-            size,
-            seed,
-            format,
-        } => {
-            let format = match format.as_str() {
-                "image-folder" => SyntheticFormat::ImageFolder,
-                "cifar100" => SyntheticFormat::Cifar100Binary,
-                other => {
-                    anyhow::bail!("invalid format: `{other}` (expected image-folder or cifar100)")
-                }
-            };
-            let spec = SyntheticSpec {
-                classes,
-                train_per_class,
-                val_per_class,
-                size,
-                seed,
-            };
-            let n = synthetic::generate(&out, spec, format)?;
-            println!("wrote {n} images to {}", out.display());
-        }
-        Command::ConvertCifar { cifar, out } => {
-            let n = data::convert_cifar100_to_image_folder(&cifar, &out)?;
-            println!("wrote {n} PNGs to {}", out.display());
-        }
-        Command::Bench(args) => bench::run(&args)?,
+fn compress(args: CompressArgs) -> anyhow::Result<()> {
+    let device = args.device.device()?;
+    let policy = args.fit.policy(args.ranks.ranks()?, args.image_size);
+    policy.validate()?;
+    if args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        anyhow::bail!(
+            "{}: the output must be a .safetensors file",
+            args.out.display()
+        );
     }
+    check_output(&args.out)?;
+    if let Some(r) = &args.report {
+        check_output(r)?;
+    }
+    let mut model = ResNet18::load(&args.weights, args.num_classes, device)?;
+    let report = compress_model(&mut model, &policy)?;
+    if args.fold_bn {
+        let folded = model.fold_batch_norms();
+        println!("folded {} BNs into their factorised convs", folded.len());
+    }
+    model.save(&args.out)?;
+    if let Some(path) = &args.report {
+        if let Err(e) = report.write_csv(path) {
+            // The report is part of the command's result: do not leave the model alone.
+            let _ = std::fs::remove_file(&args.out);
+            return Err(e.into());
+        }
+    }
+    println!("{}", report.summary());
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let result = experiment::run(&args.config()?)?;
+    let s = &result.summary;
+    println!("{}", result.metrics);
+    println!("{}", result.report.summary());
+    for (i, report) in result.stage_reports.iter().enumerate() {
+        println!("stage {}: {}", i + 2, report.summary());
+    }
+    let stages: String = s
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!(" | stage {} {:.4}", i + 2, c.top1))
+        .collect();
+    println!(
+        "top-1: original {:.4} | compressed {:.4}{stages} | compressed + fine-tuned {:.4}",
+        s.original.top1, s.compressed.top1, s.fine_tuned.top1
+    );
+    println!(
+        "wrote {}/{{metrics.csv,layers.csv,summary.json,original.safetensors,compressed.safetensors}}",
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn sweep(args: SweepArgs) -> anyhow::Result<()> {
+    let mut config = run_config(&args.data, &args.train, &args.device, &args.out)?;
+    config.compressed_epochs = args.epochs;
+    let policies: Vec<CompressionPolicy> = args
+        .policies
+        .iter()
+        .map(|ranks| args.fit.policy(ranks.clone(), args.data.image_size))
+        .collect();
+    let frame = experiment::run_sweep(&config, &policies)?;
+    println!("{frame}");
+    println!("wrote {}/{{sweep.csv,pareto.png}}", args.out.display());
+    Ok(())
+}
+
+fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
+    let device = args.device.device()?;
+    if let Some(p) = &args.predictions {
+        check_output(p)?;
+    }
+    let dataset = DataSource::detect(&args.data)?.load(args.split, StorageOptions::default())?;
+    let net = ResNet18::load(&args.model, Some(args.num_classes), device)?;
+    let transform = Transform::Eval {
+        size: args.image_size,
+    };
+    let loader = Loader::new(&dataset, args.batch_size, transform, device, true);
+    let result = train::evaluate_with(&net, &loader, args.predictions.is_some(), false)?;
+    if let (Some(path), Some(pred)) = (&args.predictions, &result.predictions) {
+        let labels = Vec::<i64>::try_from(&dataset.labels)?;
+        experiment::write_predictions(path, &dataset.names, &labels, pred)?;
+    }
+    println!(
+        "{} images: top-1 {:.4}, top-5 {:.4}, loss {:.4}, {:.1} images/s",
+        result.images, result.top1, result.top5, result.loss, result.images_per_s
+    );
+    Ok(())
+}
+
+fn gen_data(args: GenDataArgs) -> anyhow::Result<()> {
+    let spec = SyntheticSpec {
+        classes: args.classes,
+        train_per_class: args.train_per_class,
+        val_per_class: args.val_per_class,
+        size: args.size,
+        seed: args.seed,
+    };
+    let n = synthetic::generate(&args.out, spec, args.format)?;
+    println!("wrote {n} images to {}", args.out.display());
+    Ok(())
+}
+
+fn convert_cifar(cifar: &Path, out: &Path) -> anyhow::Result<()> {
+    let n = data::convert_cifar100_to_image_folder(cifar, out)?;
+    println!("wrote {n} PNGs to {}", out.display());
+    Ok(())
+}
+
+fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
+    let mut config = BenchConfig::new(&args.data, args.device.device()?);
+    config.image_size = args.image_size;
+    config.batch_size = args.batch_size;
+    config.repeats = args.repeats;
+    config.model_batches = args.model_batches;
+    config.seed_python = args.seed_python;
+    config.workers = args.workers;
+    config.ranks = RankPolicy::ratio(args.ratio)?;
+    bench::run(&config)?;
     Ok(())
 }

@@ -1,18 +1,21 @@
-//! What `notebooks/resnet18_tucker.ipynb` calls: one configuration struct with the seed's defaults
-//! (CIFAR-100 and torchvision's weights under `data/`, 224 px, 5 + 5 epochs, ratio 0.2, CUDA when
-//! present), the smoke profile (`TUCKER_NB_PROFILE=smoke`: a few CPU minutes on generated data),
-//! and the closing summary of original vs compressed. `TUCKER_NB_OUT` moves the output folder.
+//! What `notebooks/resnet18_tucker.ipynb` calls: one configuration (the library's [`RunConfig`]
+//! with the seed's defaults — CIFAR-100 and torchvision's weights under `data/`, 224 px, 5 + 5
+//! epochs, ratio 0.2, CUDA when present — plus the notebook's own fields), the smoke profile
+//! (`TUCKER_NB_PROFILE=smoke`: a few CPU minutes on generated data), and the closing summary of
+//! original vs compressed. `TUCKER_NB_OUT` moves the output folder.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::compressor::{CompressionPolicy, Method, RankPolicy};
-use crate::data::{DataSource, StorageOptions};
+use crate::compress::decompose::Method;
+use crate::compress::policy::{CompressionPolicy, Fraction, RankPolicy};
+use crate::data::DataSource;
 use crate::display::{grid, Html};
 use crate::error::{Error, Result};
-use crate::loader::{Loader, Transform};
+use crate::experiment::{self, RunConfig};
+use crate::loader::Loader;
 use crate::model::ResNet18;
 use crate::runtime;
 use crate::synthetic::{self, SyntheticFormat, SyntheticSpec};
@@ -27,32 +30,19 @@ pub enum Profile {
     Smoke,
 }
 
-/// The notebook's configuration; every field can be changed in the config cell.
+/// The notebook's configuration; every field can be changed in the config cell
+/// (`config.run.fine_tune.epochs = 3;`).
 #[derive(Debug, Clone)]
 pub struct NotebookConfig {
     pub profile: Profile,
-    pub data: PathBuf,
-    /// `None`: random initial weights.
-    pub weights: Option<PathBuf>,
-    pub num_classes: i64,
-    pub image_size: i64,
-    pub epochs: usize,
-    pub compressed_epochs: usize,
-    pub ratio: f64,
-    pub batch_size: usize,
-    pub eval_batch_size: usize,
-    pub device: Device,
-    /// Charts, tables and models are written here.
-    pub out: PathBuf,
-    pub seed: u64,
+    /// The run's data, weights, sizes, fine-tune settings, policy and output folder.
+    pub run: RunConfig,
     /// Budget sweep: fractions of the dense model's conv MACs, one compressed copy each.
     pub sweep_budgets: Vec<f64>,
     /// Multi-stage compression: the conv-MACs budget of each stage, in order.
     pub stage_budgets: Vec<f64>,
     /// Fine-tune epochs of each sweep point and between stages.
     pub short_epochs: usize,
-    /// How the budget policies fit the factors; `None`: HOOI (their default).
-    pub method: Option<Method>,
 }
 
 /// The project's root folder (where `data/` and `runs/` live), known from where the crate was built.
@@ -69,6 +59,44 @@ fn cifar_location(data: &Path) -> Option<PathBuf> {
         .find(|p| DataSource::detect(p).is_ok())
 }
 
+/// The torchvision weights `scripts/fetch` downloads.
+const WEIGHTS_FILE: &str = "resnet18-f37072fd.pth";
+
+/// Where the full profile's CIFAR-100 is, or the notes saying why the smoke profile runs instead.
+fn full_profile_data(data: &Path) -> std::result::Result<PathBuf, Vec<String>> {
+    if std::env::var("TUCKER_NB_PROFILE").as_deref() == Ok("smoke") {
+        return Err(vec![
+            "TUCKER_NB_PROFILE=smoke: running the smoke profile.".into()
+        ]);
+    }
+    let cifar = cifar_location(data);
+    let weights = data.join(WEIGHTS_FILE);
+    let mut notes = Vec::new();
+    if cifar.is_none() {
+        notes.push(format!(
+            "CIFAR-100 is not in {} (expected cifar-100-binary/ or cifar100/{{train,val}}/).",
+            data.display()
+        ));
+    }
+    if !weights.is_file() {
+        notes.push(format!(
+            "torchvision's ResNet18 weights are not at {}.",
+            weights.display()
+        ));
+    }
+    match cifar {
+        Some(cifar) if notes.is_empty() => Ok(cifar),
+        _ => {
+            notes.push(
+                "Fetch both with `scripts/fetch` (about 210 MB, checksum-verified), then restart the \
+                 kernel. Running the smoke profile meanwhile."
+                    .into(),
+            );
+            Err(notes)
+        }
+    }
+}
+
 impl NotebookConfig {
     /// The seed's experiment when its data and weights are in `data/`, else (or when
     /// `TUCKER_NB_PROFILE=smoke`) the smoke profile; the HTML says which and why.
@@ -76,85 +104,55 @@ impl NotebookConfig {
         runtime::init();
         let root = project_root();
         let data = root.join("data");
-        let wanted = std::env::var("TUCKER_NB_PROFILE").unwrap_or_default();
-        let weights = data.join("resnet18-f37072fd.pth");
-        let mut notes = Vec::new();
-        let full = match (wanted.as_str(), cifar_location(&data)) {
-            ("smoke", _) => {
-                notes.push("TUCKER_NB_PROFILE=smoke: running the smoke profile.".to_string());
-                None
-            }
-            (_, Some(cifar)) if weights.is_file() => Some(cifar),
-            (_, cifar) => {
-                if cifar.is_none() {
-                    notes.push(format!(
-                        "CIFAR-100 is not in {} (expected cifar-100-binary/ or cifar100/{{train,val}}/).",
-                        data.display()
-                    ));
-                }
-                if !weights.is_file() {
-                    notes.push(format!(
-                        "torchvision's ResNet18 weights are not at {}.",
-                        weights.display()
-                    ));
-                }
-                notes.push(
-                    "Fetch both with `scripts/fetch` (about 210 MB, checksum-verified), then restart the kernel. \
-                     Running the smoke profile meanwhile."
-                        .into(),
-                );
-                None
-            }
+        let (mut config, mut notes) = match full_profile_data(&data) {
+            Ok(cifar) => (
+                Self::full(&root, cifar, data.join(WEIGHTS_FILE))?,
+                Vec::new(),
+            ),
+            Err(notes) => (Self::smoke(&root)?, notes),
         };
-        let config = match full {
-            Some(cifar) => Self {
-                profile: Profile::Full,
-                data: cifar,
-                weights: Some(weights),
-                num_classes: 100,
-                image_size: 224,
-                epochs: 5,
-                compressed_epochs: 5,
-                ratio: 0.2,
-                batch_size: 64,
-                eval_batch_size: 256,
-                device: runtime::select_device(None)?,
-                out: root.join("runs/notebook"),
-                seed: 0,
-                sweep_budgets: vec![0.5, 0.33, 0.2, 0.1],
-                stage_budgets: vec![0.5, 0.2],
-                short_epochs: 1,
-                method: None,
-            },
-            None => Self::smoke(&root)?,
-        };
-        let mut config = config;
         if let Some(out) = std::env::var_os("TUCKER_NB_OUT") {
-            config.out = PathBuf::from(out);
+            config.run.out = PathBuf::from(out);
         }
-        let plan = format!(
-            "{:?} profile on {:?}: {} ({}), {} px, {} + {} epochs, ratio {}, output in {}",
-            config.profile,
-            config.device,
-            config.data.display(),
-            config
-                .weights
+        notes.push(config.describe());
+        let html = notes
+            .iter()
+            .map(|n| format!("<p>{}</p>", n.replace('<', "&lt;")))
+            .collect();
+        Ok((config, Html(html)))
+    }
+
+    /// One line saying what will run where.
+    fn describe(&self) -> String {
+        let run = &self.run;
+        format!(
+            "{:?} profile on {:?}: {} ({}), {} px, {} + {} epochs, policy {}, output in {}",
+            self.profile,
+            run.device,
+            run.data.display(),
+            run.weights
                 .as_ref()
                 .map_or("random initial weights".into(), |w| w.display().to_string()),
-            config.image_size,
-            config.epochs,
-            config.compressed_epochs,
-            config.ratio,
-            config.out.display()
-        );
-        notes.push(plan);
-        let html = Html(
-            notes
-                .iter()
-                .map(|n| format!("<p>{}</p>", n.replace('<', "&lt;")))
-                .collect(),
-        );
-        Ok((config, html))
+            run.image_size,
+            run.fine_tune.epochs,
+            run.compressed_epochs,
+            run.policy.ranks,
+            run.out.display()
+        )
+    }
+
+    /// The seed's experiment: CIFAR-100 at 224 px from ImageNet weights, on CUDA when present.
+    pub fn full(root: &Path, cifar: PathBuf, weights: PathBuf) -> Result<Self> {
+        let device = runtime::select_device(None)?;
+        let mut run = RunConfig::new(cifar, root.join("runs/notebook"), device);
+        run.weights = Some(weights);
+        Ok(Self {
+            profile: Profile::Full,
+            run,
+            sweep_budgets: vec![0.5, 0.33, 0.2, 0.1],
+            stage_budgets: vec![0.5, 0.2],
+            short_epochs: 1,
+        })
     }
 
     /// A few CPU minutes on generated data (made once under `data/smoke`).
@@ -170,89 +168,89 @@ impl NotebookConfig {
             };
             synthetic::generate(&data, spec, SyntheticFormat::ImageFolder)?;
         }
+        let mut run = RunConfig::new(data, root.join("runs/notebook-smoke"), Device::Cpu);
+        run.num_classes = 10;
+        run.image_size = 32;
+        run.fine_tune.epochs = 2;
+        run.compressed_epochs = 2;
+        run.batch_size = 16;
+        run.eval_batch_size = 64;
+        // Random weights have flat spectra, on which HOOI iterates for minutes.
+        run.policy.method = Some(Method::Hosvd);
         Ok(Self {
             profile: Profile::Smoke,
-            data,
-            weights: None,
-            num_classes: 10,
-            image_size: 32,
-            epochs: 2,
-            compressed_epochs: 2,
-            ratio: 0.2,
-            batch_size: 16,
-            eval_batch_size: 64,
-            device: Device::Cpu,
-            out: root.join("runs/notebook-smoke"),
-            seed: 0,
+            run,
             sweep_budgets: vec![0.5, 0.25],
             stage_budgets: vec![0.5, 0.25],
             short_epochs: 1,
-            // Random weights have flat spectra, on which HOOI iterates for minutes.
-            method: Some(Method::Hosvd),
         })
     }
 
-    /// Train and validation loaders (decoded once; later calls read the cache).
+    /// Train and validation loaders (decoded once; later calls read the cache); makes the
+    /// output folder.
     pub fn loaders(&self) -> Result<(Loader, Loader)> {
-        std::fs::create_dir_all(&self.out).map_err(|e| Error::file(&self.out, e))?;
-        let (train, val) = DataSource::detect(&self.data)?.load_both(StorageOptions::default())?;
-        let size = self.image_size;
-        Ok((
-            Loader::new(
-                &train,
-                self.batch_size,
-                Transform::Train { size },
-                self.device,
-                true,
-            )
-            .with_seed(self.seed),
-            Loader::new(
-                &val,
-                self.eval_batch_size,
-                Transform::Eval { size },
-                self.device,
-                true,
-            ),
-        ))
+        let out = &self.run.out;
+        std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
+        experiment::loaders(&self.run)
     }
 
     /// The starting model: the weights with a fresh `fc` for `num_classes`, as the seed.
     pub fn model(&self) -> Result<ResNet18> {
-        tch::manual_seed(self.seed as i64);
-        match &self.weights {
-            Some(w) => ResNet18::load(w, Some(self.num_classes), self.device),
-            None => Ok(ResNet18::new(self.num_classes, self.device)),
+        experiment::initial_model(&self.run)
+    }
+
+    /// A fine-tune of the notebook: no checkpoints (cells are re-run instead of resumed).
+    fn without_checkpoints(config: FineTuneConfig) -> FineTuneConfig {
+        FineTuneConfig {
+            checkpoint_dir: None,
+            resume: false,
+            ..config
         }
     }
 
     /// The seed's fine-tune of the original model: fc only.
     pub fn fine_tune_original(&self) -> FineTuneConfig {
-        FineTuneConfig {
-            epochs: self.epochs,
-            phase: "original".into(),
-            trainable: Trainable::Classifier,
-            ..Default::default()
-        }
+        Self::without_checkpoints(self.run.original_phase())
     }
 
-    /// The seed's fine-tune of the compressed model: Tucker factors and fc.
+    /// The seed's fine-tune of the compressed model: the factorised convs and fc.
     pub fn fine_tune_compressed(&self) -> FineTuneConfig {
-        FineTuneConfig {
-            epochs: self.compressed_epochs,
-            phase: "compressed".into(),
-            trainable: Trainable::TuckerAndClassifier,
-            ..Default::default()
+        Self::without_checkpoints(self.run.compressed_phase())
+    }
+
+    /// A short fine-tune (`short_epochs`) of the factorised convs and fc, named `phase`.
+    pub fn fine_tune_short(&self, phase: &str) -> FineTuneConfig {
+        let epochs = self.short_epochs;
+        Self::without_checkpoints(
+            self.run
+                .phase(phase, epochs, Trainable::TuckerAndClassifier),
+        )
+    }
+
+    /// The final fine-tune of the multi-stage model: as long as the seed's compressed model's.
+    pub fn fine_tune_multistage(&self) -> FineTuneConfig {
+        let epochs = self.run.compressed_epochs;
+        Self::without_checkpoints(self.run.phase(
+            "multi-stage",
+            epochs,
+            Trainable::TuckerAndClassifier,
+        ))
+    }
+
+    /// The seed's compression (`run.policy`, ratio 0.2 by default), costs counted at the
+    /// notebook's image size.
+    pub fn policy(&self) -> CompressionPolicy {
+        let size = self.run.image_size;
+        CompressionPolicy {
+            input_size: [size, size],
+            ..self.run.policy.clone()
         }
     }
 
     /// A budget of `fraction` of the dense model's conv MACs at the notebook's image size.
     pub fn budget_policy(&self, fraction: f64) -> Result<CompressionPolicy> {
-        Ok(CompressionPolicy {
-            ranks: RankPolicy::parse(&format!("budget-macs:{fraction}"))?,
-            input_size: [self.image_size, self.image_size],
-            method: self.method,
-            round_to: None,
-        })
+        let budget = RankPolicy::BudgetMacs(Fraction::new("budget-macs", fraction)?);
+        Ok(self.policy().with_ranks(budget))
     }
 
     /// The sweep's policies, one per entry of `sweep_budgets`.
@@ -263,22 +261,26 @@ impl NotebookConfig {
             .collect()
     }
 
-    /// A short fine-tune (`short_epochs`) of the factorised convs and fc, named `phase`.
-    pub fn fine_tune_short(&self, phase: &str) -> FineTuneConfig {
-        FineTuneConfig {
-            epochs: self.short_epochs,
-            phase: phase.into(),
-            ..self.fine_tune_compressed()
-        }
+    /// The multi-stage run's policies, one per entry of `stage_budgets`.
+    pub fn stage_policies(&self) -> Result<Vec<CompressionPolicy>> {
+        self.stage_budgets
+            .iter()
+            .map(|&b| self.budget_policy(b))
+            .collect()
     }
 
-    pub fn policy(&self) -> Result<CompressionPolicy> {
-        Ok(CompressionPolicy {
-            ranks: RankPolicy::ratio(self.ratio)?,
-            input_size: [self.image_size, self.image_size],
-            ..Default::default()
-        })
+    /// A path in the output folder.
+    pub fn out(&self, file: &str) -> PathBuf {
+        self.run.out.join(file)
     }
+}
+
+/// A copy of `model` with every BN after a factorised conv folded into it (for inference), and
+/// a label saying how many were folded.
+pub fn folded_copy(model: &ResNet18) -> (ResNet18, String) {
+    let mut folded = model.deep_copy();
+    let names = folded.fold_batch_norms();
+    (folded, format!("{} BNs folded", names.len()))
 }
 
 /// One model's line in the closing summary.
@@ -329,7 +331,7 @@ pub fn summarize(
 }
 
 /// The closing table: one row per model, ratios against the first.
-pub fn summary_table(rows: &[ModelSummary]) -> Html {
+pub fn summary_table(rows: &[&ModelSummary]) -> Html {
     let base = rows.first();
     let ratio = |a: f64, b: Option<f64>| b.map_or(String::new(), |b| format!(" ({:.2}×)", a / b));
     let body: Vec<Vec<String>> = rows

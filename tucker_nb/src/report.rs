@@ -59,15 +59,6 @@ impl LayerReport {
     }
 }
 
-/// A CSV field, quoted when it holds a comma or quote.
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
 /// The report of one `compress_model` call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompressionReport {
@@ -111,7 +102,7 @@ impl CompressionReport {
                 l.macs_before,
                 l.macs_after,
                 l.rel_error,
-                csv_field(&l.note)
+                io::csv_field(&l.note)
             );
         }
         s

@@ -3,10 +3,12 @@
 //! model), with conv MACs, parameters, reconstruction errors and accuracy, and which rows lie on
 //! the accuracy-vs-MACs Pareto front ([`crate::plots::pareto_chart`] draws it).
 
-use polars::prelude::{Column, DataFrame};
+use polars::prelude::DataFrame;
 
-use crate::compressor::{compress_model, CompressionPolicy};
+use crate::compress::compress_model;
+use crate::compress::policy::CompressionPolicy;
 use crate::error::Result;
+use crate::frame::{column, from_columns};
 use crate::loader::Loader;
 use crate::model::ResNet18;
 use crate::train::{evaluate, fine_tune_rows, FineTuneConfig, Trainable};
@@ -125,8 +127,6 @@ pub fn pareto_front(points: &[(i64, f64)]) -> Vec<bool> {
 
 /// The points as a DataFrame with [`SWEEP_COLUMNS`].
 pub fn sweep_frame(points: &[SweepPoint]) -> DataFrame {
-    let f = |get: fn(&SweepPoint) -> f64| points.iter().map(get).collect::<Vec<f64>>();
-    let i = |get: fn(&SweepPoint) -> i64| points.iter().map(get).collect::<Vec<i64>>();
     let front = pareto_front(
         &points
             .iter()
@@ -134,22 +134,19 @@ pub fn sweep_frame(points: &[SweepPoint]) -> DataFrame {
             .collect::<Vec<_>>(),
     );
     let columns = vec![
-        Column::new(
-            "policy".into(),
-            points.iter().map(|p| p.policy.clone()).collect::<Vec<_>>(),
-        ),
-        Column::new("conv_macs".into(), i(|p| p.conv_macs)),
-        Column::new("macs_ratio".into(), f(|p| p.macs_ratio)),
-        Column::new("params".into(), i(|p| p.params)),
-        Column::new("params_ratio".into(), f(|p| p.params_ratio)),
-        Column::new("mean_rel_error".into(), f(|p| p.mean_rel_error)),
-        Column::new("worst_rel_error".into(), f(|p| p.worst_rel_error)),
-        Column::new("top1_compressed".into(), f(|p| p.top1_compressed)),
-        Column::new("top1".into(), f(|p| p.top1)),
-        Column::new("top5".into(), f(|p| p.top5)),
-        Column::new("pareto".into(), front),
+        column("policy", points, |p| p.policy.clone()),
+        column("conv_macs", points, |p| p.conv_macs),
+        column("macs_ratio", points, |p| p.macs_ratio),
+        column("params", points, |p| p.params),
+        column("params_ratio", points, |p| p.params_ratio),
+        column("mean_rel_error", points, |p| p.mean_rel_error),
+        column("worst_rel_error", points, |p| p.worst_rel_error),
+        column("top1_compressed", points, |p| p.top1_compressed),
+        column("top1", points, |p| p.top1),
+        column("top5", points, |p| p.top5),
+        column("pareto", &front, |&on| on),
     ];
-    DataFrame::new(points.len(), columns).expect("columns of equal length")
+    from_columns(points.len(), columns)
 }
 
 #[cfg(test)]

@@ -36,12 +36,13 @@ impl Default for SyntheticSpec {
 }
 
 /// Output layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SyntheticFormat {
     /// `root/{train,val}/class_NNN/NNNNN.png`, the seed's layout.
     ImageFolder,
     /// `root/{train,test}.bin` + `fine_label_names.txt`, as the CIFAR-100 binary release
     /// (32 px only; labels below 100).
+    #[value(name = "cifar100")]
     Cifar100Binary,
 }
 

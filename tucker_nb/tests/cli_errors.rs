@@ -130,7 +130,7 @@ fn bad_values_name_the_value() {
     );
     fails(
         &["--weights", w, "--policy", "vbmf", "--method", "als"],
-        &["invalid method", "`als`"],
+        &["--method", "'als'", "possible values: hosvd, hooi"],
     );
 }
 
@@ -151,7 +151,7 @@ fn bad_weight_files_name_the_file() {
         &["truncated.pth", "truncated or corrupt"],
     );
 
-    let mut tensors = tucker_nb::io::read_state_dict(weights()).unwrap();
+    let mut tensors = tucker_nb::read_state_dict(weights()).unwrap();
     tensors.retain(|(name, _)| name != "layer3.1.bn2.running_var");
     let no_key = dir.path().join("no-key.safetensors");
     Tensor::write_safetensors(&tensors, &no_key).unwrap();
@@ -160,7 +160,7 @@ fn bad_weight_files_name_the_file() {
         &["no-key.safetensors", "`layer3.1.bn2.running_var`"],
     );
 
-    let mut tensors = tucker_nb::io::read_state_dict(weights()).unwrap();
+    let mut tensors = tucker_nb::read_state_dict(weights()).unwrap();
     for (name, t) in tensors.iter_mut() {
         if name == "layer2.0.conv1.weight" {
             *t = Tensor::zeros([128, 64, 5, 5], (tch::Kind::Float, tch::Device::Cpu));

@@ -5,11 +5,11 @@ mod common;
 
 use common::*;
 use tch::{Device, Kind, Tensor};
-use tucker_nb::compressor::{mode_products, tucker2, tucker2_hooi};
+use tucker_nb::compress::decompose::{mode_products, tucker2, tucker2_hooi, Tucker2Factors};
 
 /// ‖W − S ×0 U0 ×1 U1‖ / ‖W‖.
-fn fit_error(w: &Tensor, (u0, core, u1): (Tensor, Tensor, Tensor)) -> f64 {
-    rel_err(&mode_products(&core, &u0, &u1), w)
+fn fit_error(w: &Tensor, f: Tucker2Factors) -> f64 {
+    rel_err(&mode_products(&f.core, &f.u0, &f.u1), w)
 }
 
 #[test]
@@ -73,7 +73,7 @@ fn conv_ratio(report: &tucker_nb::CompressionReport, macs: bool) -> f64 {
 
 #[test]
 fn budgets_reach_their_target_within_two_percent() {
-    use tucker_nb::compressor::Method;
+    use tucker_nb::Method;
     use tucker_nb::{compress_model, CompressionPolicy, RankPolicy, ResNet18};
     tucker_nb::runtime::init();
     for (spec, macs, target) in [
@@ -86,7 +86,7 @@ fn budgets_reach_their_target_within_two_percent() {
             tch::manual_seed(4);
             let mut model = ResNet18::new(100, Device::Cpu);
             let policy = CompressionPolicy {
-                ranks: RankPolicy::parse(spec).unwrap(),
+                ranks: spec.parse::<RankPolicy>().unwrap(),
                 method: Some(Method::Hosvd),
                 round_to,
                 ..Default::default()
@@ -153,7 +153,7 @@ fn energy_and_vbmf_policies_choose_ranks_from_the_weights() {
     assert!(line.rel_error < 0.01);
     let energy = compress_model(
         &mut model.deep_copy(),
-        &CompressionPolicy::new(RankPolicy::Energy(0.999)),
+        &CompressionPolicy::new("energy:0.999".parse::<RankPolicy>().unwrap()),
     )
     .unwrap();
     let line = energy
@@ -197,7 +197,7 @@ fn data_driven_policies_factorise_pointwise_convs_as_two_layer_svds() {
     });
     let report = compress_model(
         &mut model,
-        &CompressionPolicy::new(RankPolicy::parse("budget-macs:0.33").unwrap()),
+        &CompressionPolicy::new("budget-macs:0.33".parse::<RankPolicy>().unwrap()),
     )
     .unwrap();
     let downsample: Vec<_> = report
@@ -267,8 +267,8 @@ fn a_second_stage_compresses_further_to_its_budget_of_the_dense_model() {
     let mut model = ResNet18::new(10, Device::Cpu);
     let dense_macs = model.conv_macs([224, 224]);
     let policy = |spec: &str| CompressionPolicy {
-        ranks: RankPolicy::parse(spec).unwrap(),
-        method: Some(tucker_nb::compressor::Method::Hosvd),
+        ranks: spec.parse::<RankPolicy>().unwrap(),
+        method: Some(tucker_nb::Method::Hosvd),
         ..Default::default()
     };
     compress_model(&mut model, &policy("budget-macs:0.5")).unwrap();
@@ -294,7 +294,7 @@ fn a_second_stage_compresses_further_to_its_budget_of_the_dense_model() {
             .find(|(n, _)| n == name)
             .unwrap()
             .1;
-        let err = tucker_nb::compressor::relative_error(kernel, &slot.dense_weight());
+        let err = tucker_nb::compress::decompose::relative_error(kernel, &slot.dense_weight());
         assert!(
             (err - line.rel_error).abs() < 1e-6,
             "{name}: {err} vs {}",
@@ -310,7 +310,7 @@ fn folding_batch_norms_keeps_eval_outputs_to_1e_5() {
     tch::manual_seed(8);
     let mut model = ResNet18::new(10, Device::Cpu);
     // Non-trivial BN statistics and affine parameters.
-    for (name, t) in model.named_tensors_mut() {
+    for (name, mut t) in model.named_tensors() {
         let (lo, hi) = match name.rsplit('.').next().unwrap() {
             "running_var" => (0.5, 2.0),
             "running_mean" | "bias" if !name.contains("conv") && !name.starts_with("fc") => {
@@ -325,7 +325,7 @@ fn folding_batch_norms_keeps_eval_outputs_to_1e_5() {
     }
     compress_model(
         &mut model,
-        &CompressionPolicy::new(RankPolicy::parse("budget-macs:0.4").unwrap()),
+        &CompressionPolicy::new("budget-macs:0.4".parse::<RankPolicy>().unwrap()),
     )
     .unwrap();
     let x = Tensor::randn([4, 3, 64, 64], (Kind::Float, Device::Cpu));

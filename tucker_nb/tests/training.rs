@@ -11,10 +11,7 @@ use common::*;
 use tch::Device;
 use tucker_nb::synthetic::{self, SyntheticFormat, SyntheticSpec};
 use tucker_nb::train::{fine_tune_rows, METRICS_COLUMNS};
-use tucker_nb::{
-    evaluate, fine_tune, DataSource, FineTuneConfig, Loader, ResNet18, StorageOptions, Trainable,
-    Transform,
-};
+use tucker_nb::{evaluate, fine_tune, FineTuneConfig, Loader, ResNet18, RunConfig, Trainable};
 
 fn dataset(dir: &Path, classes: usize, train: usize) -> PathBuf {
     let root = dir.join("data");
@@ -30,21 +27,13 @@ fn dataset(dir: &Path, classes: usize, train: usize) -> PathBuf {
 }
 
 fn loaders(root: &Path, batch: usize) -> (Loader, Loader) {
-    let (train, val) = DataSource::detect(root)
-        .unwrap()
-        .load_both(StorageOptions::default())
-        .unwrap();
-    (
-        Loader::new(
-            &train,
-            batch,
-            Transform::Train { size: 32 },
-            Device::Cpu,
-            true,
-        )
-        .with_seed(3),
-        Loader::new(&val, 64, Transform::Eval { size: 32 }, Device::Cpu, true),
-    )
+    let mut config = RunConfig::new(root, "", Device::Cpu);
+    config.num_classes = 10;
+    config.image_size = 32;
+    config.batch_size = batch;
+    config.eval_batch_size = 64;
+    config.seed = 3;
+    tucker_nb::experiment::loaders(&config).unwrap()
 }
 
 #[test]
@@ -182,12 +171,7 @@ fn a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
         dir.path().join("resumed"),
     );
 
-    let uninterrupted = tucker_nb(&run_args(data, path_str(&full)));
-    assert!(
-        uninterrupted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&uninterrupted.stderr)
-    );
+    tucker_nb_ok(&run_args(data, path_str(&full)));
 
     // Kill the second run as soon as epoch 1's checkpoint is written, i.e. inside epoch 2.
     let mut child = Command::new(env!("CARGO_BIN_EXE_tucker-nb"))
@@ -217,12 +201,7 @@ fn a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
 
     let mut args = run_args(data, path_str(&resumed));
     args.push("--resume");
-    let finished = tucker_nb(&args);
-    assert!(
-        finished.status.success(),
-        "{}",
-        String::from_utf8_lossy(&finished.stderr)
-    );
+    let finished = tucker_nb_ok(&args);
     assert!(String::from_utf8_lossy(&finished.stderr).contains("resuming original"));
 
     // Same weights, and the same metrics but for the wall-clock columns.
@@ -267,14 +246,8 @@ fn a_multi_stage_run_compresses_further_after_a_short_fine_tune() {
         "--method",
         "hosvd",
     ]);
-    let run = tucker_nb(&args);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    tucker_nb_ok(&args);
+    let summary = read_json(&out.join("summary.json"));
     let macs = |v: &serde_json::Value| v["conv_macs"].as_f64().unwrap();
     let dense = macs(&summary["original"]);
     let first = macs(&summary["compressed"]) / dense;
@@ -283,13 +256,11 @@ fn a_multi_stage_run_compresses_further_after_a_short_fine_tune() {
     assert!((second / 0.25 - 1.0).abs() <= 0.02, "stage 2 at {second}");
     assert_eq!(macs(&summary["fine_tuned"]), macs(&summary["stages"][0]));
     assert!(out.join("layers-stage2.csv").is_file());
-    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
-    let phases: Vec<&str> = metrics
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').next().unwrap())
-        .collect();
-    assert_eq!(phases, ["original", "stage1", "compressed"]);
+    let metrics = Csv::read(&out.join("metrics.csv"));
+    assert_eq!(
+        metrics.column("phase"),
+        ["original", "stage1", "compressed"]
+    );
 
     let bad = tucker_nb(&[
         "run",
@@ -314,7 +285,7 @@ fn a_multi_stage_run_compresses_further_after_a_short_fine_tune() {
 #[test]
 fn a_budget_sweep_gives_one_row_per_policy_and_leaves_the_model_alone() {
     use tucker_nb::sweep::{sweep, SWEEP_COLUMNS};
-    use tucker_nb::{CompressionPolicy, RankPolicy};
+    use tucker_nb::{CompressionPolicy, Fraction, RankPolicy};
     tucker_nb::runtime::init();
     tch::manual_seed(1);
     let dir = tempfile::tempdir().unwrap();
@@ -328,9 +299,9 @@ fn a_budget_sweep_gives_one_row_per_policy_and_leaves_the_model_alone() {
     let policies: Vec<CompressionPolicy> = [0.5, 0.25]
         .iter()
         .map(|b| CompressionPolicy {
-            ranks: RankPolicy::BudgetMacs(*b),
+            ranks: RankPolicy::BudgetMacs(Fraction::new("budget", *b).unwrap()),
             input_size: [32, 32],
-            method: Some(tucker_nb::compressor::Method::Hosvd),
+            method: Some(tucker_nb::Method::Hosvd),
             round_to: None,
         })
         .collect();
@@ -412,12 +383,7 @@ fn the_sweep_command_writes_its_table_and_chart() {
     );
     assert!(!out.join("sweep.csv").exists());
 
-    let run = tucker_nb(&[&common[..], &["--policies", "budget-macs:0.5"]].concat());
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    tucker_nb_ok(&[&common[..], &["--policies", "budget-macs:0.5"]].concat());
     let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines[0], tucker_nb::sweep::SWEEP_COLUMNS.join(","));

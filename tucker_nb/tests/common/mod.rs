@@ -50,6 +50,69 @@ pub fn tucker_nb(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs the `tucker-nb` binary and asserts it succeeded, showing its stderr if not.
+pub fn tucker_nb_ok(args: &[&str]) -> Output {
+    let run = tucker_nb(args);
+    assert!(
+        run.status.success(),
+        "tucker-nb {args:?} failed:\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    run
+}
+
+/// Runs the `tucker-nb` binary, asserts it failed, and returns its stderr.
+pub fn tucker_nb_err(args: &[&str]) -> String {
+    let run = tucker_nb(args);
+    assert!(!run.status.success(), "tucker-nb {args:?} succeeded");
+    String::from_utf8_lossy(&run.stderr).into_owned()
+}
+
+/// A CSV file our commands write (no quoted commas in the columns read here): header and rows.
+pub struct Csv {
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Csv {
+    pub fn read(path: &Path) -> Self {
+        let text =
+            std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mut lines = text
+            .lines()
+            .map(|l| l.split(',').map(String::from).collect());
+        let header = lines.next().unwrap_or_default();
+        Csv {
+            header,
+            rows: lines.collect(),
+        }
+    }
+
+    /// The cells of column `name`, in row order.
+    pub fn column(&self, name: &str) -> Vec<&str> {
+        let i = self
+            .header
+            .iter()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("no column {name} in {:?}", self.header));
+        self.rows.iter().map(|r| r[i].as_str()).collect()
+    }
+
+    /// The sum of an integer column.
+    pub fn total(&self, name: &str) -> i64 {
+        self.column(name)
+            .iter()
+            .map(|v| v.parse::<i64>().unwrap())
+            .sum()
+    }
+}
+
+/// A JSON file our commands write.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
 pub fn read(path: &Path) -> HashMap<String, Tensor> {
     Tensor::read_safetensors(path)
         .unwrap()

@@ -2,24 +2,6 @@
 //! values) and EVBMF (Nakajima et al.'s analytic empirical variational Bayesian matrix
 //! factorisation, as Kim et al. 2016 use for Tucker-2 ranks).
 
-use tch::{Device, Kind, Tensor};
-
-/// Singular values of `m` (rows × cols), descending, in f64.
-pub fn singular_values(m: &Tensor) -> Vec<f64> {
-    let m = m.detach().to_device(Device::Cpu).to_kind(Kind::Double);
-    let (_, s, _) = m.svd(true, false);
-    Vec::<f64>::try_from(s).expect("1-D")
-}
-
-/// The (mode-0, mode-1) unfoldings of a conv kernel C_out × C_in × kh × kw.
-pub fn unfoldings(weight: &Tensor) -> (Tensor, Tensor) {
-    let s = weight.size();
-    (
-        weight.reshape([s[0], -1]),
-        weight.transpose(0, 1).reshape([s[1], -1]),
-    )
-}
-
 /// The smallest rank whose leading squared singular values hold `fraction` of the total.
 pub fn energy_rank(singular: &[f64], fraction: f64) -> usize {
     let total: f64 = singular.iter().map(|s| s * s).sum();
@@ -130,6 +112,8 @@ pub fn evbmf_rank(rows: usize, cols: usize, singular: &[f64], frobenius2: f64) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::decompose::singular_values;
+    use tch::{Device, Kind, Tensor};
 
     fn planted(rows: i64, cols: i64, rank: i64, noise: f64, seed: i64) -> Tensor {
         tch::manual_seed(seed);

@@ -1,0 +1,218 @@
+//! One budget for the whole model (`budget-macs:F`, `budget-params:F`): minimise Σ relative squared
+//! errors subject to total cost ≤ F × the dense model's cost, by a Lagrangian search: for a price λ
+//! each layer independently takes the option (as it is, or a factorisation on a rank grid)
+//! minimising error + λ·cost, and λ is bisected to meet the budget; a greedy fill then spends what
+//! the Lagrangian choice leaves.
+//!
+//! Sensitivity: errors are weighted equally *as relative errors*. Every conv here feeds a BN,
+//! which rescales its output per channel, so what the next layer sees is the conv's relative
+//! error; their effects on the logits add up roughly independently along the residual stream.
+
+use std::collections::BTreeMap;
+
+use crate::compress::plan::{LayerFacts, LayerPlan};
+use crate::conv::Form;
+
+/// What a budget counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cost {
+    Macs,
+    Params,
+}
+
+/// One candidate for a layer under a budget: (form, or `None` to keep the slot as it is; cost;
+/// relative squared error).
+type BudgetOption = (Option<Form>, i64, f64);
+
+/// The rank grid of a mode of size `dim`: every multiple of `round_to`, else about 64 evenly
+/// spaced ranks starting at 1.
+fn rank_grid(dim: i64, round_to: Option<i64>) -> Vec<i64> {
+    let rounded = round_to.filter(|&m| m > 1);
+    let step = rounded.unwrap_or((dim / 64).max(1));
+    let mut g: Vec<i64> = (1..=dim / step).map(|k| k * step).collect();
+    if (step > 1 && rounded.is_none()) || g.is_empty() {
+        g.insert(0, 1); // the smallest rank, unless ranks must be multiples
+    }
+    if g.last() != Some(&dim) && rounded.is_some() {
+        g.push(dim);
+    }
+    g
+}
+
+impl LayerFacts {
+    fn cost(&self, by: Cost, form: Form) -> i64 {
+        match by {
+            Cost::Macs => self.macs(form),
+            Cost::Params => self.params(form),
+        }
+    }
+
+    fn current_cost(&self, by: Cost) -> i64 {
+        match by {
+            Cost::Macs => self.current.0,
+            Cost::Params => self.current.1,
+        }
+    }
+
+    /// Keeping the slot as it is, then every factorisation on the rank grid that costs less.
+    fn budget_options(&self, by: Cost, round_to: Option<i64>) -> Vec<BudgetOption> {
+        let [c_out, c_in, _, _] = self.shape();
+        let forms: Vec<Form> = if self.takes_svd() {
+            rank_grid(c_out.min(c_in), round_to)
+                .into_iter()
+                .map(|rank| self.form(rank, 0))
+                .collect()
+        } else {
+            let r_ins = if self.reads_image() {
+                vec![c_in]
+            } else {
+                rank_grid(c_in, round_to)
+            };
+            rank_grid(c_out, round_to)
+                .into_iter()
+                .flat_map(|r_out| r_ins.iter().map(move |&r_in| (r_out, r_in)))
+                .map(|(r_out, r_in)| self.form(r_out, r_in))
+                .collect()
+        };
+        let current = self.current_cost(by);
+        let mut options = vec![(None, current, 0.0)];
+        options.extend(
+            forms
+                .into_iter()
+                .map(|form| (Some(form), self.cost(by, form), self.error(form)))
+                .filter(|&(_, cost, _)| cost < current),
+        );
+        options
+    }
+}
+
+/// For each layer, the option minimising error + λ·cost/total.
+fn choose(options: &[Vec<BudgetOption>], lambda: f64, total: i64) -> Vec<usize> {
+    options
+        .iter()
+        .map(|opts| {
+            let score = |o: &BudgetOption| o.2 + lambda * o.1 as f64 / total as f64;
+            (0..opts.len())
+                .min_by(|&a, &b| score(&opts[a]).total_cmp(&score(&opts[b])))
+                .expect("every layer has the option to stay as it is")
+        })
+        .collect()
+}
+
+fn cost_of(options: &[Vec<BudgetOption>], choice: &[usize]) -> i64 {
+    choice.iter().zip(options).map(|(&i, o)| o[i].1).sum()
+}
+
+/// The plan meeting `target` × the dense model's cost, by price search and greedy fill.
+pub fn plan_budget(
+    facts: &[LayerFacts],
+    target: f64,
+    by: Cost,
+    round_to: Option<i64>,
+) -> BTreeMap<String, LayerPlan> {
+    let total: i64 = facts.iter().map(|f| f.cost(by, Form::Dense)).sum();
+    let options: Vec<Vec<BudgetOption>> = facts
+        .iter()
+        .map(|f| f.budget_options(by, round_to))
+        .collect();
+    let budget = (target * total as f64) as i64;
+    // Bisect log λ: a higher price buys cheaper layers.
+    let (mut lo, mut hi) = (1e-9f64.ln(), 1e9f64.ln());
+    for _ in 0..100 {
+        let mid = (lo + hi) / 2.0;
+        if cost_of(&options, &choose(&options, mid.exp(), total)) <= budget {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let mut choice = choose(&options, hi.exp(), total);
+    fill_budget(&options, &mut choice, budget);
+    let achieved = cost_of(&options, &choice) as f64 / total as f64;
+    let what = match by {
+        Cost::Macs => "MACs",
+        Cost::Params => "params",
+    };
+    facts
+        .iter()
+        .zip(&options)
+        .zip(&choice)
+        .map(|((f, opts), &i)| {
+            let (form, _, err) = opts[i];
+            let head =
+                format!("budget {what} {target:.3}: model at {achieved:.3}; error bound {err:.4}");
+            let note = f.budget_note(form, head);
+            (f.name.clone(), LayerPlan { form, note })
+        })
+        .collect()
+}
+
+/// Spends what the Lagrangian choice leaves of the budget. Its choices are the lower convex hull
+/// of each layer's error-vs-cost options, so where errors fall about linearly with cost (flat
+/// spectra) it can stop well short of the target. Greedily, take the upgrade (a dearer option
+/// of one layer) with the largest error reduction per unit of cost that still fits, until none
+/// does.
+fn fill_budget(options: &[Vec<BudgetOption>], choice: &mut [usize], budget: i64) {
+    let mut spent = cost_of(options, choice);
+    // A layer's best upgrade within `room`: (option, error reduction per unit of cost).
+    let best_upgrade = |layer: usize, current: usize, room: i64| -> Option<(usize, f64)> {
+        let (_, cost, error) = options[layer][current];
+        options[layer]
+            .iter()
+            .enumerate()
+            .filter(|(_, &(_, c, e))| c > cost && c - cost <= room && e < error)
+            .map(|(i, &(_, c, e))| (i, (error - e) / (c - cost) as f64))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    };
+    // Cached per layer; the room only shrinks, so a cached upgrade that still fits is still the
+    // layer's best, and one that no longer fits is recomputed.
+    let mut cached: Vec<Option<(usize, f64)>> = (0..options.len())
+        .map(|l| best_upgrade(l, choice[l], budget - spent))
+        .collect();
+    while let Some((layer, (i, _))) = cached
+        .iter()
+        .enumerate()
+        .filter_map(|(l, c)| c.map(|c| (l, c)))
+        .max_by(|a, b| a.1 .1.total_cmp(&b.1 .1))
+    {
+        let extra = options[layer][i].1 - options[layer][choice[layer]].1;
+        if spent + extra > budget {
+            cached[layer] = best_upgrade(layer, choice[layer], budget - spent);
+            continue;
+        }
+        spent += extra;
+        choice[layer] = i;
+        cached[layer] = best_upgrade(layer, i, budget - spent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_grids_start_at_one_or_the_multiple_and_end_at_the_dimension() {
+        assert_eq!(rank_grid(4, None), vec![1, 2, 3, 4]);
+        let g = rank_grid(512, None);
+        assert_eq!((g[0], *g.last().unwrap(), g.len()), (1, 512, 65));
+        assert_eq!(rank_grid(20, Some(8)), vec![8, 16, 20]);
+        assert_eq!(rank_grid(3, Some(8)), vec![1, 3]);
+    }
+
+    #[test]
+    fn the_greedy_fill_spends_what_fits_by_error_reduction_per_cost() {
+        let options = vec![
+            vec![(None, 10, 0.0), (Some(Form::Svd { rank: 1 }), 2, 0.5)],
+            vec![
+                (None, 10, 0.0),
+                (Some(Form::Svd { rank: 1 }), 2, 0.9),
+                (Some(Form::Svd { rank: 2 }), 4, 0.1),
+            ],
+        ];
+        let mut choice = vec![1, 1];
+        fill_budget(&options, &mut choice, 7);
+        // Layer 1's upgrade (0.8 less error for 2) fits; layer 0's (8 more) does not.
+        assert_eq!(choice, vec![1, 2]);
+        assert_eq!(cost_of(&options, &choice), 6);
+    }
+}

@@ -1,0 +1,253 @@
+//! Compression of a model's convolutions (the seed's `TuckerCompressor`, without its bugs):
+//!
+//! - [`decompose`]: the math on plain tensors (HOSVD, HOOI, SVD, mode products, errors);
+//! - [`policy`]: rank policies, parsed and validated once;
+//! - [`plan`]: per-layer facts and choices of the rule-based and spectral policies;
+//! - [`budget`]: one budget for the whole model;
+//! - this module: [`plan_layers`] and [`compress_model`], which applies a plan in place.
+//!
+//! The conv becomes 1×1 (U1ᵀ) → kh×kw core (S, with the original stride, padding, dilation) → 1×1
+//! (U0, carrying the original bias, or zeros), or, for a 1×1 conv under a data-driven policy, two
+//! 1×1 layers (a truncated SVD).
+
+pub mod budget;
+pub mod decompose;
+pub mod plan;
+pub mod policy;
+pub(crate) mod spectra;
+
+use std::collections::BTreeMap;
+
+use crate::compress::budget::{plan_budget, Cost};
+use crate::compress::decompose::{fit_tucker2, relative_error, svd_factors, Method};
+use crate::compress::plan::{
+    check_ranks, plan_rule_based, plan_spectral, LayerFacts, LayerPlan, SlotAt,
+};
+use crate::compress::policy::{CompressionPolicy, RankPolicy};
+use crate::conv::{Conv2d, ConvSlot, Form, SvdConv, TuckerConv};
+use crate::error::{Error, Result};
+use crate::model::ResNet18;
+use crate::report::{CompressionReport, LayerReport};
+
+/// Decides every conv's factorisation. Rule-based policies (ratio, explicit) apply their rule to
+/// the dense convs, as Tucker-2 like the seed. Data-driven ones (energy, VBMF, budgets) read the
+/// singular values of the kernel each slot computes now, so they also compress an already
+/// factorised model further (multi-stage); they factorise 1×1 convs as two-layer SVDs, keep the
+/// RGB input of the stem, and leave a slot as it is when factorising would not cut its MACs.
+pub fn plan_layers(
+    model: &ResNet18,
+    policy: &CompressionPolicy,
+) -> Result<BTreeMap<String, LayerPlan>> {
+    policy.validate()?;
+    let sizes = model.conv_input_sizes(policy.input_size);
+    let slots: Vec<SlotAt> = model
+        .conv_slots()
+        .into_iter()
+        .map(|(name, slot)| {
+            let input = sizes[&name];
+            (name, slot, input)
+        })
+        .collect();
+    if let Some((name, slot, _)) = slots.iter().find(|s| s.1.config().groups != 1) {
+        return Err(Error::layer(
+            name.clone(),
+            format!(
+                "grouped convolution (groups = {}) cannot be Tucker-2 compressed",
+                slot.config().groups
+            ),
+        ));
+    }
+    if policy.ranks.is_rule_based() {
+        return plan_rule_based(&slots, &policy.ranks);
+    }
+    let facts: Vec<LayerFacts> = slots.iter().map(LayerFacts::new).collect();
+    Ok(match policy.ranks {
+        RankPolicy::BudgetMacs(target) => {
+            plan_budget(&facts, target.get(), Cost::Macs, policy.round_to)
+        }
+        RankPolicy::BudgetParams(target) => {
+            plan_budget(&facts, target.get(), Cost::Params, policy.round_to)
+        }
+        _ => plan_spectral(&facts, policy),
+    })
+}
+
+/// Factorises the dense conv `conv` into `form`: Tucker-2 fitted by `method`, or the truncated SVD
+/// of a 1×1 conv. The error names `layer` when the form does not fit the conv.
+pub fn factorise(layer: &str, conv: &Conv2d, form: Form, method: Method) -> Result<ConvSlot> {
+    let [c_out, c_in, kh, kw] = conv.geometry().shape;
+    if conv.config.groups != 1 {
+        return Err(Error::layer(
+            layer,
+            format!(
+                "grouped convolution (groups = {}) cannot be Tucker-2 compressed",
+                conv.config.groups
+            ),
+        ));
+    }
+    match form {
+        Form::Dense => Ok(ConvSlot::Dense(Conv2d {
+            weight: conv.weight.detach().copy(),
+            bias: conv.bias.as_ref().map(|b| b.detach().copy()),
+            config: conv.config,
+        })),
+        Form::Tucker2 { r_out, r_in } => {
+            check_ranks(layer, [c_out, c_in], (r_out, r_in))?;
+            let factors = fit_tucker2(&conv.weight, (r_out, r_in), method);
+            Ok(ConvSlot::Tucker(TuckerConv::from_factors(&factors, conv)))
+        }
+        Form::Svd { rank } => {
+            if [kh, kw] != [1, 1] {
+                return Err(Error::layer(
+                    layer,
+                    format!("an SVD factorisation needs a 1×1 conv, not {kh}×{kw}"),
+                ));
+            }
+            let max = c_out.min(c_in);
+            if rank < 1 || rank > max {
+                return Err(Error::layer(
+                    layer,
+                    format!("rank = {rank} is outside 1..={max} for a {c_out}×{c_in} 1×1 conv"),
+                ));
+            }
+            let (first, last) = svd_factors(&conv.weight.reshape([c_out, c_in]), rank);
+            Ok(ConvSlot::Svd(SvdConv::from_factors(&first, &last, conv)))
+        }
+    }
+}
+
+/// Factorises the convs that `policy` selects, in place, and reports every conv (changed or
+/// not). A slot already factorised (by an earlier stage) is refactorised from the kernel it
+/// computes now, its error measured against that kernel. All ranks are decided and checked
+/// before anything changes, so an error leaves the model as it was.
+pub fn compress_model(
+    model: &mut ResNet18,
+    policy: &CompressionPolicy,
+) -> Result<CompressionReport> {
+    let sizes = model.conv_input_sizes(policy.input_size);
+    let mut plan = plan_layers(model, policy)?;
+    let method = policy.method();
+    let mut layers = Vec::new();
+    for unit in model.units_mut() {
+        let (name, slot) = (unit.conv_name, unit.conv);
+        let input = sizes[&name];
+        let (macs_before, _) = slot.macs(input);
+        let params_before = slot.num_params();
+        let layer_plan = plan.remove(&name);
+        let mut rel_error = 0.0;
+        if let Some(form) = layer_plan.as_ref().and_then(|p| p.form) {
+            let original = slot.to_dense();
+            let new_slot = factorise(&name, &original, form, method)?;
+            rel_error = relative_error(&original.weight, &new_slot.dense_weight());
+            *slot = new_slot;
+        }
+        let mut line = LayerReport::new(&name, slot, input, params_before, macs_before, rel_error);
+        line.note = layer_plan.map(|p| p.note).unwrap_or_default();
+        layers.push(line);
+    }
+    Ok(CompressionReport {
+        layers,
+        input_size: policy.input_size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::ConvConfig;
+    use tch::{Device, Kind, Tensor};
+
+    fn conv(c_out: i64, c_in: i64, k: i64, bias: bool) -> Conv2d {
+        tch::manual_seed(0);
+        Conv2d {
+            weight: Tensor::randn([c_out, c_in, k, k], (Kind::Float, Device::Cpu)),
+            bias: bias.then(|| Tensor::randn([c_out], (Kind::Float, Device::Cpu))),
+            config: ConvConfig::new(2, k / 2),
+        }
+    }
+
+    fn tucker(dense: &Conv2d, r_out: i64, r_in: i64) -> Result<ConvSlot> {
+        factorise("t", dense, Form::Tucker2 { r_out, r_in }, Method::Hosvd)
+    }
+
+    #[test]
+    fn full_rank_tucker_layer_computes_the_same_convolution() {
+        for (c_out, c_in, k) in [(16, 8, 3), (32, 8, 1), (8, 3, 7)] {
+            let dense = conv(c_out, c_in, k, true);
+            let slot = tucker(&dense, c_out, c_in).unwrap();
+            let x = Tensor::randn([2, c_in, 11, 11], (Kind::Float, Device::Cpu));
+            let err = relative_error(&dense.forward(&x), &slot.forward(&x));
+            assert!(err < 1e-5, "{c_out}x{c_in}x{k}: {err}");
+        }
+    }
+
+    #[test]
+    fn bias_is_the_original_or_zero_never_random() {
+        let with = conv(8, 8, 3, true);
+        let slot = tucker(&with, 4, 4).unwrap();
+        let ConvSlot::Tucker(t) = &slot else {
+            panic!("not Tucker-2")
+        };
+        assert_eq!(t.last.bias.as_ref().unwrap(), with.bias.as_ref().unwrap());
+        let without = conv(8, 8, 3, false);
+        let ConvSlot::Tucker(t) = tucker(&without, 4, 4).unwrap() else {
+            panic!("not Tucker-2")
+        };
+        let bias = t.last.bias.as_ref().unwrap();
+        assert_eq!(bias.abs().sum(Kind::Float).double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn bad_ranks_and_groups_name_the_layer() {
+        let dense = conv(8, 4, 3, false);
+        for (r_out, r_in) in [(0, 2), (9, 2), (2, 5)] {
+            let err = factorise(
+                "layer9.conv",
+                &dense,
+                Form::Tucker2 { r_out, r_in },
+                Method::Hosvd,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("layer9.conv") && err.contains("outside"),
+                "{err}"
+            );
+        }
+        let mut grouped = conv(8, 4, 3, false);
+        grouped.config.groups = 2;
+        grouped.weight = Tensor::randn([8, 2, 3, 3], (Kind::Float, Device::Cpu));
+        let err = tucker(&grouped, 2, 2).unwrap_err().to_string();
+        assert!(err.contains("layer t") && err.contains("grouped"), "{err}");
+    }
+
+    #[test]
+    fn full_rank_svd_layer_computes_the_same_strided_convolution() {
+        let mut dense = conv(12, 8, 1, true);
+        dense.config = ConvConfig::new(2, 0);
+        let svd = |rank| factorise("d", &dense, Form::Svd { rank }, Method::Hosvd);
+        let x = Tensor::randn([2, 8, 9, 9], (Kind::Float, Device::Cpu));
+        let err = relative_error(&dense.forward(&x), &svd(8).unwrap().forward(&x));
+        assert!(err < 1e-5, "{err}");
+        // Truncated, its error is exactly the discarded singular values'.
+        let w = dense.weight.reshape([12, 8]).to_kind(Kind::Double);
+        let (_, s, _) = w.svd(true, false);
+        let s2 = &s * &s;
+        let exact = (s2.narrow(0, 3, 5).sum(Kind::Double) / s2.sum(Kind::Double))
+            .sqrt()
+            .double_value(&[]);
+        let err = relative_error(&dense.weight, &svd(3).unwrap().dense_weight());
+        assert!((err - exact).abs() < 1e-6, "{err} vs {exact}");
+        for (bad, rank) in [(conv(8, 8, 3, false), 2), (conv(12, 8, 1, false), 9)] {
+            let err = factorise(
+                "layer3.0.downsample.0",
+                &bad,
+                Form::Svd { rank },
+                Method::Hosvd,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("layer3.0.downsample.0"), "{err}");
+        }
+    }
+}

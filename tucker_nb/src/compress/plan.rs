@@ -1,0 +1,292 @@
+//! Per-layer planning: what the planner knows of each conv ([`LayerFacts`]: shape, where it runs,
+//! the spectra of the kernel it computes now, what it costs now), the rules every policy shares
+//! (the RGB stem keeps its input; 1×1 convs become SVDs under data-driven policies; a layer is left
+//! as it is when factorising would not cut its MACs), and the choices of the rule-based (ratio,
+//! explicit) and spectral (energy, VBMF) policies. Budgets live in [`crate::compress::budget`].
+
+use std::collections::BTreeMap;
+
+use tch::Kind;
+
+use crate::compress::decompose::{singular_values, unfoldings};
+use crate::compress::policy::{CompressionPolicy, RankPolicy};
+use crate::compress::spectra::{energy_rank, evbmf_rank};
+use crate::conv::{ConvGeometry, ConvSlot, Form};
+use crate::error::{Error, Result};
+
+/// Convs reading at most this many channels (the image) keep their full input rank.
+const RGB: i64 = 3;
+const RGB_NOTE: &str = "RGB input kept at full rank";
+
+/// What the planner decided for one conv.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerPlan {
+    /// The factorisation to apply; `None`: the slot stays as it is (dense, or as factorised by an
+    /// earlier stage).
+    pub form: Option<Form>,
+    /// Why, when the decision is not simply the policy's rule.
+    pub note: String,
+}
+
+/// A conv slot as the planner sees it: its name, the slot, and its input resolution.
+pub type SlotAt<'a> = (String, &'a ConvSlot, [i64; 2]);
+
+/// The RGB-stem rule: whether a conv of dense shape `shape` reads the image.
+fn reads_image(shape: [i64; 4]) -> bool {
+    shape[1] <= RGB
+}
+
+/// The seed's ratio rule, `max(1, int(C · ratio))` per mode, except the RGB-stem rule.
+pub fn ratio_ranks(ratio: f64, shape: [i64; 4]) -> (i64, i64) {
+    let [c_out, c_in, _, _] = shape;
+    let rank = |c: i64| ((c as f64 * ratio) as i64).max(1);
+    let r_in = if reads_image(shape) { c_in } else { rank(c_in) };
+    (rank(c_out), r_in)
+}
+
+/// Checks explicit or computed ranks against a conv's channels; the error names the layer.
+pub fn check_ranks(layer: &str, [c_out, c_in]: [i64; 2], (r_out, r_in): (i64, i64)) -> Result<()> {
+    for (mode, rank, dim) in [("r_out", r_out, c_out), ("r_in", r_in, c_in)] {
+        if rank < 1 || rank > dim {
+            return Err(Error::layer(
+                layer,
+                format!("{mode} = {rank} is outside 1..={dim} for a {c_out}×{c_in} conv"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The rule-based policies (ratio, explicit ranks): Tucker-2 on the dense convs, like the seed;
+/// already factorised slots are left as they are.
+pub fn plan_rule_based(
+    slots: &[SlotAt],
+    policy: &RankPolicy,
+) -> Result<BTreeMap<String, LayerPlan>> {
+    if let RankPolicy::Explicit(ranks) = policy {
+        if let Some(unknown) = ranks.keys().find(|k| !slots.iter().any(|s| &s.0 == *k)) {
+            return Err(Error::layer(
+                unknown.clone(),
+                "no such conv layer in ResNet18",
+            ));
+        }
+    }
+    let mut plans = BTreeMap::new();
+    for (name, slot, _) in slots.iter().filter(|s| s.1.is_dense()) {
+        let shape = slot.dense_shape();
+        let (ranks, note) = match policy {
+            RankPolicy::Ratio(ratio) => {
+                let note = if reads_image(shape) { RGB_NOTE } else { "" };
+                (ratio_ranks(ratio.get(), shape), note)
+            }
+            RankPolicy::Explicit(ranks) => match ranks.get(name) {
+                Some(&r) => (r, ""),
+                None => continue,
+            },
+            _ => unreachable!("only rule-based policies are planned here"),
+        };
+        check_ranks(name, [shape[0], shape[1]], ranks)?;
+        let (r_out, r_in) = ranks;
+        let plan = LayerPlan {
+            form: Some(Form::Tucker2 { r_out, r_in }),
+            note: note.into(),
+        };
+        plans.insert(name.clone(), plan);
+    }
+    Ok(plans)
+}
+
+/// What planning needs to know of a conv slot: its shape, where it runs, the spectra of the
+/// kernel it computes now, and what it costs now.
+pub struct LayerFacts {
+    pub name: String,
+    pub geometry: ConvGeometry,
+    pub input: [i64; 2],
+    /// Singular values of the mode-0 and mode-1 unfoldings.
+    pub s0: Vec<f64>,
+    pub s1: Vec<f64>,
+    norm2: f64,
+    /// (MACs, params) of the slot as it is (dense, or factorised by an earlier stage).
+    pub current: (i64, i64),
+    is_dense: bool,
+}
+
+impl LayerFacts {
+    pub fn new((name, slot, input): &SlotAt) -> Self {
+        let weight = slot.dense_weight().detach();
+        let (by_output, by_input) = unfoldings(&weight);
+        Self {
+            name: name.clone(),
+            geometry: slot.geometry(),
+            input: *input,
+            s0: singular_values(&by_output),
+            s1: singular_values(&by_input),
+            norm2: weight.square().sum(Kind::Double).double_value(&[]),
+            current: (slot.macs(*input).0, slot.num_params()),
+            is_dense: slot.is_dense(),
+        }
+    }
+
+    pub fn shape(&self) -> [i64; 4] {
+        self.geometry.shape
+    }
+
+    /// How the report says a slot was not changed.
+    pub fn unchanged(&self) -> &'static str {
+        if self.is_dense {
+            "left dense"
+        } else {
+            "left as it is"
+        }
+    }
+
+    /// Whether the RGB-stem rule keeps this conv's input rank.
+    pub fn reads_image(&self) -> bool {
+        reads_image(self.shape())
+    }
+
+    /// Data-driven policies factorise 1×1 convs (except one reading the image) as two-layer SVDs.
+    pub fn takes_svd(&self) -> bool {
+        self.geometry.is_pointwise() && !self.reads_image()
+    }
+
+    /// The form for ranks a policy wants: an SVD of rank `r_out` when [`Self::takes_svd`], else
+    /// Tucker-2 with the RGB-stem rule applied to `r_in`.
+    pub fn form(&self, r_out: i64, r_in: i64) -> Form {
+        if self.takes_svd() {
+            Form::Svd { rank: r_out }
+        } else if self.reads_image() {
+            Form::Tucker2 {
+                r_out,
+                r_in: self.shape()[1],
+            }
+        } else {
+            Form::Tucker2 { r_out, r_in }
+        }
+    }
+
+    pub fn macs(&self, form: Form) -> i64 {
+        form.macs(&self.geometry, self.input).0
+    }
+
+    pub fn params(&self, form: Form) -> i64 {
+        form.params(self.shape())
+    }
+
+    /// The relative squared error of a factorisation of the current kernel: HOSVD's bound for
+    /// Tucker-2 (the discarded squared singular values of both unfoldings over ‖W‖²; HOOI only
+    /// does better), the exact error for the SVD of a 1×1 kernel (whose mode-0 unfolding is W).
+    pub fn error(&self, form: Form) -> f64 {
+        let tail = |s: &[f64], r: i64| s.iter().skip(r as usize).map(|v| v * v).sum::<f64>();
+        let discarded = match form {
+            Form::Dense => 0.0,
+            Form::Tucker2 { r_out, r_in } => tail(&self.s0, r_out) + tail(&self.s1, r_in),
+            Form::Svd { rank } => tail(&self.s0, rank),
+        };
+        discarded / self.norm2.max(f64::MIN_POSITIVE)
+    }
+
+    /// `form`, or the slot as it is (with a note saying why) when `form` would not cut its MACs.
+    pub fn unless_not_cheaper(&self, form: Form, mut notes: Vec<String>) -> LayerPlan {
+        if self.macs(form) >= self.current.0 {
+            let ranks = form.ranks().expect("a factorisation");
+            notes.push(format!(
+                "{}: {} at {ranks:?} would not cut its MACs",
+                self.unchanged(),
+                form.name()
+            ));
+            return LayerPlan {
+                form: None,
+                note: notes.join("; "),
+            };
+        }
+        if self.reads_image() && !self.takes_svd() {
+            notes.push(RGB_NOTE.into());
+        }
+        LayerPlan {
+            form: Some(form),
+            note: notes.join("; "),
+        }
+    }
+
+    /// The note of a budget choice: the price's outcome, and the RGB rule where it applied.
+    pub fn budget_note(&self, form: Option<Form>, head: String) -> String {
+        match form {
+            None => format!("{head}; {}: cheapest under this price", self.unchanged()),
+            Some(_) if self.reads_image() => format!("{head}; {RGB_NOTE}"),
+            Some(_) => head,
+        }
+    }
+}
+
+/// `r` rounded up to a multiple of `multiple` (when given), within 1..=dim.
+pub fn round_rank(r: i64, multiple: Option<i64>, dim: i64) -> i64 {
+    match multiple {
+        Some(m) if m > 1 => ((r + m - 1) / m * m).min(dim),
+        _ => r,
+    }
+    .clamp(1, dim)
+}
+
+/// The spectral policies (energy, VBMF): each mode's rank from its own singular values.
+pub fn plan_spectral(
+    facts: &[LayerFacts],
+    policy: &CompressionPolicy,
+) -> BTreeMap<String, LayerPlan> {
+    let round = |r: i64, dim: i64| round_rank(r, policy.round_to, dim);
+    let mut plans = BTreeMap::new();
+    for f in facts {
+        let [c_out, c_in, kh, kw] = f.shape();
+        let mut notes = Vec::new();
+        let mut pick = |s: &[f64], rows: i64, cols: i64, mode: &str| match policy.ranks {
+            RankPolicy::Energy(share) => energy_rank(s, share.get()) as i64,
+            _ => {
+                let r = evbmf_rank(rows as usize, cols as usize, s, f.norm2) as i64;
+                if r == 0 {
+                    notes.push(format!("VBMF found no signal in {mode}: kept rank 1"));
+                }
+                r.max(1)
+            }
+        };
+        let form = if f.takes_svd() {
+            f.form(round(pick(&f.s0, c_out, c_in, "rank"), c_out.min(c_in)), 0)
+        } else {
+            let r_out = round(pick(&f.s0, c_out, c_in * kh * kw, "r_out"), c_out);
+            let r_in = if f.reads_image() {
+                c_in
+            } else {
+                round(pick(&f.s1, c_in, c_out * kh * kw, "r_in"), c_in)
+            };
+            f.form(r_out, r_in)
+        };
+        plans.insert(f.name.clone(), f.unless_not_cheaper(form, notes));
+    }
+    plans
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratio_rule_is_the_seeds_except_for_the_rgb_input() {
+        assert_eq!(ratio_ranks(0.2, [64, 64, 3, 3]), (12, 12));
+        assert_eq!(ratio_ranks(0.2, [128, 64, 3, 3]), (25, 12));
+        assert_eq!(ratio_ranks(0.2, [512, 256, 1, 1]), (102, 51));
+        assert_eq!(ratio_ranks(0.2, [64, 3, 7, 7]), (12, 3));
+        assert_eq!(ratio_ranks(0.01, [64, 64, 3, 3]), (1, 1));
+    }
+
+    #[test]
+    fn bad_ranks_name_the_layer() {
+        for ranks in [(0, 2), (9, 2), (2, 5)] {
+            let err = check_ranks("layer9.conv", [8, 4], ranks)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("layer9.conv") && err.contains("outside"),
+                "{err}"
+            );
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! Tensors read from a file, consumed key by key as the model is built: each layer takes its own
+//! keys (checking shapes and dtypes); whatever is left at the end is an unexpected key.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use super::{BatchNorm, Linear, ParamPath};
+use crate::conv::{Conv2d, ConvGeometry, ConvSlot, SvdConv, TuckerConv};
+use crate::error::{Error, Result};
+
+pub(super) struct StateDict<'a> {
+    path: &'a Path,
+    device: Device,
+    tensors: BTreeMap<String, Tensor>,
+}
+
+fn key(layer: &str, tensor: impl std::fmt::Display) -> String {
+    ParamPath(layer.to_string()).join(tensor).0
+}
+
+impl<'a> StateDict<'a> {
+    pub(super) fn new(path: &'a Path, device: Device, tensors: Vec<(String, Tensor)>) -> Self {
+        Self {
+            path,
+            device,
+            tensors: tensors.into_iter().collect(),
+        }
+    }
+
+    fn shape_error(&self, key: &str, t: &Tensor, expected: String) -> Error {
+        Error::Shape {
+            path: self.path.to_path_buf(),
+            key: key.to_string(),
+            found: t.size(),
+            expected,
+        }
+    }
+
+    fn missing(&self, key: String) -> Error {
+        Error::MissingKey {
+            path: self.path.to_path_buf(),
+            key,
+        }
+    }
+
+    /// Removes `key`, checks its shape when given, and moves it to the device as f32.
+    fn take(&mut self, key: &str, shape: Option<&[i64]>) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .remove(key)
+            .ok_or_else(|| self.missing(key.to_string()))?;
+        if let Some(shape) = shape {
+            if t.size() != shape {
+                return Err(self.shape_error(key, &t, format!("{shape:?}")));
+            }
+        }
+        if !t.is_floating_point() {
+            return Err(Error::file(
+                self.path,
+                format!("tensor `{key}` is {:?}, expected floating point", t.kind()),
+            ));
+        }
+        Ok(t.to_kind(Kind::Float).to_device(self.device))
+    }
+
+    fn take_optional(&mut self, key: &str, shape: &[i64]) -> Result<Option<Tensor>> {
+        if self.tensors.contains_key(key) {
+            self.take(key, Some(shape)).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Takes a 4-way kernel whose shape `fits`, else a shape error describing `expected`.
+    fn take_kernel(
+        &mut self,
+        key: &str,
+        fits: impl Fn(&[i64]) -> bool,
+        expected: String,
+    ) -> Result<Tensor> {
+        let t = self.take(key, None)?;
+        let s = t.size();
+        if s.len() != 4 || !fits(&s) {
+            return Err(self.shape_error(key, &t, expected));
+        }
+        Ok(t)
+    }
+
+    pub(super) fn batch_norm(&mut self, name: &str, c: i64) -> Result<BatchNorm> {
+        let bn = BatchNorm::new(c, self.device);
+        for (field, slot) in bn.named_tensors() {
+            let key = key(name, field);
+            let value = if field == "num_batches_tracked" {
+                // Optional, as in PyTorch's own loading of older checkpoints.
+                match self.tensors.remove(&key) {
+                    Some(t) => t.to_kind(Kind::Int64).reshape([]).to_device(self.device),
+                    None => continue,
+                }
+            } else {
+                self.take(&key, Some(&[c]))?
+            };
+            tch::no_grad(|| slot.shallow_clone().copy_(&value));
+        }
+        Ok(bn)
+    }
+
+    /// The classifier; a fresh one for `num_classes` when the file has another count.
+    pub(super) fn linear(
+        &mut self,
+        name: &str,
+        features: i64,
+        num_classes: Option<i64>,
+    ) -> Result<Linear> {
+        let weight_key = key(name, "weight");
+        let weight = self.take(&weight_key, None)?;
+        let file_classes = match weight.size()[..] {
+            [n, f] if f == features && n >= 1 => n,
+            _ => {
+                let expected = format!("[N, {features}]");
+                return Err(self.shape_error(&weight_key, &weight, expected));
+            }
+        };
+        let bias = self.take(&key(name, "bias"), Some(&[file_classes]))?;
+        match num_classes {
+            Some(n) if n < 1 => Err(Error::value("num_classes", format!("{n} (must be ≥ 1)"))),
+            Some(n) if n != file_classes => Ok(Linear::new(features, n, self.device)),
+            _ => Ok(Linear { weight, bias }),
+        }
+    }
+
+    /// Fails on the first key no layer took.
+    pub(super) fn finish(self) -> Result<()> {
+        match self.tensors.into_keys().next() {
+            Some(key) => Err(Error::UnexpectedKey {
+                path: self.path.to_path_buf(),
+                key,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A conv slot of `geometry`: dense (`NAME.weight`), Tucker-2 (`NAME.{0,1,2}.weight`) or a
+    /// two-layer SVD (`NAME.{0,1}.weight`, 1×1 convs only), told apart by the keys present.
+    pub(super) fn conv(&mut self, name: &str, geometry: ConvGeometry) -> Result<ConvSlot> {
+        let [c_out, _, _, _] = geometry.shape;
+        if self.tensors.contains_key(&key(name, "weight")) {
+            let weight = self.take(&key(name, "weight"), Some(&geometry.shape))?;
+            let bias = self.take_optional(&key(name, "bias"), &[c_out])?;
+            return Ok(ConvSlot::Dense(Conv2d {
+                weight,
+                bias,
+                config: geometry.config,
+            }));
+        }
+        if !self.tensors.contains_key(&key(name, "1.weight")) {
+            return Err(self.missing(key(name, "weight")));
+        }
+        if !self.tensors.contains_key(&key(name, "2.weight")) {
+            return self.svd_conv(name, geometry);
+        }
+        self.tucker_conv(name, geometry)
+    }
+
+    /// Tucker-2: the ranks come from the core's shape.
+    fn tucker_conv(&mut self, name: &str, geometry: ConvGeometry) -> Result<ConvSlot> {
+        let [c_out, c_in, kh, kw] = geometry.shape;
+        let core = self.take_kernel(
+            &key(name, "1.weight"),
+            |s| {
+                s[2] == kh
+                    && s[3] == kw
+                    && (1..=c_out).contains(&s[0])
+                    && (1..=c_in).contains(&s[1])
+            },
+            format!("[r_out≤{c_out}, r_in≤{c_in}, {kh}, {kw}]"),
+        )?;
+        let (r_out, r_in) = (core.size()[0], core.size()[1]);
+        let first = self.take(&key(name, "0.weight"), Some(&[r_in, c_in, 1, 1]))?;
+        let last = self.take(&key(name, "2.weight"), Some(&[c_out, r_out, 1, 1]))?;
+        let bias = self.take_optional(&key(name, "2.bias"), &[c_out])?;
+        Ok(ConvSlot::Tucker(TuckerConv::new(
+            first,
+            core,
+            last,
+            bias,
+            geometry.config,
+        )))
+    }
+
+    /// A 1×1 conv stored as its two SVD factors (`.0.weight`, `.1.weight`, `.1.bias`); the rank
+    /// comes from the first factor's shape.
+    fn svd_conv(&mut self, name: &str, geometry: ConvGeometry) -> Result<ConvSlot> {
+        let [c_out, c_in, _, _] = geometry.shape;
+        if !geometry.is_pointwise() {
+            // Only 1×1 convs have a two-layer form: a k×k one is Tucker-2 or dense.
+            return Err(self.missing(key(name, "2.weight")));
+        }
+        let max = c_out.min(c_in);
+        let first = self.take_kernel(
+            &key(name, "0.weight"),
+            |s| (1..=max).contains(&s[0]) && s[1] == c_in && s[2..] == [1, 1],
+            format!("[r≤{max}, {c_in}, 1, 1]"),
+        )?;
+        let rank = first.size()[0];
+        let last = self.take(&key(name, "1.weight"), Some(&[c_out, rank, 1, 1]))?;
+        let bias = self.take_optional(&key(name, "1.bias"), &[c_out])?;
+        Ok(ConvSlot::Svd(SvdConv::new(
+            first,
+            last,
+            bias,
+            geometry.config,
+        )))
+    }
+}

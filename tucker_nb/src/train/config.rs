@@ -1,0 +1,131 @@
+//! Fine-tuning settings (the seed's defaults) and the per-epoch metrics table.
+
+use polars::prelude::DataFrame;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+use crate::frame::{column, from_columns};
+
+/// Which parameters `fine_tune` updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Trainable {
+    /// `fc` only: the seed's fine-tune of the original model.
+    Classifier,
+    /// The factorised convs' layers (Tucker-2's first, core, last and last's bias; an SVD's two)
+    /// and `fc`: the seed's fine-tune of the compressed model.
+    TuckerAndClassifier,
+    /// Every conv, BN and fc parameter.
+    All,
+}
+
+/// What batch normalisation does while training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum BnMode {
+    /// Running statistics used and left alone (eval-mode BN).
+    Frozen,
+    /// Batch statistics, running statistics updated, affine parameters fixed: what the seed's
+    /// `model.train()` does with frozen BN parameters.
+    #[value(name = "stats", alias = "statistics")]
+    Statistics,
+    /// As `Statistics`, and the affine parameters are trained too.
+    Train,
+}
+
+/// Fine-tuning settings; the defaults are the seed's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FineTuneConfig {
+    pub epochs: usize,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// StepLR: the learning rate is multiplied by `gamma` every `step_size` epochs.
+    pub step_size: usize,
+    pub gamma: f64,
+    pub trainable: Trainable,
+    pub bn: BnMode,
+    /// Name of this fine-tune in the metrics (`original`, `compressed`, …).
+    pub phase: String,
+    /// bfloat16 autocast of the forward pass (CUDA only; ignored on CPU).
+    pub bf16: bool,
+    /// Checkpoints go here after every epoch; `None` writes none.
+    #[serde(skip)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue from `checkpoint_dir`'s checkpoint when there is one.
+    #[serde(skip)]
+    pub resume: bool,
+}
+
+impl Default for FineTuneConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 5,
+            lr: 0.01,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            step_size: 2,
+            gamma: 0.1,
+            trainable: Trainable::Classifier,
+            bn: BnMode::Statistics,
+            phase: "original".into(),
+            bf16: false,
+            checkpoint_dir: None,
+            resume: false,
+        }
+    }
+}
+
+impl FineTuneConfig {
+    /// StepLR's learning rate in (0-based) `epoch`.
+    pub fn lr_at(&self, epoch: usize) -> f64 {
+        self.lr * self.gamma.powi((epoch / self.step_size.max(1)) as i32)
+    }
+}
+
+/// One row of the metrics table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub phase: String,
+    /// 1-based.
+    pub epoch: u32,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub val_top1: f64,
+    pub val_top5: f64,
+    pub val_loss: f64,
+    /// Wall time of the epoch, training and validation.
+    pub seconds: f64,
+    /// Training images per second.
+    pub images_per_s: f64,
+}
+
+/// The metrics columns, in order.
+pub const METRICS_COLUMNS: [&str; 10] = [
+    "phase",
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "val_top1",
+    "val_top5",
+    "val_loss",
+    "seconds",
+    "images_per_s",
+];
+
+/// Rows as a DataFrame with [`METRICS_COLUMNS`] (accuracies as fractions).
+pub fn metrics_frame(rows: &[EpochMetrics]) -> DataFrame {
+    let columns = vec![
+        column("phase", rows, |r| r.phase.clone()),
+        column("epoch", rows, |r| r.epoch),
+        column("lr", rows, |r| r.lr),
+        column("train_loss", rows, |r| r.train_loss),
+        column("train_acc", rows, |r| r.train_acc),
+        column("val_top1", rows, |r| r.val_top1),
+        column("val_top5", rows, |r| r.val_top5),
+        column("val_loss", rows, |r| r.val_loss),
+        column("seconds", rows, |r| r.seconds),
+        column("images_per_s", rows, |r| r.images_per_s),
+    ];
+    from_columns(rows.len(), columns)
+}
