@@ -10,7 +10,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use crate::compress::compress_model;
-use crate::compress::policy::{CompressionPolicy, RankPolicy};
+use crate::compress::policy::CompressionPolicy;
 use crate::data::{decode_cached, Dataset, ImageFolder, StorageOptions};
 use crate::error::{Error, Result};
 use crate::experiment::{loader_pair, RunConfig};
@@ -21,34 +21,30 @@ use crate::train::{trainable_parameters, BnMode, Trainable};
 /// What to measure; the defaults are `tucker-nb bench`'s.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
-    /// ImageFolder root with train/ (e.g. from `tucker-nb gen-data`).
-    pub data: PathBuf,
-    pub image_size: i64,
-    pub batch_size: usize,
+    /// The data (an ImageFolder root with train/, e.g. from `tucker-nb gen-data`), image size,
+    /// batch size, device, and the compressed model's policy (the seed's ratio 0.2).
+    pub run: RunConfig,
     pub repeats: usize,
     /// Batches per model throughput measurement.
     pub model_batches: usize,
-    pub device: Device,
     /// Also run the seed's torchvision pipeline with this python (e.g. .venv/bin/python).
     pub seed_python: Option<PathBuf>,
     /// DataLoader workers for the seed's pipeline (the seed uses 4; `None`: this machine's cores).
     pub workers: Option<usize>,
-    /// The compressed model's policy (the seed's ratio 0.2).
-    pub ranks: RankPolicy,
 }
 
 impl BenchConfig {
+    /// 32 px, batch 64, 3 repeats of 5 batches.
     pub fn new(data: impl Into<PathBuf>, device: Device) -> Self {
+        let mut run = RunConfig::new(data, "", device);
+        run.image_size = 32;
+        run.eval_batch_size = run.batch_size;
         Self {
-            data: data.into(),
-            image_size: 32,
-            batch_size: 64,
+            run,
             repeats: 3,
             model_batches: 5,
-            device,
             seed_python: None,
             workers: None,
-            ranks: CompressionPolicy::default().ranks,
         }
     }
 }
@@ -77,9 +73,9 @@ fn sync(t: &Tensor) {
 fn seed_pipeline(python: &Path, config: &BenchConfig, workers: usize) -> Result<serde_json::Value> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_seed.py");
     let args = [
-        ("--data", config.data.to_string_lossy().into_owned()),
-        ("--size", config.image_size.to_string()),
-        ("--batch", config.batch_size.to_string()),
+        ("--data", config.run.data.to_string_lossy().into_owned()),
+        ("--size", config.run.image_size.to_string()),
+        ("--batch", config.run.batch_size.to_string()),
         ("--workers", workers.to_string()),
         ("--repeats", config.repeats.to_string()),
     ];
@@ -111,19 +107,14 @@ fn data_path(config: &BenchConfig, folder: &ImageFolder) -> Result<([f64; 4], Da
         ..Default::default()
     };
     let decode = rate(config.repeats, n, || {
-        decode_cached(folder, &config.data, uncached).map(drop)
+        decode_cached(folder, &config.run.data, uncached).map(drop)
     })?;
-    let _ = decode_cached(folder, &config.data, StorageOptions::default())?;
-    let cached = rate(config.repeats, n, || {
-        decode_cached(folder, &config.data, StorageOptions::default()).map(drop)
-    })?;
-    let dataset = decode_cached(folder, &config.data, StorageOptions::default())?;
+    let cached_load = || decode_cached(folder, &config.run.data, StorageOptions::default());
+    let _ = cached_load()?;
+    let cached = rate(config.repeats, n, || cached_load().map(drop))?;
+    let dataset = cached_load()?;
     // Both loaders read the training images, as the seed's pipeline benchmark does.
-    let mut run = RunConfig::new(&config.data, "", config.device);
-    run.image_size = config.image_size;
-    run.batch_size = config.batch_size;
-    run.eval_batch_size = config.batch_size;
-    let (train, eval) = loader_pair(&run, &dataset, &dataset);
+    let (train, eval) = loader_pair(&config.run, &dataset, &dataset);
     let mut epoch = 0;
     let mut loader_rate = |loader: &Loader| {
         rate(config.repeats, n, || {
@@ -160,18 +151,18 @@ fn print_data_path(ours: [f64; 4], seed: Option<&serde_json::Value>, n: usize, w
 /// Training-step and evaluation images/s of the original and the compressed model, on one
 /// resident batch.
 fn model_rates(config: &BenchConfig, classes: i64) -> Result<Vec<(&'static str, f64, f64)>> {
-    let (device, batch, size) = (config.device, config.batch_size as i64, config.image_size);
+    let run = &config.run;
+    let (device, batch, size) = (run.device, run.batch_size as i64, run.image_size);
     let original = ResNet18::new(classes, device);
     let mut compressed = original.deep_copy();
     let policy = CompressionPolicy {
-        ranks: config.ranks.clone(),
         input_size: [size, size],
-        ..Default::default()
+        ..run.policy.clone()
     };
     compress_model(&mut compressed, &policy)?;
     let x = Tensor::randn([batch, 3, size, size], (Kind::Float, device));
     let y = Tensor::randint(classes, [batch], (Kind::Int64, device));
-    let images = config.batch_size * config.model_batches;
+    let images = run.batch_size * config.model_batches;
     let train_step = |model: &ResNet18, trainable: Trainable| {
         let params = trainable_parameters(model, trainable, BnMode::Statistics);
         params
@@ -226,9 +217,9 @@ pub fn run(config: &BenchConfig) -> Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     println!(
         "device {:?}, image size {}, batch {}, {} repeats (medians)",
-        config.device, config.image_size, config.batch_size, config.repeats
+        config.run.device, config.run.image_size, config.run.batch_size, config.repeats
     );
-    let folder = ImageFolder::scan(&config.data.join("train"))?;
+    let folder = ImageFolder::scan(&config.run.data.join("train"))?;
     let (ours, dataset) = data_path(config, &folder)?;
     let seed = match &config.seed_python {
         Some(python) => Some(seed_pipeline(python, config, workers)?),
@@ -238,7 +229,7 @@ pub fn run(config: &BenchConfig) -> Result<()> {
 
     println!(
         "\n== model ({} batches of {}) ==",
-        config.model_batches, config.batch_size
+        config.model_batches, config.run.batch_size
     );
     println!(
         "{:<34} {:>14} {:>14} {:>8}",

@@ -134,11 +134,11 @@ impl Conv2d {
 
 /// The bias a factorisation's last layer carries: the original conv's, or zeros (never random,
 /// unlike the seed's).
-fn bias_or_zeros(bias: Option<&Tensor>, c_out: i64, like: &Tensor) -> Tensor {
-    match bias {
+fn output_bias(dense: &Conv2d) -> Option<Tensor> {
+    Some(match &dense.bias {
         Some(b) => b.detach().copy(),
-        None => Tensor::zeros([c_out], (Kind::Float, like.device())),
-    }
+        None => Tensor::zeros([dense.out_channels()], (Kind::Float, dense.weight.device())),
+    })
 }
 
 /// A Tucker-2 convolution, the seed's `nn.Sequential(first, core, last)`:
@@ -181,17 +181,10 @@ impl TuckerConv {
     /// carries `dense`'s bias (zeros when it has none).
     pub fn from_factors(factors: &Tucker2Factors, dense: &Conv2d) -> Self {
         let to_model = |t: &Tensor| to_layer(t, &dense.weight);
-        Self::new(
-            to_model(&factors.u1.tr().unsqueeze(-1).unsqueeze(-1)),
-            to_model(&factors.core),
-            to_model(&factors.u0.unsqueeze(-1).unsqueeze(-1)),
-            Some(bias_or_zeros(
-                dense.bias.as_ref(),
-                dense.out_channels(),
-                &dense.weight,
-            )),
-            dense.config,
-        )
+        let first = to_model(&factors.u1.tr().unsqueeze(-1).unsqueeze(-1));
+        let last = to_model(&factors.u0.unsqueeze(-1).unsqueeze(-1));
+        let core = to_model(&factors.core);
+        Self::new(first, core, last, output_bias(dense), dense.config)
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -247,16 +240,8 @@ impl SvdConv {
     /// The layers for the factors (first r × C_in, last C_out × r) of the 1×1 conv `dense`.
     pub fn from_factors(first: &Tensor, last: &Tensor, dense: &Conv2d) -> Self {
         let to_model = |t: &Tensor| to_layer(&t.unsqueeze(-1).unsqueeze(-1), &dense.weight);
-        Self::new(
-            to_model(first),
-            to_model(last),
-            Some(bias_or_zeros(
-                dense.bias.as_ref(),
-                dense.out_channels(),
-                &dense.weight,
-            )),
-            dense.config,
-        )
+        let (first, last) = (to_model(first), to_model(last));
+        Self::new(first, last, output_bias(dense), dense.config)
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {

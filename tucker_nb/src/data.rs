@@ -133,7 +133,7 @@ impl ImageFolder {
     }
 }
 
-/// Decoded images and labels, ready for a [`crate::loader::Loader`].
+/// Decoded images and labels, ready for a loader (`loader::Loader`).
 #[derive(Debug)]
 pub struct Dataset {
     /// uint8 N × 3 × H × W on the CPU.

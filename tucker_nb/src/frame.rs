@@ -18,6 +18,19 @@ where
     Column::new(name.into(), rows.iter().map(get).collect::<Vec<V>>())
 }
 
+/// A DataFrame with one column per named field of `rows`' items, in the order given:
+/// `frame_of!(rows; phase, epoch, lr)`.
+macro_rules! frame_of {
+    ($rows:expr; $($field:ident),+ $(,)?) => {{
+        let rows = $rows;
+        let columns = vec![$(
+            $crate::frame::column(stringify!($field), rows, |r| ToOwned::to_owned(&r.$field))
+        ),+];
+        $crate::frame::from_columns(rows.len(), columns)
+    }};
+}
+pub(crate) use frame_of;
+
 /// A frame of equally long columns.
 pub(crate) fn from_columns(height: usize, columns: Vec<Column>) -> DataFrame {
     DataFrame::new(height, columns).expect("columns of equal length")

@@ -60,12 +60,6 @@ struct DeviceArg {
     device: Option<String>,
 }
 
-impl DeviceArg {
-    fn device(&self) -> tucker_nb::Result<Device> {
-        runtime::select_device(self.device.as_deref())
-    }
-}
-
 /// Starting weights: a file, or `none` for random initialisation.
 #[derive(Clone)]
 struct Weights(Option<PathBuf>);
@@ -93,17 +87,6 @@ struct RankArgs {
     policy: Option<RankPolicy>,
 }
 
-impl RankArgs {
-    fn ranks(&self) -> tucker_nb::Result<RankPolicy> {
-        match (self.ratio, &self.ranks, &self.policy) {
-            (Some(r), _, _) => RankPolicy::ratio(r),
-            (_, Some(file), _) => RankPolicy::from_ranks_file(file),
-            (_, _, Some(policy)) => Ok(policy.clone()),
-            _ => unreachable!("clap requires one of --ratio, --ranks, --policy"),
-        }
-    }
-}
-
 /// How factors are fitted, and rank rounding.
 #[derive(Args)]
 struct FitArgs {
@@ -113,17 +96,6 @@ struct FitArgs {
     /// Round automatically chosen ranks up to a multiple of N (8 suits tensor cores).
     #[arg(long)]
     round_to: Option<i64>,
-}
-
-impl FitArgs {
-    fn policy(&self, ranks: RankPolicy, image_size: i64) -> CompressionPolicy {
-        CompressionPolicy {
-            ranks,
-            input_size: [image_size, image_size],
-            method: self.method,
-            round_to: self.round_to,
-        }
-    }
 }
 
 /// The data and model a run starts from.
@@ -177,34 +149,6 @@ struct TrainArgs {
     seed: u64,
 }
 
-/// The run configuration these groups describe (epochs and policy are the caller's).
-fn run_config(
-    data: &DataArgs,
-    train: &TrainArgs,
-    device: &DeviceArg,
-    out: &Path,
-) -> tucker_nb::Result<RunConfig> {
-    let mut config = RunConfig::new(&data.data, out, device.device()?);
-    config.weights = data.weights.0.clone();
-    config.num_classes = data.num_classes;
-    config.image_size = data.image_size;
-    config.train_limit = data.train_limit;
-    config.val_limit = data.val_limit;
-    config.storage.size = data.storage_size;
-    config.batch_size = train.batch_size;
-    config.eval_batch_size = train.eval_batch_size;
-    config.seed = train.seed;
-    let ft = &mut config.fine_tune;
-    ft.lr = train.lr;
-    ft.momentum = train.momentum;
-    ft.weight_decay = train.weight_decay;
-    ft.step_size = train.step_size;
-    ft.gamma = train.gamma;
-    ft.bn = train.bn;
-    ft.bf16 = train.bf16;
-    Ok(config)
-}
-
 #[derive(Args)]
 struct CompressArgs {
     /// Weights to compress: torchvision's .pth or a .safetensors file.
@@ -233,10 +177,23 @@ struct CompressArgs {
     device: DeviceArg,
 }
 
+/// What `run` and `sweep` share: the data, the recipe, where to run and where to write.
+#[derive(Args)]
+struct ExperimentArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    train: TrainArgs,
+    #[command(flatten)]
+    device: DeviceArg,
+    #[arg(long)]
+    out: PathBuf,
+}
+
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
-    data: DataArgs,
+    experiment: ExperimentArgs,
     /// Epochs of each fine-tune (original, then compressed).
     #[arg(long, default_value_t = 5)]
     epochs: usize,
@@ -254,38 +211,15 @@ struct RunArgs {
     /// Epochs of fine-tuning before each further stage.
     #[arg(long, default_value_t = 1)]
     stage_epochs: usize,
-    #[command(flatten)]
-    train: TrainArgs,
-    #[command(flatten)]
-    device: DeviceArg,
-    #[arg(long)]
-    out: PathBuf,
     /// Continue each phase from its checkpoint in OUT.
     #[arg(long)]
     resume: bool,
 }
 
-impl RunArgs {
-    fn config(&self) -> tucker_nb::Result<RunConfig> {
-        let mut config = run_config(&self.data, &self.train, &self.device, &self.out)?;
-        config.fine_tune.epochs = self.epochs;
-        config.compressed_epochs = self.compressed_epochs.unwrap_or(self.epochs);
-        config.policy = self.fit.policy(self.ranks.ranks()?, self.data.image_size);
-        config.stages = self
-            .stages
-            .iter()
-            .map(|ranks| config.policy.with_ranks(ranks.clone()))
-            .collect();
-        config.stage_epochs = self.stage_epochs;
-        config.resume = self.resume;
-        Ok(config)
-    }
-}
-
 #[derive(Args)]
 struct SweepArgs {
     #[command(flatten)]
-    data: DataArgs,
+    experiment: ExperimentArgs,
     /// Policies to compare, comma-separated.
     #[arg(
         long,
@@ -298,12 +232,6 @@ struct SweepArgs {
     /// Fine-tune epochs of each compressed model.
     #[arg(long, default_value_t = 1)]
     epochs: usize,
-    #[command(flatten)]
-    train: TrainArgs,
-    #[command(flatten)]
-    device: DeviceArg,
-    #[arg(long)]
-    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -373,6 +301,79 @@ struct BenchArgs {
     /// Compression ratio for the compressed model.
     #[arg(long, default_value_t = 0.2)]
     ratio: f64,
+}
+
+// Each argument group converts to the library's types, which validate.
+
+impl DeviceArg {
+    fn device(&self) -> tucker_nb::Result<Device> {
+        runtime::select_device(self.device.as_deref())
+    }
+}
+
+impl RankArgs {
+    fn ranks(&self) -> tucker_nb::Result<RankPolicy> {
+        match (self.ratio, &self.ranks, &self.policy) {
+            (Some(r), _, _) => RankPolicy::ratio(r),
+            (_, Some(file), _) => RankPolicy::from_ranks_file(file),
+            (_, _, Some(policy)) => Ok(policy.clone()),
+            _ => unreachable!("clap requires one of --ratio, --ranks, --policy"),
+        }
+    }
+}
+
+impl FitArgs {
+    fn policy(&self, ranks: RankPolicy, image_size: i64) -> CompressionPolicy {
+        CompressionPolicy {
+            ranks,
+            input_size: [image_size, image_size],
+            method: self.method,
+            round_to: self.round_to,
+        }
+    }
+}
+
+impl ExperimentArgs {
+    /// The run configuration these groups describe (epochs and policy are the caller's).
+    fn config(&self) -> tucker_nb::Result<RunConfig> {
+        let (data, train) = (&self.data, &self.train);
+        let mut config = RunConfig::new(&data.data, &self.out, self.device.device()?);
+        config.weights = data.weights.0.clone();
+        config.num_classes = data.num_classes;
+        config.image_size = data.image_size;
+        config.train_limit = data.train_limit;
+        config.val_limit = data.val_limit;
+        config.storage.size = data.storage_size;
+        config.batch_size = train.batch_size;
+        config.eval_batch_size = train.eval_batch_size;
+        config.seed = train.seed;
+        let ft = &mut config.fine_tune;
+        ft.lr = train.lr;
+        ft.momentum = train.momentum;
+        ft.weight_decay = train.weight_decay;
+        ft.step_size = train.step_size;
+        ft.gamma = train.gamma;
+        ft.bn = train.bn;
+        ft.bf16 = train.bf16;
+        Ok(config)
+    }
+}
+
+impl RunArgs {
+    fn config(&self) -> tucker_nb::Result<RunConfig> {
+        let mut config = self.experiment.config()?;
+        config.fine_tune.epochs = self.epochs;
+        config.compressed_epochs = self.compressed_epochs.unwrap_or(self.epochs);
+        config.policy = self.fit.policy(self.ranks.ranks()?, config.image_size);
+        config.stages = self
+            .stages
+            .iter()
+            .map(|ranks| config.policy.with_ranks(ranks.clone()))
+            .collect();
+        config.stage_epochs = self.stage_epochs;
+        config.resume = self.resume;
+        Ok(config)
+    }
 }
 
 fn main() -> ExitCode {
@@ -479,22 +480,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     println!(
         "wrote {}/{{metrics.csv,layers.csv,summary.json,original.safetensors,compressed.safetensors}}",
-        args.out.display()
+        args.experiment.out.display()
     );
     Ok(())
 }
 
 fn sweep(args: SweepArgs) -> anyhow::Result<()> {
-    let mut config = run_config(&args.data, &args.train, &args.device, &args.out)?;
+    let mut config = args.experiment.config()?;
     config.compressed_epochs = args.epochs;
     let policies: Vec<CompressionPolicy> = args
         .policies
         .iter()
-        .map(|ranks| args.fit.policy(ranks.clone(), args.data.image_size))
+        .map(|ranks| args.fit.policy(ranks.clone(), config.image_size))
         .collect();
     let frame = experiment::run_sweep(&config, &policies)?;
     println!("{frame}");
-    println!("wrote {}/{{sweep.csv,pareto.png}}", args.out.display());
+    println!("wrote {}/{{sweep.csv,pareto.png}}", config.out.display());
     Ok(())
 }
 
@@ -542,13 +543,14 @@ fn convert_cifar(cifar: &Path, out: &Path) -> anyhow::Result<()> {
 
 fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
     let mut config = BenchConfig::new(&args.data, args.device.device()?);
-    config.image_size = args.image_size;
-    config.batch_size = args.batch_size;
+    config.run.image_size = args.image_size;
+    config.run.batch_size = args.batch_size;
+    config.run.eval_batch_size = args.batch_size;
+    config.run.policy.ranks = RankPolicy::ratio(args.ratio)?;
     config.repeats = args.repeats;
     config.model_batches = args.model_batches;
     config.seed_python = args.seed_python;
     config.workers = args.workers;
-    config.ranks = RankPolicy::ratio(args.ratio)?;
     bench::run(&config)?;
     Ok(())
 }

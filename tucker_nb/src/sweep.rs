@@ -1,14 +1,14 @@
 //! A sweep over compression budgets: for each policy, compress a copy of the model, evaluate it,
 //! fine-tune it briefly and evaluate again; one DataFrame row per policy (plus the uncompressed
 //! model), with conv MACs, parameters, reconstruction errors and accuracy, and which rows lie on
-//! the accuracy-vs-MACs Pareto front ([`crate::plots::pareto_chart`] draws it).
+//! the accuracy-vs-MACs Pareto front (`plots::pareto_chart` draws it).
 
 use polars::prelude::DataFrame;
 
 use crate::compress::compress_model;
 use crate::compress::policy::CompressionPolicy;
 use crate::error::Result;
-use crate::frame::{column, from_columns};
+use crate::frame::{column, frame_of};
 use crate::loader::Loader;
 use crate::model::ResNet18;
 use crate::train::{evaluate, fine_tune_rows, FineTuneConfig, Trainable};
@@ -133,20 +133,12 @@ pub fn sweep_frame(points: &[SweepPoint]) -> DataFrame {
             .map(|p| (p.conv_macs, p.top1))
             .collect::<Vec<_>>(),
     );
-    let columns = vec![
-        column("policy", points, |p| p.policy.clone()),
-        column("conv_macs", points, |p| p.conv_macs),
-        column("macs_ratio", points, |p| p.macs_ratio),
-        column("params", points, |p| p.params),
-        column("params_ratio", points, |p| p.params_ratio),
-        column("mean_rel_error", points, |p| p.mean_rel_error),
-        column("worst_rel_error", points, |p| p.worst_rel_error),
-        column("top1_compressed", points, |p| p.top1_compressed),
-        column("top1", points, |p| p.top1),
-        column("top5", points, |p| p.top5),
-        column("pareto", &front, |&on| on),
-    ];
-    from_columns(points.len(), columns)
+    let frame = frame_of!(points; policy, conv_macs, macs_ratio, params, params_ratio,
+        mean_rel_error, worst_rel_error, top1_compressed, top1, top5);
+    let pareto = column("pareto", &front, |&on| on);
+    frame
+        .hstack(&[pareto])
+        .expect("a column of the frame's height")
 }
 
 #[cfg(test)]

@@ -99,6 +99,17 @@ pub fn tucker2(weight: &Tensor, (r_out, r_in): (i64, i64)) -> Tucker2Factors {
 const HOOI_TOL: f64 = 1e-8;
 const HOOI_MAX_SWEEPS: usize = 500;
 
+/// W ×k Uᵀ unfolded on the other channel mode: `by_mode` is W's mode-k unfolding (C_k × rest),
+/// `u` its C_k × r basis; the result is C_other × (r·kh·kw).
+fn project_and_unfold(u: &Tensor, by_mode: &Tensor, [c_other, kh, kw]: [i64; 3]) -> Tensor {
+    let r = u.size()[1];
+    u.tr()
+        .matmul(by_mode)
+        .reshape([r, c_other, kh, kw])
+        .transpose(0, 1)
+        .reshape([c_other, -1])
+}
+
 /// The Tucker-2 factors fitted by HOOI from the HOSVD start.
 pub fn tucker2_hooi(weight: &Tensor, ranks: (i64, i64)) -> Tucker2Factors {
     let (r_out, r_in) = ranks;
@@ -116,22 +127,10 @@ pub fn tucker2_hooi(weight: &Tensor, ranks: (i64, i64)) -> Tucker2Factors {
     let mut error = rel_error(&factors.core);
     let (by_output, by_input) = unfoldings(&w);
     for _ in 0..HOOI_MAX_SWEEPS {
-        // W ×1 U1ᵀ, unfolded on mode 0: C_out × (r_in·kh·kw).
-        let y0 = factors
-            .u1
-            .tr()
-            .matmul(&by_input)
-            .reshape([r_in, c_out, kh, kw])
-            .transpose(0, 1)
-            .reshape([c_out, -1]);
+        // W ×1 U1ᵀ unfolded on mode 0, then W ×0 U0ᵀ unfolded on mode 1.
+        let y0 = project_and_unfold(&factors.u1, &by_input, [c_out, kh, kw]);
         let u0 = leading_gram_eigenvectors(&y0, r_out);
-        // W ×0 U0ᵀ, unfolded on mode 1: C_in × (r_out·kh·kw).
-        let y1 = u0
-            .tr()
-            .matmul(&by_output)
-            .reshape([r_out, c_in, kh, kw])
-            .transpose(0, 1)
-            .reshape([c_in, -1]);
+        let y1 = project_and_unfold(&u0, &by_output, [c_in, kh, kw]);
         let u1 = leading_gram_eigenvectors(&y1, r_in);
         let core = mode_products(&w, &u0.tr(), &u1.tr());
         let new_error = rel_error(&core);

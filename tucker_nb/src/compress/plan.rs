@@ -2,7 +2,7 @@
 //! the spectra of the kernel it computes now, what it costs now), the rules every policy shares
 //! (the RGB stem keeps its input; 1×1 convs become SVDs under data-driven policies; a layer is left
 //! as it is when factorising would not cut its MACs), and the choices of the rule-based (ratio,
-//! explicit) and spectral (energy, VBMF) policies. Budgets live in [`crate::compress::budget`].
+//! explicit) and spectral (energy, VBMF) policies. Budgets live in `budget.rs`, which builds on this.
 
 use std::collections::BTreeMap;
 

@@ -1,5 +1,5 @@
 //! What to compress and how: rank policies, parsed and validated once. A policy only describes;
-//! [`crate::compress::plan`] and [`crate::compress::budget`] turn it into per-layer choices.
+//! the planner (`plan.rs`, `budget.rs` beside this file) turns it into per-layer choices.
 
 use std::collections::BTreeMap;
 use std::path::Path;

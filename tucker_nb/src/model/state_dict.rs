@@ -163,6 +163,21 @@ impl<'a> StateDict<'a> {
         self.tucker_conv(name, geometry)
     }
 
+    /// The layer `NAME.INDEX` that produces a factorisation's output: its C_out × rank × 1 × 1
+    /// weight and its bias, if stored.
+    fn output_layer(
+        &mut self,
+        name: &str,
+        index: usize,
+        c_out: i64,
+        rank: i64,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let layer = key(name, index);
+        let weight = self.take(&key(&layer, "weight"), Some(&[c_out, rank, 1, 1]))?;
+        let bias = self.take_optional(&key(&layer, "bias"), &[c_out])?;
+        Ok((weight, bias))
+    }
+
     /// Tucker-2: the ranks come from the core's shape.
     fn tucker_conv(&mut self, name: &str, geometry: ConvGeometry) -> Result<ConvSlot> {
         let [c_out, c_in, kh, kw] = geometry.shape;
@@ -178,15 +193,9 @@ impl<'a> StateDict<'a> {
         )?;
         let (r_out, r_in) = (core.size()[0], core.size()[1]);
         let first = self.take(&key(name, "0.weight"), Some(&[r_in, c_in, 1, 1]))?;
-        let last = self.take(&key(name, "2.weight"), Some(&[c_out, r_out, 1, 1]))?;
-        let bias = self.take_optional(&key(name, "2.bias"), &[c_out])?;
-        Ok(ConvSlot::Tucker(TuckerConv::new(
-            first,
-            core,
-            last,
-            bias,
-            geometry.config,
-        )))
+        let (last, bias) = self.output_layer(name, 2, c_out, r_out)?;
+        let tucker = TuckerConv::new(first, core, last, bias, geometry.config);
+        Ok(ConvSlot::Tucker(tucker))
     }
 
     /// A 1×1 conv stored as its two SVD factors (`.0.weight`, `.1.weight`, `.1.bias`); the rank
@@ -203,9 +212,7 @@ impl<'a> StateDict<'a> {
             |s| (1..=max).contains(&s[0]) && s[1] == c_in && s[2..] == [1, 1],
             format!("[r≤{max}, {c_in}, 1, 1]"),
         )?;
-        let rank = first.size()[0];
-        let last = self.take(&key(name, "1.weight"), Some(&[c_out, rank, 1, 1]))?;
-        let bias = self.take_optional(&key(name, "1.bias"), &[c_out])?;
+        let (last, bias) = self.output_layer(name, 1, c_out, first.size()[0])?;
         Ok(ConvSlot::Svd(SvdConv::new(
             first,
             last,

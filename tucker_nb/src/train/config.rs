@@ -4,7 +4,7 @@ use polars::prelude::DataFrame;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-use crate::frame::{column, from_columns};
+use crate::frame::frame_of;
 
 /// Which parameters `fine_tune` updates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,17 +115,5 @@ pub const METRICS_COLUMNS: [&str; 10] = [
 
 /// Rows as a DataFrame with [`METRICS_COLUMNS`] (accuracies as fractions).
 pub fn metrics_frame(rows: &[EpochMetrics]) -> DataFrame {
-    let columns = vec![
-        column("phase", rows, |r| r.phase.clone()),
-        column("epoch", rows, |r| r.epoch),
-        column("lr", rows, |r| r.lr),
-        column("train_loss", rows, |r| r.train_loss),
-        column("train_acc", rows, |r| r.train_acc),
-        column("val_top1", rows, |r| r.val_top1),
-        column("val_top5", rows, |r| r.val_top5),
-        column("val_loss", rows, |r| r.val_loss),
-        column("seconds", rows, |r| r.seconds),
-        column("images_per_s", rows, |r| r.images_per_s),
-    ];
-    from_columns(rows.len(), columns)
+    frame_of!(rows; phase, epoch, lr, train_loss, train_acc, val_top1, val_top5, val_loss, seconds, images_per_s)
 }

@@ -1,0 +1,341 @@
+//! Charts of a run's metrics and of a budget sweep, as PNG bytes ([`Chart`]): shown inline in a
+//! notebook, exported with one call. All share one frame and a text-correct canvas
+//! (`canvas.rs`).
+
+mod canvas;
+
+use plotters::prelude::*;
+use polars::prelude::DataFrame;
+
+use crate::error::Result;
+use crate::frame::{f64_column, str_column};
+pub use canvas::Chart;
+use canvas::{chart_error, render, Axes, LegendEntry, Mark, Plot, TextBackend, FAMILY};
+
+/// A phase's name and its (epoch, value) points.
+type PhaseSeries = (String, Vec<(f64, f64)>);
+
+const PALETTE: [RGBColor; 4] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+];
+
+/// One series of a line chart.
+struct Series {
+    entry: LegendEntry,
+    points: Vec<(f64, f64)>,
+}
+
+/// Per phase (in first-seen order), its (epoch, value) points of `column`.
+fn per_phase(metrics: &DataFrame, column: &str) -> Result<Vec<PhaseSeries>> {
+    let phases = str_column(metrics, "phase", "metrics")?;
+    let epochs = f64_column(metrics, "epoch", "metrics")?;
+    let values = f64_column(metrics, column, "metrics")?;
+    let mut series: Vec<PhaseSeries> = Vec::new();
+    for ((phase, epoch), value) in phases.into_iter().zip(epochs.iter()).zip(values.iter()) {
+        let (Some(phase), Some(epoch), Some(value)) = (phase, epoch, value) else {
+            continue;
+        };
+        match series.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, points)) => points.push((epoch, value)),
+            None => series.push((phase, vec![(epoch, value)])),
+        }
+    }
+    Ok(series)
+}
+
+/// A series per phase and column: (column, label, mark), colours by phase.
+fn series_of(metrics: &DataFrame, columns: &[(&str, &str, Mark)]) -> Result<Vec<Series>> {
+    let mut series = Vec::new();
+    for &(column, label, mark) in columns {
+        for (p, (phase, points)) in per_phase(metrics, column)?.into_iter().enumerate() {
+            let entry = LegendEntry {
+                label: format!("{phase}: {label}"),
+                color: PALETTE[p % PALETTE.len()],
+                mark,
+            };
+            series.push(Series { entry, points });
+        }
+    }
+    Ok(series)
+}
+
+/// Values per epoch, one line per series, in the shared frame.
+fn line_chart(
+    title: &str,
+    y_desc: &str,
+    series: Vec<Series>,
+    y: Option<(f64, f64)>,
+) -> Result<Chart> {
+    let all = || series.iter().flat_map(|s| s.points.iter());
+    let max_x = all().map(|p| p.0).fold(1.0, f64::max);
+    let (lo, hi) = y.unwrap_or_else(|| {
+        let lo = all().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        let hi = all().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+        if lo.is_finite() && hi.is_finite() {
+            let pad = ((hi - lo) * 0.1).max(1e-3);
+            ((lo - pad).max(0.0), hi + pad)
+        } else {
+            (0.0, 1.0)
+        }
+    });
+    let whole_epochs = |x: &f64| {
+        if x.fract().abs() < 1e-9 && *x >= 1.0 {
+            format!("{x:.0}")
+        } else {
+            String::new()
+        }
+    };
+    let axes = Axes {
+        x_desc: "epoch",
+        y_desc,
+        x: 0.5..max_x + 0.5,
+        y: lo..hi,
+        x_labels: Some((max_x as usize + 1, &whole_epochs)),
+    };
+    let (entries, points): (Vec<LegendEntry>, Vec<Vec<(f64, f64)>>) =
+        series.into_iter().map(|s| (s.entry, s.points)).unzip();
+    render(title, axes, &entries, |chart| {
+        let err = chart_error(title);
+        for (entry, points) in entries.iter().zip(points) {
+            let style = ShapeStyle::from(&entry.color).stroke_width(3);
+            let dots = points
+                .iter()
+                .map(|&p| Circle::new(p, 4, entry.color.filled()));
+            chart.draw_series(dots).map_err(|e| err(&e))?;
+            let drawn = if entry.mark == Mark::Dashed {
+                chart.draw_series(DashedLineSeries::new(points, 10, 6, style))
+            } else {
+                chart.draw_series(LineSeries::new(points, style))
+            };
+            drawn.map_err(|e| err(&e))?;
+        }
+        Ok(())
+    })
+}
+
+/// Validation top-1 and top-5 accuracy (%) per epoch, every fine-tune on one chart.
+pub fn accuracy_chart(metrics: &DataFrame) -> Result<Chart> {
+    let mut series = series_of(
+        metrics,
+        &[
+            ("val_top1", "val top-1", Mark::Line),
+            ("val_top5", "val top-5", Mark::Dashed),
+        ],
+    )?;
+    for s in &mut series {
+        s.points.iter_mut().for_each(|p| p.1 *= 100.0);
+    }
+    line_chart(
+        "Validation accuracy per epoch",
+        "accuracy (%)",
+        series,
+        Some((0.0, 100.0)),
+    )
+}
+
+/// Training and validation loss per epoch, every fine-tune on one chart.
+pub fn loss_chart(metrics: &DataFrame) -> Result<Chart> {
+    let series = series_of(
+        metrics,
+        &[
+            ("train_loss", "train loss", Mark::Line),
+            ("val_loss", "val loss", Mark::Dashed),
+        ],
+    )?;
+    line_chart("Loss per epoch", "cross-entropy", series, None)
+}
+
+/// Font size of the sweep's point labels.
+const POINT_LABEL: f64 = 15.0;
+
+/// Where each point's label goes, relative to the point: right and above it unless that would
+/// cover an earlier label or leave the plot area, then below, then on the left.
+fn label_offsets(chart: &Plot, points: &[(String, f64, f64, bool)]) -> Vec<(i32, i32)> {
+    let area = chart.plotting_area().get_pixel_range();
+    let mut placed: Vec<[i32; 4]> = Vec::new();
+    let mut offsets = Vec::new();
+    for (label, x, y, _) in points {
+        let (px, py) = chart.backend_coord(&(*x, *y));
+        let (w, h) = TextBackend::measure(POINT_LABEL, label);
+        let candidates = [(8, -h - 4), (8, 4), (-w - 8, -h - 4), (-w - 8, 4)];
+        let fits = |&(dx, dy): &(i32, i32)| {
+            let b = [px + dx, py + dy, px + dx + w, py + dy + h];
+            let inside = area.0.contains(&b[0]) && area.0.contains(&b[2]);
+            let free = placed
+                .iter()
+                .all(|p| b[2] < p[0] || p[2] < b[0] || b[3] < p[1] || p[3] < b[1]);
+            inside && free
+        };
+        let (dx, dy) = candidates
+            .iter()
+            .copied()
+            .find(fits)
+            .unwrap_or(candidates[0]);
+        placed.push([px + dx, py + dy, px + dx + w, py + dy + h]);
+        offsets.push((dx, dy));
+    }
+    offsets
+}
+
+/// Accuracy against conv MACs of a budget sweep ([`crate::sweep::sweep`]'s DataFrame): every
+/// policy as a labelled point, top-1 after its short fine-tune; the Pareto front as a line.
+pub fn pareto_chart(sweep: &DataFrame) -> Result<Chart> {
+    let title = "Accuracy vs conv MACs";
+    let policies = str_column(sweep, "policy", "sweep")?;
+    let macs = f64_column(sweep, "conv_macs", "sweep")?;
+    let top1 = f64_column(sweep, "top1", "sweep")?;
+    let front = f64_column(sweep, "pareto", "sweep")?;
+    let points: Vec<(String, f64, f64, bool)> = policies
+        .into_iter()
+        .zip(macs.iter())
+        .zip(top1.iter())
+        .zip(front.iter())
+        .filter_map(|(((p, m), t), on)| Some((p?, m? / 1e9, t? * 100.0, on == Some(1.0))))
+        .collect();
+    if points.is_empty() {
+        return Err(chart_error(title)(&"the sweep has no points"));
+    }
+    let (front_color, other_color) = (PALETTE[1], PALETTE[0]);
+    let mut line: Vec<(f64, f64)> = points.iter().filter(|p| p.3).map(|p| (p.1, p.2)).collect();
+    line.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let max_x = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.15 + 1e-3;
+    let axes = Axes {
+        x_desc: "conv MACs per image (G)",
+        y_desc: "top-1 after fine-tuning (%)",
+        x: 0.0..max_x,
+        y: 0.0..100.0,
+        x_labels: None,
+    };
+    let legend = [
+        LegendEntry {
+            label: "Pareto front".into(),
+            color: front_color,
+            mark: Mark::Line,
+        },
+        LegendEntry {
+            label: "dominated".into(),
+            color: other_color,
+            mark: Mark::Point,
+        },
+    ];
+    render(title, axes, &legend, |chart| {
+        let err = chart_error(title);
+        chart
+            .draw_series(LineSeries::new(line, front_color.stroke_width(2)))
+            .map_err(|e| err(&e))?;
+        let offsets = label_offsets(chart, &points);
+        let labelled = points
+            .iter()
+            .zip(offsets)
+            .map(|((label, x, y, on), offset)| {
+                let color = if *on { front_color } else { other_color };
+                EmptyElement::at((*x, *y))
+                    + Circle::new((0, 0), 5, color.filled())
+                    + Text::new(label.clone(), offset, (FAMILY, POINT_LABEL))
+            });
+        chart.draw_series(labelled).map_err(|e| err(&e))?;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canvas::SIZE;
+    use super::*;
+    use crate::train::{metrics_frame, EpochMetrics};
+
+    fn rows() -> Vec<EpochMetrics> {
+        let row = |phase: &str, epoch: u32, acc: f64| EpochMetrics {
+            phase: phase.into(),
+            epoch,
+            lr: 0.01,
+            train_loss: 2.0 / epoch as f64,
+            train_acc: acc,
+            val_top1: acc,
+            val_top5: (acc + 0.3).min(1.0),
+            val_loss: 2.5 / epoch as f64,
+            seconds: 1.0,
+            images_per_s: 100.0,
+        };
+        vec![
+            row("original", 1, 0.44),
+            row("original", 2, 0.48),
+            row("compressed", 1, 0.24),
+            row("compressed", 2, 0.35),
+        ]
+    }
+
+    /// Dark pixels in a region: text and lines drawn there.
+    fn ink(img: &image::RgbImage, x: std::ops::Range<u32>, y: std::ops::Range<u32>) -> usize {
+        y.flat_map(|y| x.clone().map(move |x| (x, y)))
+            .filter(|&(x, y)| img.get_pixel(x, y).0.iter().all(|&c| c < 100))
+            .count()
+    }
+
+    #[test]
+    fn charts_are_valid_pngs_with_text_drawn_by_the_embedded_font() {
+        let frame = metrics_frame(&rows());
+        for chart in [accuracy_chart(&frame).unwrap(), loss_chart(&frame).unwrap()] {
+            let img = image::load_from_memory(&chart.png).unwrap().to_rgb8();
+            assert_eq!(img.dimensions(), SIZE);
+            let title = &chart.title;
+            assert!(ink(&img, 150..600, 0..40) > 200, "{title}: no title text");
+            assert!(ink(&img, 0..40, 100..400) > 50, "{title}: no y-axis label");
+            assert!(
+                ink(&img, 250..450, 440..480) > 30,
+                "{title}: no x-axis label"
+            );
+            assert!(
+                ink(&img, 580..800, 40..160) > 100,
+                "{title}: no legend text"
+            );
+            assert!(chart.to_html().starts_with("<img alt=\""));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accuracy.png");
+        accuracy_chart(&frame).unwrap().save_png(&path).unwrap();
+        assert!(image::open(&path).is_ok());
+    }
+
+    #[test]
+    fn pareto_chart_draws_points_labels_and_the_front() {
+        use crate::sweep::{sweep_frame, SweepPoint};
+        let point = |policy: &str, macs: i64, top1: f64| SweepPoint {
+            policy: policy.into(),
+            conv_macs: macs,
+            macs_ratio: macs as f64 / 1.8e9,
+            params: 11_000_000,
+            params_ratio: 1.0,
+            mean_rel_error: 0.1,
+            worst_rel_error: 0.2,
+            top1_compressed: top1 / 2.0,
+            top1,
+            top5: top1,
+        };
+        let frame = sweep_frame(&[
+            point("dense", 1_800_000_000, 0.7),
+            point("budget-macs:0.5", 900_000_000, 0.68),
+            point("budget-macs:0.33", 600_000_000, 0.69),
+        ]);
+        let chart = pareto_chart(&frame).unwrap();
+        let img = image::load_from_memory(&chart.png).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), SIZE);
+        assert!(ink(&img, 150..600, 0..40) > 200, "no title");
+        // Front points in red, the dominated one (0.5 budget) in blue.
+        let count = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
+        assert!(count([214, 39, 40]) > 100 && count([31, 119, 180]) > 30);
+        assert!(pareto_chart(&DataFrame::empty()).is_err());
+    }
+
+    #[test]
+    fn a_frame_without_the_metrics_columns_is_an_error() {
+        let frame = DataFrame::empty();
+        assert!(accuracy_chart(&frame)
+            .unwrap_err()
+            .to_string()
+            .contains("metrics"));
+    }
+}
