@@ -20,7 +20,8 @@ use crate::loader::{Loader, Transform};
 use crate::model::ResNet18;
 use crate::report::CompressionReport;
 use crate::train::{
-    evaluate, fine_tune_rows, metrics_frame, EpochMetrics, EvalResult, FineTuneConfig, Trainable,
+    evaluate, fine_tune_rows, fine_tune_rows_with, metrics_frame, recalibrate_bn, EpochMetrics,
+    EvalResult, FineTuneConfig, Trainable,
 };
 
 /// Settings of a run; defaults mirror the seed (224 px, 5 + 5 epochs, batch 64, ratio 0.2).
@@ -54,6 +55,10 @@ pub struct RunConfig {
     pub storage: StorageOptions,
     /// Keep the uint8 images on the device (no host→device copies per batch).
     pub resident_data: bool,
+    /// Recalibrate the BN statistics right after each compression ([`crate::train::recalibrate_bn`]).
+    pub recalibrate_bn: bool,
+    /// Training images (after a seeded shuffle, eval transform) the BN recalibration sees.
+    pub calib_images: usize,
 }
 
 impl RunConfig {
@@ -78,6 +83,8 @@ impl RunConfig {
             val_limit: None,
             storage: StorageOptions::default(),
             resident_data: true,
+            recalibrate_bn: true,
+            calib_images: 1024,
         }
     }
 
@@ -93,6 +100,7 @@ impl RunConfig {
             ("num_classes", self.num_classes),
             ("batch size", self.batch_size as i64),
             ("eval batch size", self.eval_batch_size as i64),
+            ("calibration images", self.calib_images as i64),
         ] {
             if value < 1 {
                 return Err(Error::value(what, format!("{value} (must be ≥ 1)")));
@@ -113,12 +121,17 @@ impl RunConfig {
         }
     }
 
-    /// The seed's fine-tune of the original model: fc only.
+    /// The seed's fine-tune of the original model: fc only (never distilled: there is no
+    /// teacher yet).
     pub fn original_phase(&self) -> FineTuneConfig {
-        self.phase("original", self.fine_tune.epochs, Trainable::Classifier)
+        FineTuneConfig {
+            distill: None,
+            ..self.phase("original", self.fine_tune.epochs, Trainable::Classifier)
+        }
     }
 
-    /// The seed's fine-tune of the compressed model: the factorised convs and fc.
+    /// The seed's fine-tune of the compressed model: the factorised convs and fc (distilled from
+    /// the model before compression when `fine_tune.distill` says so).
     pub fn compressed_phase(&self) -> FineTuneConfig {
         self.phase(
             "compressed",
@@ -179,6 +192,22 @@ pub fn loader_pair(config: &RunConfig, train: &Dataset, val: &Dataset) -> (Loade
     )
 }
 
+/// The calibration set ([`Loader::calibration_set`]): `calib_images` training images after a
+/// shuffle seeded with the run's seed, eval transform; says so when the data has fewer.
+pub fn calibration(config: &RunConfig, train: &Loader) -> Result<Loader> {
+    let calibration =
+        train.calibration_set(config.calib_images, config.seed, config.eval_batch_size)?;
+    if calibration.len() < config.calib_images {
+        eprintln!(
+            "calibration: {} asks for {} images, the training set has {}: using them all",
+            config.data.display(),
+            config.calib_images,
+            calibration.len()
+        );
+    }
+    Ok(calibration)
+}
+
 /// The starting model: the weights with a fresh `fc` for `num_classes` (as the seed), or random
 /// weights; seeded with the run's seed.
 pub fn initial_model(config: &RunConfig) -> Result<ResNet18> {
@@ -207,6 +236,8 @@ pub struct Stages {
     pub reports: Vec<CompressionReport>,
     pub evals: Vec<EvalResult>,
     pub checkpoints: Vec<Checkpoint>,
+    /// After each stage's BN recalibration (when a calibration set was given).
+    pub recalibrated: Vec<Checkpoint>,
     pub metrics: Vec<EpochMetrics>,
 }
 
@@ -230,13 +261,14 @@ impl Stages {
 /// Compresses `model` with `policies[0]`, then, for each further policy, fine-tunes it with
 /// `between` (the factorised convs and fc; phase `PHASE1`, `PHASE2`, … after `between.phase`;
 /// with a checkpoint folder, each stage's checkpoints go in `DIR/PHASEn`) and
-/// compresses it further (MUSCO-style). Evaluates on `val` after each compression. Later policies
+/// compresses it further (MUSCO-style). Evaluates on `val` after each compression and, with a
+/// `calibration` set, recalibrates the BN statistics on it and evaluates again. Later policies
 /// must be data-driven ([`CompressionPolicy::validate_as_stage`]); that is checked first.
 pub fn compress_in_stages(
     model: &mut ResNet18,
     policies: &[CompressionPolicy],
-    train: &Loader,
-    val: &Loader,
+    (train, val): (&Loader, &Loader),
+    calibration: Option<&Loader>,
     between: &FineTuneConfig,
 ) -> Result<Stages> {
     if policies.is_empty() {
@@ -249,6 +281,7 @@ pub fn compress_in_stages(
         reports: Vec::new(),
         evals: Vec::new(),
         checkpoints: Vec::new(),
+        recalibrated: Vec::new(),
         metrics: Vec::new(),
     };
     for (i, policy) in policies.iter().enumerate() {
@@ -266,9 +299,16 @@ pub fn compress_in_stages(
         }
         stages.reports.push(compress_model(model, policy)?);
         let eval = evaluate(model, val)?;
-        let checkpoint = Checkpoint::new(model, &eval, policy.input_size[0]);
+        let size = policy.input_size[0];
+        stages.checkpoints.push(Checkpoint::new(model, &eval, size));
         stages.evals.push(eval);
-        stages.checkpoints.push(checkpoint);
+        if let Some(calibration) = calibration {
+            recalibrate_bn(model, calibration)?;
+            let eval = evaluate(model, val)?;
+            stages
+                .recalibrated
+                .push(Checkpoint::new(model, &eval, size));
+        }
     }
     Ok(stages)
 }
@@ -301,10 +341,13 @@ impl Checkpoint {
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub original: Checkpoint,
-    /// Right after the (first) compression.
+    /// Right after the (first) compression: the seed's "compressed, before fine-tuning".
     pub compressed: Checkpoint,
-    /// Right after each further stage's compression (multi-stage runs).
+    /// After that, with the BN statistics recalibrated (when the run recalibrates).
+    pub recalibrated: Option<Checkpoint>,
+    /// Right after each further stage's compression (multi-stage runs), and recalibrated.
     pub stages: Vec<Checkpoint>,
+    pub stages_recalibrated: Vec<Checkpoint>,
     pub fine_tuned: Checkpoint,
     pub image_size: i64,
     pub device: String,
@@ -339,11 +382,23 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
     let original = Checkpoint::new(&model, &evaluate(&model, &val)?, size);
 
     // 3) compress (in stages, with short fine-tunes between); 4) evaluate before fine-tuning.
+    let teacher = config.fine_tune.distill.map(|_| model.deep_copy());
     let between = FineTuneConfig {
         checkpoint_dir: Some(out.clone()),
+        distill: None,
         ..config.phase("stage", config.stage_epochs, Trainable::TuckerAndClassifier)
     };
-    let stages = compress_in_stages(&mut model, &config.all_stages(), &train, &val, &between)?;
+    let calibration = match config.recalibrate_bn {
+        true => Some(calibration(config, &train)?),
+        false => None,
+    };
+    let stages = compress_in_stages(
+        &mut model,
+        &config.all_stages(),
+        (&train, &val),
+        calibration.as_ref(),
+        &between,
+    )?;
     rows.extend(stages.metrics.iter().cloned());
     for (i, report) in stages.reports.iter().enumerate() {
         let name = match i {
@@ -355,14 +410,19 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
     let mut after_stage = stages.checkpoints.iter().cloned();
     let compressed = after_stage.next().expect("at least one stage");
     let further: Vec<Checkpoint> = after_stage.collect();
+    let mut recalibrated = stages.recalibrated.iter().cloned();
+    let first_recalibrated = recalibrated.next();
 
     // 5) fine-tune the compressed model: factorised convs and fc; 6) evaluate.
-    rows.extend(fine_tune_rows(
+    let compressed_phase = config.compressed_phase();
+    let taught = fine_tune_rows_with(
         &mut model,
+        teacher.as_ref(),
         &train,
         &val,
-        &config.compressed_phase(),
-    )?);
+        &compressed_phase,
+    )?;
+    rows.extend(taught);
     model.save(out.join("compressed.safetensors"))?;
     let fine_tuned = Checkpoint::new(&model, &evaluate(&model, &val)?, size);
 
@@ -371,7 +431,9 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
     let summary = Summary {
         original,
         compressed,
+        recalibrated: first_recalibrated,
         stages: further,
+        stages_recalibrated: recalibrated.collect(),
         fine_tuned,
         image_size: size,
         device: format!("{:?}", config.device),
@@ -401,12 +463,14 @@ pub fn run_sweep(config: &RunConfig, policies: &[CompressionPolicy]) -> Result<D
     let out = &config.out;
     std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
     let (train, val) = loaders(config)?;
+    let calibration = calibration(config, &train)?;
     let model = initial_model(config)?;
     let fine_tune = FineTuneConfig {
         epochs: config.compressed_epochs,
         ..config.fine_tune.clone()
     };
-    let frame = crate::sweep::sweep(&model, policies, &train, &val, &fine_tune)?;
+    let loaders = (&train, &val, &calibration);
+    let frame = crate::sweep::sweep(&model, policies, loaders, &fine_tune)?;
     write_frame_csv(&frame, &out.join("sweep.csv"))?;
     crate::plots::pareto_chart(&frame)?.save_png(out.join("pareto.png"))?;
     Ok(frame)

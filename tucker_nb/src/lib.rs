@@ -55,4 +55,6 @@ pub use notebook::{ModelSummary, NotebookConfig};
 pub use plots::Chart;
 pub use polars::prelude::DataFrame;
 pub use report::CompressionReport;
-pub use train::{evaluate, fine_tune, BnMode, EvalResult, FineTuneConfig, Trainable};
+pub use train::{
+    evaluate, fine_tune, recalibrate_bn, BnMode, EvalResult, FineTuneConfig, Trainable,
+};

@@ -70,6 +70,39 @@ impl Loader {
         }
     }
 
+    /// The calibration set of a training loader: its first `images` images after a shuffle seeded
+    /// with `seed` (all of them when it has fewer), with the eval transform at the same size, in
+    /// batches of `batch_size`, not shuffled. Fails on `images = 0`.
+    pub fn calibration_set(
+        &self,
+        images: usize,
+        seed: u64,
+        batch_size: usize,
+    ) -> crate::error::Result<Loader> {
+        if images == 0 {
+            return Err(crate::error::Error::value(
+                "calibration images",
+                "0 (must be ≥ 1)",
+            ));
+        }
+        let mut order: Vec<i64> = (0..self.len() as i64).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(seed));
+        order.truncate(images);
+        let index = Tensor::from_slice(&order).to_device(self.images.device());
+        let size = match self.transform {
+            Transform::Train { size } | Transform::Eval { size } => size,
+        };
+        Ok(Loader {
+            images: self.images.index_select(0, &index),
+            labels: self.labels.index_select(0, &index),
+            batch_size: batch_size.max(1),
+            shuffle: false,
+            seed,
+            transform: Transform::Eval { size },
+            device: self.device,
+        })
+    }
+
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
         self

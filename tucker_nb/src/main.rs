@@ -11,7 +11,7 @@ use tucker_nb::bench::{self, BenchConfig};
 use tucker_nb::data::{self, Split};
 use tucker_nb::experiment::{self, RunConfig};
 use tucker_nb::synthetic::{self, SyntheticFormat, SyntheticSpec};
-use tucker_nb::train::{self, BnMode};
+use tucker_nb::train::{self, BnMode, Distillation};
 use tucker_nb::{
     compress_model, runtime, CompressionPolicy, DataSource, Loader, Method, RankPolicy, ResNet18,
     StorageOptions, Transform,
@@ -145,6 +145,10 @@ struct TrainArgs {
     /// bfloat16 autocast (CUDA).
     #[arg(long)]
     bf16: bool,
+    /// Distil the compressed model's fine-tune from the model before compression: T,ALPHA (loss
+    /// α·CE + (1−α)·T²·KL), e.g. 4,0.5.
+    #[arg(long, value_name = "T,ALPHA")]
+    distill: Option<Distillation>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -188,6 +192,12 @@ struct ExperimentArgs {
     device: DeviceArg,
     #[arg(long)]
     out: PathBuf,
+    /// Training images (seeded shuffle, eval transform) the BN recalibration after compression sees.
+    #[arg(long, default_value_t = 1024)]
+    calib_images: usize,
+    /// Skip the BN recalibration after compression (the seed's flow).
+    #[arg(long)]
+    no_bn_recalibration: bool,
 }
 
 #[derive(Args)]
@@ -347,6 +357,8 @@ impl ExperimentArgs {
         config.batch_size = train.batch_size;
         config.eval_batch_size = train.eval_batch_size;
         config.seed = train.seed;
+        config.calib_images = self.calib_images;
+        config.recalibrate_bn = !self.no_bn_recalibration;
         let ft = &mut config.fine_tune;
         ft.lr = train.lr;
         ft.momentum = train.momentum;
@@ -355,6 +367,7 @@ impl ExperimentArgs {
         ft.gamma = train.gamma;
         ft.bn = train.bn;
         ft.bf16 = train.bf16;
+        ft.distill = train.distill;
         Ok(config)
     }
 }
@@ -468,15 +481,26 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     for (i, report) in result.stage_reports.iter().enumerate() {
         println!("stage {}: {}", i + 2, report.summary());
     }
+    let recalibrated = |c: Option<&experiment::Checkpoint>| {
+        c.map_or(String::new(), |c| {
+            format!(", BN recalibrated {:.4}", c.top1)
+        })
+    };
     let stages: String = s
         .stages
         .iter()
         .enumerate()
-        .map(|(i, c)| format!(" | stage {} {:.4}", i + 2, c.top1))
+        .map(|(i, c)| {
+            let after = recalibrated(s.stages_recalibrated.get(i));
+            format!(" | stage {} {:.4}{after}", i + 2, c.top1)
+        })
         .collect();
     println!(
-        "top-1: original {:.4} | compressed {:.4}{stages} | compressed + fine-tuned {:.4}",
-        s.original.top1, s.compressed.top1, s.fine_tuned.top1
+        "top-1: original {:.4} | compressed {:.4}{}{stages} | compressed + fine-tuned {:.4}",
+        s.original.top1,
+        s.compressed.top1,
+        recalibrated(s.recalibrated.as_ref()),
+        s.fine_tuned.top1
     );
     println!(
         "wrote {}/{{metrics.csv,layers.csv,summary.json,original.safetensors,compressed.safetensors}}",

@@ -237,6 +237,19 @@ impl NotebookConfig {
         ))
     }
 
+    /// The compressed model's fine-tune, distilled from the model before compression
+    /// (`run.fine_tune.distill`, or T = 4, α = 0.5), as phase `distilled`.
+    pub fn fine_tune_distilled(&self) -> FineTuneConfig {
+        let epochs = self.run.compressed_epochs;
+        let phase = self
+            .run
+            .phase("distilled", epochs, Trainable::TuckerAndClassifier);
+        Self::without_checkpoints(FineTuneConfig {
+            distill: Some(self.run.fine_tune.distill.unwrap_or_default()),
+            ..phase
+        })
+    }
+
     /// The seed's compression (`run.policy`, ratio 0.2 by default), costs counted at the
     /// notebook's image size.
     pub fn policy(&self) -> CompressionPolicy {

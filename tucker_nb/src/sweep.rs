@@ -1,5 +1,5 @@
 //! A sweep over compression budgets: for each policy, compress a copy of the model, evaluate it,
-//! fine-tune it briefly and evaluate again; one DataFrame row per policy (plus the uncompressed
+//! recalibrate its BN statistics and evaluate, fine-tune it briefly and evaluate again; one DataFrame row per policy (plus the uncompressed
 //! model), with conv MACs, parameters, reconstruction errors and accuracy, and which rows lie on
 //! the accuracy-vs-MACs Pareto front (`plots::pareto_chart` draws it).
 
@@ -11,10 +11,10 @@ use crate::error::Result;
 use crate::frame::{column, frame_of};
 use crate::loader::Loader;
 use crate::model::ResNet18;
-use crate::train::{evaluate, fine_tune_rows, FineTuneConfig, Trainable};
+use crate::train::{evaluate, fine_tune_rows_with, recalibrate_bn, FineTuneConfig, Trainable};
 
 /// The sweep's columns, in order.
-pub const SWEEP_COLUMNS: [&str; 11] = [
+pub const SWEEP_COLUMNS: [&str; 12] = [
     "policy",
     "conv_macs",
     "macs_ratio",
@@ -23,6 +23,7 @@ pub const SWEEP_COLUMNS: [&str; 11] = [
     "mean_rel_error",
     "worst_rel_error",
     "top1_compressed",
+    "top1_recalibrated",
     "top1",
     "top5",
     "pareto",
@@ -43,73 +44,90 @@ pub struct SweepPoint {
     /// Mean and worst relative reconstruction error over the factorised convs.
     pub mean_rel_error: f64,
     pub worst_rel_error: f64,
-    /// Validation top-1 right after compression, and after the short fine-tune.
+    /// Validation top-1 right after compression, after BN recalibration, and after the short
+    /// fine-tune.
     pub top1_compressed: f64,
+    pub top1_recalibrated: f64,
     pub top1: f64,
     pub top5: f64,
 }
 
-/// Compresses a copy of `model` with each policy, fine-tunes it with `fine_tune` (its
-/// `trainable` is set to the factorised convs and fc, its phase to the policy) and evaluates it
-/// on `val`. `model` is left as it was.
+/// Compresses a copy of `model` with each policy, evaluates it, recalibrates its BN statistics on
+/// `calibration` and evaluates again, fine-tunes it with `fine_tune` (its `trainable` is set to
+/// the factorised convs and fc, its phase to the policy; with `distill`, `model` is the teacher)
+/// and evaluates it on `val`. `model` is left as it was.
 pub fn sweep(
     model: &ResNet18,
     policies: &[CompressionPolicy],
-    train: &Loader,
-    val: &Loader,
+    loaders: (&Loader, &Loader, &Loader),
     fine_tune: &FineTuneConfig,
 ) -> Result<DataFrame> {
     let input = policies.first().map_or([224, 224], |p| p.input_size);
-    let dense_macs = model.conv_macs(input);
-    let dense_params = model.num_params();
-    let base = evaluate(model, val)?;
+    let dense = (model.conv_macs(input), model.num_params());
+    let base = evaluate(model, loaders.1)?;
     let mut points = vec![SweepPoint {
         policy: "dense".into(),
-        conv_macs: dense_macs,
+        conv_macs: dense.0,
         macs_ratio: 1.0,
-        params: dense_params,
+        params: dense.1,
         params_ratio: 1.0,
         mean_rel_error: 0.0,
         worst_rel_error: 0.0,
         top1_compressed: base.top1,
+        top1_recalibrated: base.top1,
         top1: base.top1,
         top5: base.top5,
     }];
     for policy in policies {
-        let spec = policy.ranks.to_string();
-        let mut compressed = model.deep_copy();
-        let report = compress_model(&mut compressed, policy)?;
-        let top1_compressed = evaluate(&compressed, val)?.top1;
-        let config = FineTuneConfig {
-            phase: spec.clone(),
-            trainable: Trainable::TuckerAndClassifier,
-            checkpoint_dir: None,
-            ..fine_tune.clone()
-        };
-        fine_tune_rows(&mut compressed, train, val, &config)?;
-        let after = evaluate(&compressed, val)?;
-        let errors: Vec<f64> = report
-            .layers
-            .iter()
-            .filter(|l| l.ranks.is_some())
-            .map(|l| l.rel_error)
-            .collect();
-        let conv_macs = compressed.conv_macs(policy.input_size);
-        let params = compressed.num_params();
-        points.push(SweepPoint {
-            policy: spec,
-            conv_macs,
-            macs_ratio: conv_macs as f64 / dense_macs as f64,
-            params,
-            params_ratio: params as f64 / dense_params as f64,
-            mean_rel_error: errors.iter().sum::<f64>() / errors.len().max(1) as f64,
-            worst_rel_error: errors.iter().copied().fold(0.0, f64::max),
-            top1_compressed,
-            top1: after.top1,
-            top5: after.top5,
-        });
+        points.push(sweep_point(model, policy, loaders, fine_tune, dense)?);
     }
     Ok(sweep_frame(&points))
+}
+
+/// One policy's point: compress a copy, evaluate, recalibrate, evaluate, fine-tune, evaluate.
+fn sweep_point(
+    model: &ResNet18,
+    policy: &CompressionPolicy,
+    (train, val, calibration): (&Loader, &Loader, &Loader),
+    fine_tune: &FineTuneConfig,
+    (dense_macs, dense_params): (i64, i64),
+) -> Result<SweepPoint> {
+    let spec = policy.ranks.to_string();
+    let mut compressed = model.deep_copy();
+    let report = compress_model(&mut compressed, policy)?;
+    let top1_compressed = evaluate(&compressed, val)?.top1;
+    recalibrate_bn(&mut compressed, calibration)?;
+    let top1_recalibrated = evaluate(&compressed, val)?.top1;
+    let config = FineTuneConfig {
+        phase: spec.clone(),
+        trainable: Trainable::TuckerAndClassifier,
+        checkpoint_dir: None,
+        ..fine_tune.clone()
+    };
+    let teacher = config.distill.map(|_| model);
+    fine_tune_rows_with(&mut compressed, teacher, train, val, &config)?;
+    let after = evaluate(&compressed, val)?;
+    let errors: Vec<f64> = report
+        .layers
+        .iter()
+        .filter(|l| l.ranks.is_some())
+        .map(|l| l.rel_error)
+        .collect();
+    let conv_macs = compressed.conv_macs(policy.input_size);
+    let params = compressed.num_params();
+    Ok(SweepPoint {
+        policy: spec,
+        conv_macs,
+        macs_ratio: conv_macs as f64 / dense_macs as f64,
+        params,
+        params_ratio: params as f64 / dense_params as f64,
+        mean_rel_error: errors.iter().sum::<f64>() / errors.len().max(1) as f64,
+        worst_rel_error: errors.iter().copied().fold(0.0, f64::max),
+        top1_compressed,
+        top1_recalibrated,
+        top1: after.top1,
+        top5: after.top5,
+    })
 }
 
 /// Whether each point is on the Pareto front of (fewer conv MACs, higher top-1): no other point
@@ -134,7 +152,7 @@ pub fn sweep_frame(points: &[SweepPoint]) -> DataFrame {
             .collect::<Vec<_>>(),
     );
     let frame = frame_of!(points; policy, conv_macs, macs_ratio, params, params_ratio,
-        mean_rel_error, worst_rel_error, top1_compressed, top1, top5);
+        mean_rel_error, worst_rel_error, top1_compressed, top1_recalibrated, top1, top5);
     let pareto = column("pareto", &front, |&on| on);
     frame
         .hstack(&[pareto])

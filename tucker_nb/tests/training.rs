@@ -309,7 +309,8 @@ fn a_budget_sweep_gives_one_row_per_policy_and_leaves_the_model_alone() {
         epochs: 1,
         ..Default::default()
     };
-    let frame = sweep(&model, &policies, &train, &val, &config).unwrap();
+    let calibration = train.calibration_set(16, 0, 8).unwrap();
+    let frame = sweep(&model, &policies, (&train, &val, &calibration), &config).unwrap();
     let names: Vec<&str> = frame
         .get_column_names()
         .iter()
@@ -336,6 +337,14 @@ fn a_budget_sweep_gives_one_row_per_policy_and_leaves_the_model_alone() {
     for (got, want) in ratios.iter().zip([1.0, 0.5, 0.25]) {
         assert!((got / want - 1.0).abs() <= 0.02, "{got} for {want}");
     }
+    let top1 = |column: &str| -> Vec<f64> {
+        let values = frame.column(column).unwrap().f64().unwrap();
+        values.into_no_null_iter().collect()
+    };
+    assert!(top1("top1_recalibrated")
+        .iter()
+        .all(|t| (0.0..=1.0).contains(t)));
+    assert_eq!(top1("top1_recalibrated")[0], top1("top1_compressed")[0]);
     let front = frame.column("pareto").unwrap().bool().unwrap();
     assert!(front.iter().any(|b| b == Some(true)));
     for ((name, t), b) in model.named_tensors().iter().zip(&before) {
@@ -383,7 +392,9 @@ fn the_sweep_command_writes_its_table_and_chart() {
     );
     assert!(!out.join("sweep.csv").exists());
 
-    tucker_nb_ok(&[&common[..], &["--policies", "budget-macs:0.5"]].concat());
+    // Distilled from the dense model, which exercises the teacher path end to end.
+    let distilled = ["--policies", "budget-macs:0.5", "--distill", "2,0.5"];
+    tucker_nb_ok(&[&common[..], &distilled].concat());
     let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines[0], tucker_nb::sweep::SWEEP_COLUMNS.join(","));

@@ -309,6 +309,28 @@ impl ResNet18 {
         folded
     }
 
+    /// Resets the running statistics of every BN that is not folded (μ = 0, σ² = 1, no batches
+    /// tracked), as `reset_running_stats()`; returns how many were reset.
+    pub fn reset_bn_statistics(&self) -> usize {
+        let bns: Vec<&BatchNorm> = self.units().into_iter().map(|u| u.bn).collect();
+        let live: Vec<&&BatchNorm> = bns.iter().filter(|bn| !bn.folded).collect();
+        tch::no_grad(|| {
+            for bn in &live {
+                let _ = bn.running_mean.shallow_clone().fill_(0.0);
+                let _ = bn.running_var.shallow_clone().fill_(1.0);
+                let _ = bn.num_batches_tracked.shallow_clone().fill_(0);
+            }
+        });
+        live.len()
+    }
+
+    /// Sets every BN's momentum (the weight of a new batch in its running statistics).
+    pub fn set_bn_momentum(&mut self, momentum: f64) {
+        for unit in self.units_mut() {
+            unit.bn.momentum = momentum;
+        }
+    }
+
     /// Total parameter count (BN running statistics excluded, as `model.parameters()`).
     pub fn num_params(&self) -> i64 {
         self.named_tensors()

@@ -312,6 +312,7 @@ mod tests {
             mean_rel_error: 0.1,
             worst_rel_error: 0.2,
             top1_compressed: top1 / 2.0,
+            top1_recalibrated: top1 / 1.5,
             top1,
             top5: top1,
         };

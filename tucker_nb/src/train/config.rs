@@ -47,6 +47,10 @@ pub struct FineTuneConfig {
     pub phase: String,
     /// bfloat16 autocast of the forward pass (CUDA only; ignored on CPU).
     pub bf16: bool,
+    /// Knowledge distillation from a teacher (the model before compression); `None`: plain
+    /// cross-entropy, as the seed.
+    #[serde(default)]
+    pub distill: Option<Distillation>,
     /// Checkpoints go here after every epoch; `None` writes none.
     #[serde(skip)]
     pub checkpoint_dir: Option<PathBuf>,
@@ -68,8 +72,72 @@ impl Default for FineTuneConfig {
             bn: BnMode::Statistics,
             phase: "original".into(),
             bf16: false,
+            distill: None,
             checkpoint_dir: None,
             resume: false,
+        }
+    }
+}
+
+/// Distillation settings: loss = α·CE + (1 − α)·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)), z_t the
+/// teacher's logits on the same augmented batch (eval mode, no gradients), z_s the student's.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Distillation {
+    temperature: f64,
+    alpha: f64,
+}
+
+impl Distillation {
+    /// `temperature` > 0 and finite, `alpha` (the cross-entropy's weight) in [0, 1].
+    pub fn new(temperature: f64, alpha: f64) -> crate::error::Result<Self> {
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            return Err(crate::error::Error::value(
+                "distillation temperature",
+                format!("{temperature} (must be > 0)"),
+            ));
+        }
+        if !(0.0..=1.0).contains(&alpha) {
+            return Err(crate::error::Error::value(
+                "distillation alpha",
+                format!("{alpha} (must be in [0, 1])"),
+            ));
+        }
+        Ok(Self { temperature, alpha })
+    }
+
+    pub fn temperature(&self) -> f64 {
+        self.temperature
+    }
+
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+    }
+}
+
+/// T = 4, α = 0.5.
+impl Default for Distillation {
+    fn default() -> Self {
+        Self {
+            temperature: 4.0,
+            alpha: 0.5,
+        }
+    }
+}
+
+/// `T,ALPHA`, as `4,0.5`.
+impl std::str::FromStr for Distillation {
+    type Err = crate::error::Error;
+
+    fn from_str(spec: &str) -> crate::error::Result<Self> {
+        let parsed = spec
+            .split_once(',')
+            .and_then(|(t, a)| Some((t.trim().parse().ok()?, a.trim().parse().ok()?)));
+        match parsed {
+            Some((t, a)) => Self::new(t, a),
+            None => Err(crate::error::Error::value(
+                "distillation",
+                format!("`{spec}` (expected T,ALPHA, as 4,0.5)"),
+            )),
         }
     }
 }

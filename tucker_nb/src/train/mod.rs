@@ -17,7 +17,9 @@ use crate::loader::Loader;
 use crate::model::{is_buffer, ResNet18};
 use crate::progress::Progress;
 use checkpoint::{load_checkpoint, save_checkpoint, CheckpointIndex};
-pub use config::{metrics_frame, BnMode, EpochMetrics, FineTuneConfig, Trainable, METRICS_COLUMNS};
+pub use config::{
+    metrics_frame, BnMode, Distillation, EpochMetrics, FineTuneConfig, Trainable, METRICS_COLUMNS,
+};
 use sgd::Sgd;
 
 /// What `evaluate` measures.
@@ -107,6 +109,45 @@ fn autocast<T>(bf16: bool, f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// BN recalibration, for a model whose convs have just been replaced: every BN's running
+/// statistics are reset and re-estimated from `calibration` in train mode without gradients, as
+/// the equal-weight average over its batches (PyTorch's `momentum=None`); affine parameters and
+/// weights are untouched. Returns the number of images seen. Refuses a model with folded BNs
+/// (fold after recalibrating) and non-finite statistics (naming the BN).
+pub fn recalibrate_bn(model: &mut ResNet18, calibration: &Loader) -> Result<usize> {
+    if calibration.is_empty() {
+        return Err(Error::value("calibration set", "no images"));
+    }
+    if let Some(unit) = model.units().into_iter().find(|u| u.bn.folded) {
+        return Err(Error::layer(
+            unit.bn_name,
+            "is folded into its conv: recalibrate BNs before folding them",
+        ));
+    }
+    let momentum = model.bn1.momentum;
+    model.reset_bn_statistics();
+    let mut seen = 0;
+    tch::no_grad(|| {
+        for (k, batch) in calibration.epoch(0).enumerate() {
+            model.set_bn_momentum(1.0 / (k + 1) as f64);
+            let _ = model.forward(&batch.images, true);
+            seen += batch.labels.size()[0] as usize;
+        }
+    });
+    model.set_bn_momentum(momentum);
+    for unit in model.units() {
+        let stats = Tensor::cat(&[&unit.bn.running_mean, &unit.bn.running_var], 0);
+        if stats.isfinite().logical_not().any().int64_value(&[]) != 0 {
+            return Err(Error::layer(
+                unit.bn_name,
+                "non-finite running statistics after recalibration: the calibration activations \
+                 are not finite",
+            ));
+        }
+    }
+    Ok(seen)
+}
+
 /// The tensors `trainable` selects, by state_dict name (shallow clones: updating them updates
 /// the model).
 pub fn trainable_parameters(
@@ -152,6 +193,23 @@ pub fn fine_tune(
     Ok(metrics_frame(&rows))
 }
 
+/// [`fine_tune`] with knowledge distillation from `teacher` (`config.distill` says how; the
+/// default [`Distillation`] when it is `None`).
+pub fn fine_tune_distilled(
+    model: &mut ResNet18,
+    teacher: &ResNet18,
+    train: &Loader,
+    val: &Loader,
+    config: &FineTuneConfig,
+) -> Result<DataFrame> {
+    let config = FineTuneConfig {
+        distill: Some(config.distill.unwrap_or_default()),
+        ..config.clone()
+    };
+    let rows = fine_tune_rows_with(model, Some(teacher), train, val, &config)?;
+    Ok(metrics_frame(&rows))
+}
+
 /// [`fine_tune`], returning the rows themselves.
 pub fn fine_tune_rows(
     model: &mut ResNet18,
@@ -159,6 +217,24 @@ pub fn fine_tune_rows(
     val: &Loader,
     config: &FineTuneConfig,
 ) -> Result<Vec<EpochMetrics>> {
+    fine_tune_rows_with(model, None, train, val, config)
+}
+
+/// [`fine_tune_rows`] with an optional teacher; `config.distill` and the teacher go together.
+pub fn fine_tune_rows_with(
+    model: &mut ResNet18,
+    teacher: Option<&ResNet18>,
+    train: &Loader,
+    val: &Loader,
+    config: &FineTuneConfig,
+) -> Result<Vec<EpochMetrics>> {
+    if config.distill.is_some() != teacher.is_some() {
+        let why = match teacher {
+            None => "distillation needs a teacher (the model before compression)",
+            Some(_) => "a teacher was given without distillation settings",
+        };
+        return Err(Error::value("distillation", why));
+    }
     if config.epochs == 0 {
         return Ok(Vec::new());
     }
@@ -191,8 +267,14 @@ pub fn fine_tune_rows(
     for (_, p) in &sgd.params {
         let _ = p.set_requires_grad(true);
     }
+    let one_epoch = Epoch {
+        train,
+        val,
+        teacher,
+        config,
+    };
     let result = (start_epoch..config.epochs).try_for_each(|epoch| -> Result<()> {
-        let row = train_epoch(model, train, val, config, &mut sgd, epoch)?;
+        let row = train_epoch(model, &one_epoch, &mut sgd, epoch)?;
         rows.push(row);
         if let Some(dir) = &config.checkpoint_dir {
             let index = CheckpointIndex {
@@ -212,11 +294,39 @@ pub fn fine_tune_rows(
     result.map(|()| rows)
 }
 
+/// α·CE(z_s, y) + (1 − α)·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)), averaged over the batch.
+pub fn distillation_loss(
+    student: &Tensor,
+    teacher: &Tensor,
+    labels: &Tensor,
+    distill: Distillation,
+) -> Tensor {
+    let (t, alpha) = (distill.temperature(), distill.alpha());
+    let ce = student.cross_entropy_for_logits(labels);
+    let log_student = (student / t).log_softmax(-1, Kind::Float);
+    let log_teacher = (teacher / t).log_softmax(-1, Kind::Float);
+    let kl = (log_teacher.exp() * (&log_teacher - log_student))
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .mean(Kind::Float);
+    ce * alpha + kl * ((1.0 - alpha) * t * t)
+}
+
+/// One epoch: what [`fine_tune_rows`] repeats.
+struct Epoch<'a> {
+    train: &'a Loader,
+    val: &'a Loader,
+    teacher: Option<&'a ResNet18>,
+    config: &'a FineTuneConfig,
+}
+
 fn train_epoch(
     model: &mut ResNet18,
-    train: &Loader,
-    val: &Loader,
-    config: &FineTuneConfig,
+    Epoch {
+        train,
+        val,
+        teacher,
+        config,
+    }: &Epoch,
     sgd: &mut Sgd,
     epoch: usize,
 ) -> Result<EpochMetrics> {
@@ -237,7 +347,16 @@ fn train_epoch(
         let n = batch.labels.size()[0] as usize;
         let logits = autocast(config.bf16, || model.forward(&batch.images, bn_batch_stats))
             .to_kind(Kind::Float);
-        let loss = logits.cross_entropy_for_logits(&batch.labels);
+        let loss = match (config.distill, teacher) {
+            (Some(distill), Some(teacher)) => {
+                let taught = tch::no_grad(|| {
+                    autocast(config.bf16, || teacher.forward(&batch.images, false))
+                        .to_kind(Kind::Float)
+                });
+                distillation_loss(&logits, &taught, &batch.labels, distill)
+            }
+            _ => logits.cross_entropy_for_logits(&batch.labels),
+        };
         sgd.zero_grad();
         loss.backward();
         sgd.step(lr);
@@ -290,4 +409,150 @@ fn train_epoch(
         seconds: start.elapsed().as_secs_f64(),
         images_per_s: seen as f64 / train_seconds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Dataset;
+    use crate::loader::Transform;
+    use tch::Device;
+
+    /// 12 random 32 px images as a calibration loader (batches of 4, no shuffle).
+    fn calibration() -> Loader {
+        tch::manual_seed(5);
+        let data = Dataset {
+            images: Tensor::randint(256, [12, 3, 32, 32], (Kind::Uint8, Device::Cpu)),
+            labels: Tensor::zeros([12], (Kind::Int64, Device::Cpu)),
+            classes: vec!["a".into()],
+            names: (0..12).map(|i| i.to_string()).collect(),
+        };
+        let eval = Transform::Eval { size: 32 };
+        Loader::new(&data, 4, eval, Device::Cpu, true)
+    }
+
+    #[test]
+    fn recalibration_estimates_the_statistics_of_the_calibration_batches() {
+        let mut model = ResNet18::new(3, Device::Cpu);
+        let calibration = calibration();
+        assert_eq!(recalibrate_bn(&mut model, &calibration).unwrap(), 12);
+        // The stem BN sees conv1's output: its mean over all images and pixels (equal batches),
+        // and the mean of the per-batch unbiased variances.
+        let (mut mean, mut var) = (Vec::new(), Vec::new());
+        tch::no_grad(|| {
+            for batch in calibration.epoch(0) {
+                let y = model.conv1.forward(&batch.images).to_kind(Kind::Double);
+                mean.push(y.mean_dim([0i64, 2, 3].as_slice(), false, Kind::Double));
+                var.push(y.var_dim([0i64, 2, 3].as_slice(), true, false));
+            }
+        });
+        let expected_mean = Tensor::stack(&mean, 0).mean_dim(0, false, Kind::Double);
+        let expected_var = Tensor::stack(&var, 0).mean_dim(0, false, Kind::Double);
+        let close = |a: &Tensor, b: &Tensor| {
+            let diff = (a.to_kind(Kind::Double) - b).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "differs by {diff}");
+        };
+        close(&model.bn1.running_mean, &expected_mean);
+        close(&model.bn1.running_var, &expected_var);
+        assert_eq!(model.bn1.momentum, 0.1, "momentum restored");
+    }
+
+    #[test]
+    fn recalibration_restores_eval_outputs_after_scrambled_statistics() {
+        let mut model = ResNet18::new(3, Device::Cpu);
+        let calibration = calibration();
+        recalibrate_bn(&mut model, &calibration).unwrap();
+        let x = calibration.epoch(0).next().unwrap().images;
+        let reference = tch::no_grad(|| model.forward(&x, false));
+        tch::no_grad(|| {
+            for (name, mut t) in model.named_tensors() {
+                if name.ends_with("running_mean") || name.ends_with("running_var") {
+                    let _ = t.uniform_(0.5, 3.0);
+                }
+            }
+        });
+        let scrambled = tch::no_grad(|| model.forward(&x, false));
+        assert!(crate::compress::decompose::relative_error(&reference, &scrambled) > 0.1);
+        recalibrate_bn(&mut model, &calibration).unwrap();
+        let restored = tch::no_grad(|| model.forward(&x, false));
+        let err = crate::compress::decompose::relative_error(&reference, &restored);
+        assert!(err < 1e-5, "rel. error {err}");
+        model.fold_batch_norms(); // nothing factorised: nothing folded, still recalibratable
+        assert!(recalibrate_bn(&mut model, &calibration).is_ok());
+    }
+
+    #[test]
+    fn distillation_loss_is_cross_entropy_plus_the_scaled_kl_to_the_teacher() {
+        tch::manual_seed(2);
+        let opts = (Kind::Float, Device::Cpu);
+        let student = Tensor::randn([6, 5], opts) * 2.0;
+        let teacher = Tensor::randn([6, 5], opts) * 2.0;
+        let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 0]);
+        let value = |t: &Tensor| t.double_value(&[]);
+        let loss = |s: &Tensor, t: &Tensor, temp, alpha| {
+            value(&distillation_loss(
+                s,
+                t,
+                &labels,
+                Distillation::new(temp, alpha).unwrap(),
+            ))
+        };
+        let ce = value(&student.cross_entropy_for_logits(&labels));
+        // α = 1 is plain cross-entropy, whatever the teacher says.
+        assert!((loss(&student, &teacher, 4.0, 1.0) - ce).abs() < 1e-6);
+        // A teacher that agrees with the student adds nothing.
+        assert!((loss(&student, &student, 3.0, 0.25) - 0.25 * ce).abs() < 1e-6);
+        // At T = 1, α = 0: KL(p_t ‖ p_s) = H(p_t, p_s) − H(p_t), via soft-target cross-entropy.
+        let p_t = teacher.softmax(-1, Kind::Float);
+        let soft_ce = |logits: &Tensor| {
+            let ce =
+                logits.cross_entropy_loss::<Tensor>(&p_t, None, tch::Reduction::Mean, -100, 0.0);
+            value(&ce)
+        };
+        let kl = soft_ce(&student) - soft_ce(&teacher);
+        assert!((loss(&student, &teacher, 1.0, 0.0) - kl).abs() < 1e-5);
+        // T² keeps the soft term's gradient scale: at T = 2 the KL of the softened
+        // distributions, times 4.
+        let kl2 = {
+            let (s2, t2) = (&student / 2.0, &teacher / 2.0);
+            let p = t2.softmax(-1, Kind::Float);
+            let ce = |l: &Tensor| {
+                value(&l.cross_entropy_loss::<Tensor>(&p, None, tch::Reduction::Mean, -100, 0.0))
+            };
+            ce(&s2) - ce(&t2)
+        };
+        assert!((loss(&student, &teacher, 2.0, 0.0) - 4.0 * kl2).abs() < 1e-5);
+        for bad in ["4", "0,0.5", "4,1.5", "x,y"] {
+            assert!(bad.parse::<Distillation>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            "4, 0.5".parse::<Distillation>().unwrap(),
+            Distillation::default()
+        );
+    }
+
+    #[test]
+    fn folded_models_and_empty_calibration_sets_are_refused() {
+        let mut model = ResNet18::new(3, Device::Cpu);
+        let stem = [("conv1".to_string(), (8, 3))].into_iter().collect();
+        let policy = crate::CompressionPolicy::new(crate::RankPolicy::Explicit(stem));
+        crate::compress_model(&mut model, &policy).unwrap();
+        model.fold_batch_norms();
+        let err = recalibrate_bn(&mut model, &calibration()).unwrap_err();
+        assert!(
+            err.to_string().contains("bn1") && err.to_string().contains("folded"),
+            "{err}"
+        );
+        let err = calibration()
+            .calibration_set(0, 1, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("calibration images") && err.contains('0'),
+            "{err}"
+        );
+        // More than there are: all of them, each once.
+        let all = calibration().calibration_set(100, 1, 5).unwrap();
+        assert_eq!((all.len(), all.num_batches()), (12, 3));
+    }
 }
