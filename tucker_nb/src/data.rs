@@ -172,6 +172,23 @@ impl Dataset {
     }
 }
 
+#[cfg(test)]
+impl Dataset {
+    /// `n` random `size`-px images of one class (tests that need pixels, not content).
+    pub(crate) fn random(n: i64, size: i64) -> Dataset {
+        Dataset {
+            images: Tensor::randint(
+                256,
+                [n, 3, size, size],
+                (tch::Kind::Uint8, tch::Device::Cpu),
+            ),
+            labels: Tensor::zeros([n], (tch::Kind::Int64, tch::Device::Cpu)),
+            classes: vec!["a".into()],
+            names: (0..n).map(|i| i.to_string()).collect(),
+        }
+    }
+}
+
 /// How decoded images are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StorageOptions {

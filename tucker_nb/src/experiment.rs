@@ -10,8 +10,9 @@ use polars::prelude::DataFrame;
 use serde::Serialize;
 use tch::Device;
 
-use crate::compress::compress_model;
-use crate::compress::policy::CompressionPolicy;
+use crate::compress::calibrate::activation_moments;
+use crate::compress::compress_model_fitted;
+use crate::compress::policy::{CompressionPolicy, Fit};
 use crate::data::{DataSource, Dataset, StorageOptions};
 use crate::error::{Error, Result};
 use crate::frame::write_frame_csv;
@@ -228,6 +229,24 @@ pub fn concat_metrics(frames: &[&DataFrame]) -> Result<DataFrame> {
     Ok(all)
 }
 
+/// The calibration set a compression uses (for fitting to data), and whether the BN statistics
+/// are recalibrated on it after each stage.
+#[derive(Debug, Clone, Copy)]
+pub struct Calibration<'a> {
+    pub images: &'a Loader,
+    pub recalibrate_bn: bool,
+}
+
+impl<'a> Calibration<'a> {
+    /// Fit to data and recalibrate BNs on `images`.
+    pub fn with_bn(images: &'a Loader) -> Self {
+        Self {
+            images,
+            recalibrate_bn: true,
+        }
+    }
+}
+
 /// What [`compress_in_stages`] did: per stage, its report and the evaluation right after it (with
 /// the model's cost then, at the policy's input size), and the metrics of the fine-tunes in
 /// between.
@@ -261,14 +280,16 @@ impl Stages {
 /// Compresses `model` with `policies[0]`, then, for each further policy, fine-tunes it with
 /// `between` (the factorised convs and fc; phase `PHASE1`, `PHASE2`, … after `between.phase`;
 /// with a checkpoint folder, each stage's checkpoints go in `DIR/PHASEn`) and
-/// compresses it further (MUSCO-style). Evaluates on `val` after each compression and, with a
-/// `calibration` set, recalibrates the BN statistics on it and evaluates again. Later policies
+/// compresses it further (MUSCO-style). With a `calibration` set, policies that fit to data
+/// ([`CompressionPolicy::fit`]) fit each layer's factors to its activations on it. Evaluates on
+/// `val` after each compression and, with a `calibration` set, recalibrates the BN statistics on
+/// it and evaluates again. Later policies
 /// must be data-driven ([`CompressionPolicy::validate_as_stage`]); that is checked first.
 pub fn compress_in_stages(
     model: &mut ResNet18,
     policies: &[CompressionPolicy],
     (train, val): (&Loader, &Loader),
-    calibration: Option<&Loader>,
+    calibration: Option<Calibration>,
     between: &FineTuneConfig,
 ) -> Result<Stages> {
     if policies.is_empty() {
@@ -297,13 +318,19 @@ pub fn compress_in_stages(
                 .metrics
                 .extend(fine_tune_rows(model, train, val, &config)?);
         }
-        stages.reports.push(compress_model(model, policy)?);
+        let moments = match (policy.fit(), calibration) {
+            (Fit::Data, Some(c)) => Some(activation_moments(model, c.images)?),
+            _ => None,
+        };
+        stages
+            .reports
+            .push(compress_model_fitted(model, policy, moments.as_ref())?);
         let eval = evaluate(model, val)?;
         let size = policy.input_size[0];
         stages.checkpoints.push(Checkpoint::new(model, &eval, size));
         stages.evals.push(eval);
-        if let Some(calibration) = calibration {
-            recalibrate_bn(model, calibration)?;
+        if let Some(c) = calibration.filter(|c| c.recalibrate_bn) {
+            recalibrate_bn(model, c.images)?;
             let eval = evaluate(model, val)?;
             stages
                 .recalibrated
@@ -367,6 +394,41 @@ pub struct RunResult {
     pub summary: Summary,
 }
 
+/// The run's compression: every stage with short fine-tunes between (checkpointed in `out`, not
+/// distilled), fitted to data and followed by BN recalibration as the config says; writes
+/// `layers.csv` (and `layers-stageN.csv`).
+fn compress_for_run(
+    config: &RunConfig,
+    model: &mut ResNet18,
+    train: &Loader,
+    val: &Loader,
+) -> Result<Stages> {
+    let between = FineTuneConfig {
+        checkpoint_dir: Some(config.out.clone()),
+        distill: None,
+        ..config.phase("stage", config.stage_epochs, Trainable::TuckerAndClassifier)
+    };
+    let policies = config.all_stages();
+    let fits_data = policies.iter().any(|p| p.fit() == Fit::Data);
+    let calibration_set = match config.recalibrate_bn || fits_data {
+        true => Some(calibration(config, train)?),
+        false => None,
+    };
+    let calibration = calibration_set.as_ref().map(|images| Calibration {
+        images,
+        recalibrate_bn: config.recalibrate_bn,
+    });
+    let stages = compress_in_stages(model, &policies, (train, val), calibration, &between)?;
+    for (i, report) in stages.reports.iter().enumerate() {
+        let name = match i {
+            0 => "layers.csv".to_string(),
+            _ => format!("layers-stage{}.csv", i + 1),
+        };
+        report.write_csv(&config.out.join(name))?;
+    }
+    Ok(stages)
+}
+
 /// Runs the seed's flow. With `resume`, each phase continues from its checkpoint in `out`.
 pub fn run(config: &RunConfig) -> Result<RunResult> {
     config.validate()?;
@@ -383,30 +445,8 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
 
     // 3) compress (in stages, with short fine-tunes between); 4) evaluate before fine-tuning.
     let teacher = config.fine_tune.distill.map(|_| model.deep_copy());
-    let between = FineTuneConfig {
-        checkpoint_dir: Some(out.clone()),
-        distill: None,
-        ..config.phase("stage", config.stage_epochs, Trainable::TuckerAndClassifier)
-    };
-    let calibration = match config.recalibrate_bn {
-        true => Some(calibration(config, &train)?),
-        false => None,
-    };
-    let stages = compress_in_stages(
-        &mut model,
-        &config.all_stages(),
-        (&train, &val),
-        calibration.as_ref(),
-        &between,
-    )?;
+    let stages = compress_for_run(config, &mut model, &train, &val)?;
     rows.extend(stages.metrics.iter().cloned());
-    for (i, report) in stages.reports.iter().enumerate() {
-        let name = match i {
-            0 => "layers.csv".to_string(),
-            _ => format!("layers-stage{}.csv", i + 1),
-        };
-        report.write_csv(&out.join(name))?;
-    }
     let mut after_stage = stages.checkpoints.iter().cloned();
     let compressed = after_stage.next().expect("at least one stage");
     let further: Vec<Checkpoint> = after_stage.collect();

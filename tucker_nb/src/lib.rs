@@ -41,12 +41,12 @@ pub(crate) mod torch_pickle;
 pub mod train;
 
 pub use compress::decompose::Method;
-pub use compress::policy::{CompressionPolicy, Fraction, RankPolicy};
+pub use compress::policy::{CompressionPolicy, Fit, Fraction, RankPolicy};
 pub use compress::{compress_model, factorise};
 pub use data::{DataSource, Dataset, Split, StorageOptions};
 pub use display::Html;
 pub use error::{Error, Result};
-pub use experiment::{RunConfig, Stages};
+pub use experiment::{Calibration, RunConfig, Stages};
 pub use frame::write_frame_csv;
 pub use io::read_state_dict;
 pub use loader::{Loader, Transform};

@@ -5,8 +5,9 @@
 
 use polars::prelude::DataFrame;
 
-use crate::compress::compress_model;
-use crate::compress::policy::CompressionPolicy;
+use crate::compress::calibrate::{activation_moments, Moments};
+use crate::compress::compress_model_fitted;
+use crate::compress::policy::{CompressionPolicy, Fit};
 use crate::error::Result;
 use crate::frame::{column, frame_of};
 use crate::loader::Loader;
@@ -52,7 +53,8 @@ pub struct SweepPoint {
     pub top5: f64,
 }
 
-/// Compresses a copy of `model` with each policy, evaluates it, recalibrates its BN statistics on
+/// Compresses a copy of `model` with each policy (fitted to its activations on `calibration` when
+/// the policy fits to data), evaluates it, recalibrates its BN statistics on
 /// `calibration` and evaluates again, fine-tunes it with `fine_tune` (its `trainable` is set to
 /// the factorised convs and fc, its phase to the policy; with `distill`, `model` is the teacher)
 /// and evaluates it on `val`. `model` is left as it was.
@@ -64,6 +66,10 @@ pub fn sweep(
 ) -> Result<DataFrame> {
     let input = policies.first().map_or([224, 224], |p| p.input_size);
     let dense = (model.conv_macs(input), model.num_params());
+    let moments = match policies.iter().any(|p| p.fit() == Fit::Data) {
+        true => Some(activation_moments(model, loaders.2)?),
+        false => None,
+    };
     let base = evaluate(model, loaders.1)?;
     let mut points = vec![SweepPoint {
         policy: "dense".into(),
@@ -79,14 +85,21 @@ pub fn sweep(
         top5: base.top5,
     }];
     for policy in policies {
-        points.push(sweep_point(model, policy, loaders, fine_tune, dense)?);
+        let data = moments.as_ref().filter(|_| policy.fit() == Fit::Data);
+        points.push(sweep_point(
+            (model, data),
+            policy,
+            loaders,
+            fine_tune,
+            dense,
+        )?);
     }
     Ok(sweep_frame(&points))
 }
 
 /// One policy's point: compress a copy, evaluate, recalibrate, evaluate, fine-tune, evaluate.
 fn sweep_point(
-    model: &ResNet18,
+    (model, moments): (&ResNet18, Option<&Moments>),
     policy: &CompressionPolicy,
     (train, val, calibration): (&Loader, &Loader, &Loader),
     fine_tune: &FineTuneConfig,
@@ -94,7 +107,7 @@ fn sweep_point(
 ) -> Result<SweepPoint> {
     let spec = policy.ranks.to_string();
     let mut compressed = model.deep_copy();
-    let report = compress_model(&mut compressed, policy)?;
+    let report = compress_model_fitted(&mut compressed, policy, moments)?;
     let top1_compressed = evaluate(&compressed, val)?.top1;
     recalibrate_bn(&mut compressed, calibration)?;
     let top1_recalibrated = evaluate(&compressed, val)?.top1;

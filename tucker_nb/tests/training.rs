@@ -302,7 +302,7 @@ fn a_budget_sweep_gives_one_row_per_policy_and_leaves_the_model_alone() {
             ranks: RankPolicy::BudgetMacs(Fraction::new("budget", *b).unwrap()),
             input_size: [32, 32],
             method: Some(tucker_nb::Method::Hosvd),
-            round_to: None,
+            ..Default::default()
         })
         .collect();
     let config = FineTuneConfig {

@@ -152,6 +152,79 @@ pub fn fit_tucker2(weight: &Tensor, ranks: (i64, i64), method: Method) -> Tucker
     }
 }
 
+/// Second moments of a conv's activations on calibration data, in f64: what output-error fitting
+/// needs. Per pixel: `input` = E[x xᵀ] over the C_in input channels, `output` = E[y yᵀ] over the
+/// C_out output channels (bias excluded).
+#[derive(Debug)]
+pub struct ActivationMoments {
+    pub input: Tensor,
+    pub output: Tensor,
+}
+
+/// The symmetric square root of a PSD matrix and its inverse, after adding `1e-6·tr(m)/n` to the
+/// diagonal so that a singular covariance (a dead channel) stays invertible.
+fn sqrt_and_inverse(m: &Tensor) -> (Tensor, Tensor) {
+    let n = m.size()[0];
+    let ridge = 1e-6 * m.trace().double_value(&[]).max(f64::MIN_POSITIVE) / n as f64;
+    let regular = m + Tensor::eye(n, (Kind::Double, Device::Cpu)) * ridge;
+    let (values, vectors) = regular.linalg_eigh("L");
+    let values = values.clamp_min(ridge);
+    let scale = |p: f64| {
+        vectors
+            .matmul(&values.pow_tensor_scalar(p).diag_embed(0, -2, -1))
+            .matmul(&vectors.tr())
+    };
+    (scale(0.5), scale(-0.5))
+}
+
+/// Tucker-2 factors that minimise the layer's output error on data with these `moments` rather
+/// than the kernel error:
+///
+/// - U0: the leading r_out eigenvectors of E[y yᵀ] (the outputs' principal directions);
+/// - input mode in the metric of Σ = E[x xᵀ]: V = leading r_in left singular vectors of
+///   Σ^{1/2}·W₍₁₎, first layer Vᵀ·Σ^{-1/2}, core S = W ×0 U0ᵀ ×1 (Vᵀ·Σ^{1/2}),
+///
+/// so Ŵ = W ×0 U0U0ᵀ ×1 (Σ^{-1/2}VVᵀΣ^{1/2})ᵀ: exact at full rank, and plain HOSVD when both
+/// moments are those of white inputs (Σ = I, E[y yᵀ] ∝ W₍₀₎W₍₀₎ᵀ). For a k×k conv Σ is per pixel,
+/// which ignores the correlation between neighbouring pixels. Returned as [`Tucker2Factors`] whose
+/// `u1` is Σ^{-1/2}V (no longer orthonormal), so that `u1ᵀ` is the first layer.
+pub fn tucker2_whitened(
+    weight: &Tensor,
+    (r_out, r_in): (i64, i64),
+    moments: &ActivationMoments,
+) -> Tucker2Factors {
+    let w = as_f64(weight);
+    let (output, input) = (as_f64(&moments.output), as_f64(&moments.input));
+    let (_, vectors) = output.linalg_eigh("L"); // ascending eigenvalues
+    let c_out = output.size()[0];
+    let u0 = vectors.narrow(1, c_out - r_out, r_out).flip([1]);
+    let (root, inverse_root) = sqrt_and_inverse(&input);
+    let (_, by_input) = unfoldings(&w);
+    let v = leading_left_singular_vectors(&root.matmul(&by_input), r_in);
+    let core = mode_products(&w, &u0.tr(), &v.tr().matmul(&root));
+    Tucker2Factors {
+        u0,
+        core,
+        u1: inverse_root.matmul(&v),
+    }
+}
+
+/// The relative output error √(E‖(W − Ŵ)x‖² / E‖Wx‖²) of a 1×1 kernel approximation for inputs
+/// with second moment Σ = E[x xᵀ] (per pixel; for a k×k kernel, summed over its taps, which
+/// ignores the correlation between neighbouring pixels).
+pub fn relative_output_error(original: &Tensor, approx: &Tensor, input_moment: &Tensor) -> f64 {
+    let w = as_f64(original);
+    let (c_out, c_in) = (w.size()[0], w.size()[1]);
+    let taps = |t: &Tensor| t.reshape([c_out, c_in, -1]).permute([2, 0, 1]); // taps × C_out × C_in
+    let sigma = as_f64(input_moment);
+    let energy = |a: &Tensor| {
+        let a = taps(a);
+        (a.matmul(&sigma) * &a).sum(Kind::Double).double_value(&[])
+    };
+    let diff = &w - as_f64(approx);
+    (energy(&diff) / energy(&w).max(f64::MIN_POSITIVE)).sqrt()
+}
+
 /// The rank-`rank` truncated SVD of a C_out × C_in matrix as two factors, W ≈ last · first, with
 /// the singular values split evenly (last = U·√Σ, C_out × r; first = √Σ·Vᵀ, r × C_in) so that both
 /// train at the same scale.
@@ -161,6 +234,15 @@ pub fn svd_factors(matrix: &Tensor, rank: i64) -> (Tensor, Tensor) {
     let last = u.narrow(1, 0, rank) * root.unsqueeze(0);
     let first = v.narrow(1, 0, rank).tr() * root.unsqueeze(1);
     (first, last)
+}
+
+/// The rank-`rank` SVD of a C_out × C_in matrix A that minimises the output error for inputs with
+/// second moment Σ: A·Σ^{1/2} ≈ U·S·Vᵀ, so Â = (U·√S)·(√S·Vᵀ·Σ^{-1/2}); returned as (first, last)
+/// like [`svd_factors`], which it equals when Σ = I.
+pub fn svd_factors_whitened(matrix: &Tensor, rank: i64, input_moment: &Tensor) -> (Tensor, Tensor) {
+    let (root, inverse_root) = sqrt_and_inverse(&as_f64(input_moment));
+    let (first, last) = svd_factors(&as_f64(matrix).matmul(&root), rank);
+    (first.matmul(&inverse_root), last)
 }
 
 /// ‖W − Ŵ‖ / ‖W‖, in f64.
@@ -192,6 +274,87 @@ mod tests {
         let hooi = tucker2_hooi(&w, (8, 8));
         let hooi_err = relative_error(&w, &mode_products(&hooi.core, &hooi.u0, &hooi.u1));
         assert!(hooi_err <= err + 1e-12, "HOOI {hooi_err} > HOSVD {err}");
+    }
+
+    /// Moments of `n` inputs with channel scales `scales` (anisotropic when they differ) through a
+    /// 1×1 kernel `w`: (E[x xᵀ], E[y yᵀ]) and the inputs themselves (C_in × n).
+    fn moments_of(w: &Tensor, scales: &Tensor, n: i64) -> (ActivationMoments, Tensor) {
+        let x =
+            Tensor::randn([scales.size()[0], n], (Kind::Double, Device::Cpu)) * scales.unsqueeze(1);
+        let a = w.flatten(1, 3);
+        let y = a.matmul(&x);
+        let moments = ActivationMoments {
+            input: x.matmul(&x.tr()) / n as f64,
+            output: y.matmul(&y.tr()) / n as f64,
+        };
+        (moments, x)
+    }
+
+    fn reconstruct(f: &Tucker2Factors) -> Tensor {
+        mode_products(&f.core, &f.u0, &f.u1)
+    }
+
+    #[test]
+    fn whitened_fitting_lowers_the_output_error_on_anisotropic_inputs() {
+        tch::manual_seed(3);
+        let opts = (Kind::Double, Device::Cpu);
+        let w = Tensor::randn([32, 24, 1, 1], opts);
+        // Input channels whose scales span two orders of magnitude.
+        let scales = Tensor::logspace(-1.0, 1.0, 24, 10.0, opts);
+        let (moments, x) = moments_of(&w, &scales, 4000);
+        let measured = |approx: &Tensor| {
+            let (a, b) = (w.flatten(1, 3), approx.flatten(1, 3));
+            let err = (a.matmul(&x) - b.matmul(&x)).norm().double_value(&[]);
+            err / a.matmul(&x).norm().double_value(&[])
+        };
+        for ranks in [(8, 6), (16, 12), (24, 4)] {
+            let plain = measured(&reconstruct(&tucker2(&w, ranks)));
+            let whitened_fit = reconstruct(&tucker2_whitened(&w, ranks, &moments));
+            let whitened = measured(&whitened_fit);
+            assert!(
+                whitened < 0.9 * plain,
+                "{ranks:?}: whitened {whitened} vs plain {plain}"
+            );
+            // The moment formula agrees with the error measured on the samples themselves.
+            let formula = relative_output_error(&w, &whitened_fit, &moments.input);
+            assert!((formula - whitened).abs() < 1e-9, "{formula} vs {whitened}");
+        }
+        // Exact at full rank.
+        let full = reconstruct(&tucker2_whitened(&w, (32, 24), &moments));
+        assert!(relative_error(&w, &full) < 1e-9);
+    }
+
+    #[test]
+    fn whitened_fitting_is_hosvd_for_white_inputs() {
+        tch::manual_seed(4);
+        let opts = (Kind::Double, Device::Cpu);
+        let w = Tensor::randn([16, 12, 3, 3], opts);
+        let (by_output, _) = unfoldings(&w);
+        let white = ActivationMoments {
+            input: Tensor::eye(12, opts),
+            output: by_output.matmul(&by_output.tr()),
+        };
+        for ranks in [(4, 3), (10, 7), (16, 12)] {
+            let plain = reconstruct(&tucker2(&w, ranks));
+            let whitened = reconstruct(&tucker2_whitened(&w, ranks, &white));
+            assert!(relative_error(&plain, &whitened) < 1e-6, "{ranks:?}");
+        }
+        // A dead input channel (singular covariance) still fits, exactly at full rank.
+        let input = Tensor::eye(12, opts);
+        let _ = input.get(5).fill_(0.0);
+        let dead = ActivationMoments {
+            input,
+            output: white.output.shallow_clone(),
+        };
+        let full = reconstruct(&tucker2_whitened(&w, (16, 12), &dead));
+        assert!(relative_error(&w, &full) < 1e-6);
+        assert!(
+            reconstruct(&tucker2_whitened(&w, (8, 6), &dead))
+                .isfinite()
+                .all()
+                .int64_value(&[])
+                == 1
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! 1×1 layers (a truncated SVD).
 
 pub mod budget;
+pub mod calibrate;
 pub mod decompose;
 pub mod plan;
 pub mod policy;
@@ -19,11 +20,15 @@ pub(crate) mod spectra;
 use std::collections::BTreeMap;
 
 use crate::compress::budget::{plan_budget, Cost};
-use crate::compress::decompose::{fit_tucker2, relative_error, svd_factors, Method};
+use crate::compress::calibrate::Moments;
+use crate::compress::decompose::{
+    fit_tucker2, relative_error, relative_output_error, svd_factors, svd_factors_whitened,
+    tucker2_whitened, ActivationMoments, Method,
+};
 use crate::compress::plan::{
     check_ranks, plan_rule_based, plan_spectral, LayerFacts, LayerPlan, SlotAt,
 };
-use crate::compress::policy::{CompressionPolicy, RankPolicy};
+use crate::compress::policy::{CompressionPolicy, Fit, RankPolicy};
 use crate::conv::{Conv2d, ConvSlot, Form, SvdConv, TuckerConv};
 use crate::error::{Error, Result};
 use crate::model::ResNet18;
@@ -75,6 +80,18 @@ pub fn plan_layers(
 /// Factorises the dense conv `conv` into `form`: Tucker-2 fitted by `method`, or the truncated SVD
 /// of a 1×1 conv. The error names `layer` when the form does not fit the conv.
 pub fn factorise(layer: &str, conv: &Conv2d, form: Form, method: Method) -> Result<ConvSlot> {
+    factorise_fitted(layer, conv, form, method, None)
+}
+
+/// [`factorise`], fitted to the layer's activation `moments` when given (output error instead of
+/// kernel error: `tucker2_whitened`, `svd_factors_whitened`; `method` is then not used).
+pub fn factorise_fitted(
+    layer: &str,
+    conv: &Conv2d,
+    form: Form,
+    method: Method,
+    moments: Option<&ActivationMoments>,
+) -> Result<ConvSlot> {
     let [c_out, c_in, kh, kw] = conv.geometry().shape;
     if conv.config.groups != 1 {
         return Err(Error::layer(
@@ -93,7 +110,10 @@ pub fn factorise(layer: &str, conv: &Conv2d, form: Form, method: Method) -> Resu
         })),
         Form::Tucker2 { r_out, r_in } => {
             check_ranks(layer, [c_out, c_in], (r_out, r_in))?;
-            let factors = fit_tucker2(&conv.weight, (r_out, r_in), method);
+            let factors = match moments {
+                Some(m) => tucker2_whitened(&conv.weight, (r_out, r_in), m),
+                None => fit_tucker2(&conv.weight, (r_out, r_in), method),
+            };
             Ok(ConvSlot::Tucker(TuckerConv::from_factors(&factors, conv)))
         }
         Form::Svd { rank } => {
@@ -110,7 +130,11 @@ pub fn factorise(layer: &str, conv: &Conv2d, form: Form, method: Method) -> Resu
                     format!("rank = {rank} is outside 1..={max} for a {c_out}×{c_in} 1×1 conv"),
                 ));
             }
-            let (first, last) = svd_factors(&conv.weight.reshape([c_out, c_in]), rank);
+            let matrix = conv.weight.reshape([c_out, c_in]);
+            let (first, last) = match moments {
+                Some(m) => svd_factors_whitened(&matrix, rank, &m.input),
+                None => svd_factors(&matrix, rank),
+            };
             Ok(ConvSlot::Svd(SvdConv::from_factors(&first, &last, conv)))
         }
     }
@@ -124,6 +148,26 @@ pub fn compress_model(
     model: &mut ResNet18,
     policy: &CompressionPolicy,
 ) -> Result<CompressionReport> {
+    compress_model_fitted(model, policy, None)
+}
+
+/// [`compress_model`] with each conv's activation `moments` on calibration data (from
+/// [`calibrate::activation_moments`] on this model). When the policy fits to data
+/// ([`CompressionPolicy::fit`]) the factors minimise each layer's output error, and the report's
+/// error is the relative output error on the calibration data; otherwise the moments are unused.
+pub fn compress_model_fitted(
+    model: &mut ResNet18,
+    policy: &CompressionPolicy,
+    moments: Option<&Moments>,
+) -> Result<CompressionReport> {
+    let moments = match (policy.fit(), moments) {
+        (Fit::Data, Some(m)) => Some(m),
+        (Fit::Data, None) if policy.fit == Some(Fit::Data) => return Err(Error::value(
+            "fit",
+            "data: fitting to data needs calibration data (--calib-data, or a run's training set)",
+        )),
+        _ => None,
+    };
     let sizes = model.conv_input_sizes(policy.input_size);
     let mut plan = plan_layers(model, policy)?;
     let method = policy.method();
@@ -137,8 +181,13 @@ pub fn compress_model(
         let mut rel_error = 0.0;
         if let Some(form) = layer_plan.as_ref().and_then(|p| p.form) {
             let original = slot.to_dense();
-            let new_slot = factorise(&name, &original, form, method)?;
-            rel_error = relative_error(&original.weight, &new_slot.dense_weight());
+            let data = moments.map(|m| &m[&name]);
+            let new_slot = factorise_fitted(&name, &original, form, method, data)?;
+            let approx = new_slot.dense_weight();
+            rel_error = match data {
+                Some(m) => relative_output_error(&original.weight, &approx, &m.input),
+                None => relative_error(&original.weight, &approx),
+            };
             *slot = new_slot;
         }
         let mut line = LayerReport::new(&name, slot, input, params_before, macs_before, rel_error);
@@ -155,6 +204,7 @@ pub fn compress_model(
 mod tests {
     use super::*;
     use crate::conv::ConvConfig;
+    use std::collections::BTreeMap;
     use tch::{Device, Kind, Tensor};
 
     fn conv(c_out: i64, c_in: i64, k: i64, bias: bool) -> Conv2d {
@@ -219,6 +269,59 @@ mod tests {
         grouped.weight = Tensor::randn([8, 2, 3, 3], (Kind::Float, Device::Cpu));
         let err = tucker(&grouped, 2, 2).unwrap_err().to_string();
         assert!(err.contains("layer t") && err.contains("grouped"), "{err}");
+    }
+
+    #[test]
+    fn fitting_to_data_lowers_each_layers_output_error_on_the_calibration_set() {
+        use crate::compress::calibrate::activation_moments;
+        use crate::data::Dataset;
+        use crate::loader::{Loader, Transform};
+        tch::manual_seed(6);
+        let eval = Transform::Eval { size: 32 };
+        let calibration = Loader::new(&Dataset::random(16, 32), 8, eval, Device::Cpu, true);
+        let model = ResNet18::new(3, Device::Cpu);
+        let moments = activation_moments(&model, &calibration).unwrap();
+        assert_eq!(moments.len(), 20);
+        assert_eq!(moments["layer2.0.conv1"].input.size(), [64, 64]);
+        assert_eq!(moments["layer2.0.conv1"].output.size(), [128, 128]);
+        let ranks = [
+            ("layer2.0.conv1".to_string(), (32, 16)),
+            ("layer3.0.downsample.0".to_string(), (64, 32)),
+        ];
+        let policy = |fit| CompressionPolicy {
+            ranks: RankPolicy::Explicit(ranks.iter().cloned().collect()),
+            fit: Some(fit),
+            input_size: [32, 32],
+            ..Default::default()
+        };
+        let mut by_data = model.deep_copy();
+        let data_report = compress_model_fitted(&mut by_data, &policy(Fit::Data), Some(&moments));
+        let mut by_weights = model.deep_copy();
+        compress_model_fitted(&mut by_weights, &policy(Fit::Weights), Some(&moments)).unwrap();
+        let slots = |m: &ResNet18| -> BTreeMap<String, Tensor> {
+            let pairs = m
+                .conv_slots()
+                .into_iter()
+                .map(|(n, s)| (n, s.dense_weight()));
+            pairs.collect()
+        };
+        let (original, data_fit, weight_fit) = (slots(&model), slots(&by_data), slots(&by_weights));
+        for (layer, _) in &ranks {
+            let sigma = &moments[layer].input;
+            let data = relative_output_error(&original[layer], &data_fit[layer], sigma);
+            let weights = relative_output_error(&original[layer], &weight_fit[layer], sigma);
+            assert!(data < weights, "{layer}: data {data} vs weights {weights}");
+            let reported = data_report
+                .as_ref()
+                .unwrap()
+                .layers
+                .iter()
+                .find(|l| &l.layer == layer);
+            assert!((reported.unwrap().rel_error - data).abs() < 1e-9, "{layer}");
+        }
+        // Fitting to data without data is refused, naming what is missing.
+        let err = compress_model_fitted(&mut model.deep_copy(), &policy(Fit::Data), None);
+        assert!(err.unwrap_err().to_string().contains("calibration data"));
     }
 
     #[test]

@@ -133,6 +133,16 @@ impl std::fmt::Display for RankPolicy {
     }
 }
 
+/// What the factors are fitted to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fit {
+    /// The kernel: minimise ‖W − Ŵ‖ (the seed's HOSVD, or HOOI).
+    Weights,
+    /// The layer's outputs on calibration data: output-PCA for the output mode, the input mode
+    /// whitened by the input covariance (`decompose::tucker2_whitened`).
+    Data,
+}
+
 /// What to compress and how; defaults mirror the seed (ratio 0.2, costs counted at 224 px).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompressionPolicy {
@@ -143,6 +153,9 @@ pub struct CompressionPolicy {
     pub method: Option<Method>,
     /// Round automatically chosen ranks up to a multiple of this (8 suits tensor cores).
     pub round_to: Option<i64>,
+    /// `None`: fit data-driven policies to data when calibration data is given, the rule-based
+    /// ones (the seed's) to the weights.
+    pub fit: Option<Fit>,
 }
 
 impl Default for CompressionPolicy {
@@ -152,6 +165,7 @@ impl Default for CompressionPolicy {
             input_size: [224, 224],
             method: None,
             round_to: None,
+            fit: None,
         }
     }
 }
@@ -167,6 +181,16 @@ impl CompressionPolicy {
     /// The fitting method in force.
     pub fn method(&self) -> Method {
         self.method.unwrap_or_else(|| self.ranks.default_method())
+    }
+
+    /// What the factors are fitted to: `fit`, else data for the data-driven policies and the
+    /// weights for the rule-based ones (the seed's).
+    pub fn fit(&self) -> Fit {
+        match (self.fit, self.ranks.is_rule_based()) {
+            (Some(fit), _) => fit,
+            (None, true) => Fit::Weights,
+            (None, false) => Fit::Data,
+        }
     }
 
     /// This policy with other ranks (same input size, method and rounding).

@@ -95,16 +95,21 @@ impl BasicBlock {
         }
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let out = self.bn1.forward(&self.conv1.forward(x), train).relu();
-        let out = self.bn2.forward(&self.conv2.forward(&out), train);
+    /// The block's output; `conv` runs each conv slot (in `units` order: conv1, conv2, the
+    /// shortcut), so that an observer can see its input and output.
+    fn forward(&self, x: &Tensor, train: bool, conv: &mut ConvRunner) -> Tensor {
+        let out = self.bn1.forward(&conv(&self.conv1, x), train).relu();
+        let out = self.bn2.forward(&conv(&self.conv2, &out), train);
         let identity = match &self.downsample {
-            Some(d) => d.bn.forward(&d.conv.forward(x), train),
+            Some(d) => d.bn.forward(&conv(&d.conv, x), train),
             None => x.shallow_clone(),
         };
         (out + identity).relu()
     }
 }
+
+/// Runs a conv slot on an input during a forward pass.
+type ConvRunner<'a> = dyn FnMut(&ConvSlot, &Tensor) -> Tensor + 'a;
 
 /// Channels and first stride of ResNet18's four stages.
 const STAGES: [(i64, i64); 4] = [(64, 1), (128, 2), (256, 2), (512, 2)];
@@ -221,10 +226,31 @@ impl ResNet18 {
     /// Logits for a batch N × 3 × H × W (normalised images). `train` selects batch statistics
     /// in BN and updates the running ones.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut x = self.bn1.forward(&self.conv1.forward(x), train).relu();
+        self.forward_with(x, train, &mut |slot, x| slot.forward(x))
+    }
+
+    /// [`Self::forward`], calling `observe(index, input, output)` for every conv slot, `index`
+    /// being its place in [`Self::units`].
+    pub fn forward_observed(
+        &self,
+        x: &Tensor,
+        train: bool,
+        observe: &mut dyn FnMut(usize, &Tensor, &Tensor),
+    ) -> Tensor {
+        let mut index = 0;
+        self.forward_with(x, train, &mut |slot, x| {
+            let y = slot.forward(x);
+            observe(index, x, &y);
+            index += 1;
+            y
+        })
+    }
+
+    fn forward_with(&self, x: &Tensor, train: bool, conv: &mut ConvRunner) -> Tensor {
+        let mut x = self.bn1.forward(&conv(&self.conv1, x), train).relu();
         x = x.max_pool2d([3, 3], MAX_POOL.stride, MAX_POOL.padding, [1, 1], false);
         for block in self.layers.iter().flatten() {
-            x = block.forward(&x, train);
+            x = block.forward(&x, train, conv);
         }
         let x = x.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
         self.fc.forward(&x)

@@ -311,6 +311,55 @@ pub fn distillation_loss(
     ce * alpha + kl * ((1.0 - alpha) * t * t)
 }
 
+/// A training batch's logits and loss: cross-entropy, or distillation from `teacher` (its logits
+/// in eval mode, without gradients, on the same augmented batch).
+fn batch_loss(
+    model: &ResNet18,
+    teacher: Option<&ResNet18>,
+    batch: &crate::loader::Batch,
+    config: &FineTuneConfig,
+) -> (Tensor, Tensor) {
+    let bn_batch_stats = config.bn != BnMode::Frozen;
+    let logits =
+        autocast(config.bf16, || model.forward(&batch.images, bn_batch_stats)).to_kind(Kind::Float);
+    let loss = match (config.distill, teacher) {
+        (Some(distill), Some(teacher)) => {
+            let taught = tch::no_grad(|| {
+                autocast(config.bf16, || teacher.forward(&batch.images, false)).to_kind(Kind::Float)
+            });
+            distillation_loss(&logits, &taught, &batch.labels, distill)
+        }
+        _ => logits.cross_entropy_for_logits(&batch.labels),
+    };
+    (logits, loss)
+}
+
+/// A clear stop on a non-finite mean loss, saying where and which checkpoint is kept.
+fn stop_unless_finite(
+    mean: f64,
+    config: &FineTuneConfig,
+    epoch: usize,
+    batch: usize,
+) -> Result<()> {
+    if mean.is_finite() {
+        return Ok(());
+    }
+    let kept = config
+        .checkpoint_dir
+        .as_ref()
+        .map(|d| format!("; the last good checkpoint is kept in {}", d.display()))
+        .unwrap_or_default();
+    Err(Error::value(
+        "loss",
+        format!(
+            "{mean} in {} epoch {} by batch {}: training stopped{kept}",
+            config.phase,
+            epoch + 1,
+            batch + 1
+        ),
+    ))
+}
+
 /// One epoch: what [`fine_tune_rows`] repeats.
 struct Epoch<'a> {
     train: &'a Loader,
@@ -333,7 +382,6 @@ fn train_epoch(
     let start = Instant::now();
     let lr = config.lr_at(epoch);
     let device = train.device;
-    let bn_batch_stats = config.bn != BnMode::Frozen;
     let progress = Progress::new(
         train.num_batches(),
         &format!("{} epoch {}/{}", config.phase, epoch + 1, config.epochs),
@@ -345,18 +393,7 @@ fn train_epoch(
     let last = train.num_batches().saturating_sub(1);
     for (b, batch) in train.epoch(epoch).enumerate() {
         let n = batch.labels.size()[0] as usize;
-        let logits = autocast(config.bf16, || model.forward(&batch.images, bn_batch_stats))
-            .to_kind(Kind::Float);
-        let loss = match (config.distill, teacher) {
-            (Some(distill), Some(teacher)) => {
-                let taught = tch::no_grad(|| {
-                    autocast(config.bf16, || teacher.forward(&batch.images, false))
-                        .to_kind(Kind::Float)
-                });
-                distillation_loss(&logits, &taught, &batch.labels, distill)
-            }
-            _ => logits.cross_entropy_for_logits(&batch.labels),
-        };
+        let (logits, loss) = batch_loss(model, *teacher, &batch, config);
         sgd.zero_grad();
         loss.backward();
         sgd.step(lr);
@@ -370,22 +407,7 @@ fn train_epoch(
         seen += n;
         if b % check_every == check_every - 1 || b == last {
             let mean = loss_sum.double_value(&[]) / seen as f64;
-            if !mean.is_finite() {
-                let kept = config
-                    .checkpoint_dir
-                    .as_ref()
-                    .map(|d| format!("; the last good checkpoint is kept in {}", d.display()))
-                    .unwrap_or_default();
-                return Err(Error::value(
-                    "loss",
-                    format!(
-                        "{mean} in {} epoch {} by batch {}: training stopped{kept}",
-                        config.phase,
-                        epoch + 1,
-                        b + 1
-                    ),
-                ));
-            }
+            stop_unless_finite(mean, config, epoch, b)?;
             progress.set_message(format!("loss {mean:.4}"));
         }
         progress.inc(1);
@@ -421,14 +443,8 @@ mod tests {
     /// 12 random 32 px images as a calibration loader (batches of 4, no shuffle).
     fn calibration() -> Loader {
         tch::manual_seed(5);
-        let data = Dataset {
-            images: Tensor::randint(256, [12, 3, 32, 32], (Kind::Uint8, Device::Cpu)),
-            labels: Tensor::zeros([12], (Kind::Int64, Device::Cpu)),
-            classes: vec!["a".into()],
-            names: (0..12).map(|i| i.to_string()).collect(),
-        };
         let eval = Transform::Eval { size: 32 };
-        Loader::new(&data, 4, eval, Device::Cpu, true)
+        Loader::new(&Dataset::random(12, 32), 4, eval, Device::Cpu, true)
     }
 
     #[test]

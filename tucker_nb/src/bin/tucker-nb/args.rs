@@ -1,0 +1,397 @@
+//! The command line's arguments: shared groups (`#[command(flatten)]`), one struct per
+//! subcommand, each converting to the library's configuration, which validates.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Args, Parser, Subcommand};
+use tch::Device;
+use tucker_nb::data::Split;
+use tucker_nb::experiment::RunConfig;
+use tucker_nb::synthetic::SyntheticFormat;
+use tucker_nb::train::{BnMode, Distillation};
+use tucker_nb::{runtime, CompressionPolicy, Fit, Method, RankPolicy};
+
+#[derive(Parser)]
+#[command(
+    name = "tucker-nb",
+    version,
+    about = "Tucker-2 compression of ResNet18 convolutions"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Compress a ResNet18's convolutions and save the result as safetensors.
+    Compress(CompressArgs),
+    /// The seed's experiment: fine-tune → evaluate → compress → evaluate → fine-tune → evaluate.
+    Run(RunArgs),
+    /// Accuracy, conv MACs and parameters over compression budgets: sweep.csv and pareto.png.
+    Sweep(SweepArgs),
+    /// Evaluate a model on a dataset split.
+    Evaluate(EvaluateArgs),
+    /// Generate a learnable CIFAR-shaped dataset (tests, smoke runs, benchmarks).
+    GenData(GenDataArgs),
+    /// Convert the CIFAR-100 binary release to the seed's layout OUT/{train,val}/<class>/*.png.
+    ConvertCifar {
+        /// Folder with train.bin, test.bin, fine_label_names.txt.
+        #[arg(long)]
+        cifar: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Throughput figures: data path, training and evaluation, original vs compressed.
+    Bench(BenchArgs),
+}
+
+/// Where to run.
+#[derive(Args)]
+pub struct DeviceArg {
+    /// cpu, cuda, cuda:N or auto (default: TUCKER_NB_DEVICE, else CUDA when available).
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+/// Starting weights: a file, or `none` for random initialisation.
+#[derive(Clone)]
+pub struct Weights(Option<PathBuf>);
+
+impl FromStr for Weights {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Weights((s != "none").then(|| PathBuf::from(s))))
+    }
+}
+
+/// How ranks are chosen.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+pub struct RankArgs {
+    /// The seed's rule: ranks max(1, int(C·ratio)) per mode, every conv compressed.
+    #[arg(long)]
+    pub ratio: Option<f64>,
+    /// JSON file {"layer1.0.conv1": [r_out, r_in], ...}; other layers stay dense.
+    #[arg(long)]
+    pub ranks: Option<PathBuf>,
+    /// ratio:R | energy:E | vbmf | budget-macs:F | budget-params:F
+    #[arg(long)]
+    pub policy: Option<RankPolicy>,
+}
+
+/// How factors are fitted, and rank rounding.
+#[derive(Args)]
+pub struct FitArgs {
+    /// Default: hosvd for --ratio/--ranks/ratio:, hooi for the others.
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
+    /// Round automatically chosen ranks up to a multiple of N (8 suits tensor cores).
+    #[arg(long)]
+    pub round_to: Option<i64>,
+    /// Fit factors to the weights or to each layer's outputs on calibration data (default: data
+    /// for energy/vbmf/budgets when calibration data is at hand, weights for the ratio rule).
+    #[arg(long, value_enum)]
+    pub fit: Option<Fit>,
+}
+
+/// The data and model a run starts from.
+#[derive(Args)]
+pub struct DataArgs {
+    /// ImageFolder root (train/, val/) or CIFAR-100 binary folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// torchvision .pth or .safetensors weights, or `none` for random initialisation.
+    #[arg(long)]
+    pub weights: Weights,
+    #[arg(long, default_value_t = 100)]
+    pub num_classes: i64,
+    #[arg(long, default_value_t = 224)]
+    pub image_size: i64,
+    /// Use only the first N training images.
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Use only the first N validation images.
+    #[arg(long)]
+    pub val_limit: Option<usize>,
+    /// Square size decoded images are stored at when their sizes differ.
+    #[arg(long)]
+    pub storage_size: Option<u32>,
+}
+
+/// The fine-tune recipe (the seed's by default).
+#[derive(Args)]
+pub struct TrainArgs {
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    pub eval_batch_size: usize,
+    #[arg(long, default_value_t = 0.01)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 2)]
+    pub step_size: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub gamma: f64,
+    /// BN while training: frozen, statistics (the seed: batch statistics, affine fixed) or train.
+    #[arg(long, value_enum, default_value = "stats")]
+    pub bn: BnMode,
+    /// bfloat16 autocast (CUDA).
+    #[arg(long)]
+    pub bf16: bool,
+    /// Distil the compressed model's fine-tune from the model before compression: T,ALPHA (loss
+    /// α·CE + (1−α)·T²·KL), e.g. 4,0.5.
+    #[arg(long, value_name = "T,ALPHA")]
+    pub distill: Option<Distillation>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args)]
+pub struct CompressArgs {
+    /// Weights to compress: torchvision's .pth or a .safetensors file.
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Classes of the classifier; a fresh fc is made when the file has another count.
+    #[arg(long)]
+    pub num_classes: Option<i64>,
+    #[command(flatten)]
+    pub ranks: RankArgs,
+    #[command(flatten)]
+    pub fit: FitArgs,
+    /// Output .safetensors (the seed's compressed state_dict keys).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Per-layer report as CSV.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Image size at which the report counts MACs.
+    #[arg(long, default_value_t = 224)]
+    pub image_size: i64,
+    /// Fold each BN after a factorised conv into its last 1×1 (inference; same eval outputs).
+    #[arg(long)]
+    pub fold_bn: bool,
+    /// Calibration data (an ImageFolder root or CIFAR-100 folder; its training split) to fit the
+    /// data-driven policies to each layer's outputs.
+    #[arg(long)]
+    pub calib_data: Option<PathBuf>,
+    /// Training images of --calib-data to use (seeded shuffle, eval transform).
+    #[arg(long, default_value_t = 1024)]
+    pub calib_images: usize,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+/// What `run` and `sweep` share: the data, the recipe, where to run and where to write.
+#[derive(Args)]
+pub struct ExperimentArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[command(flatten)]
+    pub device: DeviceArg,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Training images (seeded shuffle, eval transform) the BN recalibration after compression sees.
+    #[arg(long, default_value_t = 1024)]
+    pub calib_images: usize,
+    /// Skip the BN recalibration after compression (the seed's flow).
+    #[arg(long)]
+    pub no_bn_recalibration: bool,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub experiment: ExperimentArgs,
+    /// Epochs of each fine-tune (original, then compressed).
+    #[arg(long, default_value_t = 5)]
+    pub epochs: usize,
+    /// Epochs of the compressed model's fine-tune, when different.
+    #[arg(long)]
+    pub compressed_epochs: Option<usize>,
+    #[command(flatten)]
+    pub ranks: RankArgs,
+    #[command(flatten)]
+    pub fit: FitArgs,
+    /// Multi-stage compression: after the first policy, fine-tune --stage-epochs epochs and
+    /// compress further with this policy (repeatable, e.g. --stage budget-macs:0.2).
+    #[arg(long = "stage", value_name = "POLICY")]
+    pub stages: Vec<RankPolicy>,
+    /// Epochs of fine-tuning before each further stage.
+    #[arg(long, default_value_t = 1)]
+    pub stage_epochs: usize,
+    /// Continue each phase from its checkpoint in OUT.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+#[derive(Args)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub experiment: ExperimentArgs,
+    /// Policies to compare, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "budget-macs:0.5,budget-macs:0.33,budget-macs:0.2,budget-macs:0.1"
+    )]
+    pub policies: Vec<RankPolicy>,
+    #[command(flatten)]
+    pub fit: FitArgs,
+    /// Fine-tune epochs of each compressed model.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+}
+
+#[derive(Args)]
+pub struct EvaluateArgs {
+    /// Model weights (.pth or .safetensors, dense or compressed).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub num_classes: i64,
+    /// ImageFolder root or CIFAR-100 binary folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, value_enum, default_value = "val")]
+    pub split: Split,
+    #[arg(long, default_value_t = 224)]
+    pub image_size: i64,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Write `path,true,predicted` per image.
+    #[arg(long)]
+    pub predictions: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+#[derive(Args)]
+pub struct GenDataArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    #[arg(long, default_value_t = 20)]
+    pub train_per_class: usize,
+    #[arg(long, default_value_t = 10)]
+    pub val_per_class: usize,
+    #[arg(long, default_value_t = 32)]
+    pub size: u32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The seed's PNG tree, or the CIFAR-100 binary release format.
+    #[arg(long, value_enum, default_value = "image-folder")]
+    pub format: SyntheticFormat,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// ImageFolder root with train/ (e.g. from `tucker-nb gen-data`).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value_t = 32)]
+    pub image_size: i64,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Batches per model throughput measurement.
+    #[arg(long, default_value_t = 5)]
+    pub model_batches: usize,
+    #[command(flatten)]
+    pub device: DeviceArg,
+    /// Also run the seed's torchvision pipeline with this python (e.g. .venv/bin/python).
+    #[arg(long)]
+    pub seed_python: Option<PathBuf>,
+    /// DataLoader workers for the seed's pipeline (the seed uses 4; default: this machine's cores).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Compression ratio for the compressed model.
+    #[arg(long, default_value_t = 0.2)]
+    pub ratio: f64,
+}
+
+// Each argument group converts to the library's types, which validate.
+
+impl DeviceArg {
+    pub fn device(&self) -> tucker_nb::Result<Device> {
+        runtime::select_device(self.device.as_deref())
+    }
+}
+
+impl RankArgs {
+    pub fn ranks(&self) -> tucker_nb::Result<RankPolicy> {
+        match (self.ratio, &self.ranks, &self.policy) {
+            (Some(r), _, _) => RankPolicy::ratio(r),
+            (_, Some(file), _) => RankPolicy::from_ranks_file(file),
+            (_, _, Some(policy)) => Ok(policy.clone()),
+            _ => unreachable!("clap requires one of --ratio, --ranks, --policy"),
+        }
+    }
+}
+
+impl FitArgs {
+    pub fn policy(&self, ranks: RankPolicy, image_size: i64) -> CompressionPolicy {
+        CompressionPolicy {
+            ranks,
+            input_size: [image_size, image_size],
+            method: self.method,
+            round_to: self.round_to,
+            fit: self.fit,
+        }
+    }
+}
+
+impl ExperimentArgs {
+    /// The run configuration these groups describe (epochs and policy are the caller's).
+    pub fn config(&self) -> tucker_nb::Result<RunConfig> {
+        let (data, train) = (&self.data, &self.train);
+        let mut config = RunConfig::new(&data.data, &self.out, self.device.device()?);
+        config.weights = data.weights.0.clone();
+        config.num_classes = data.num_classes;
+        config.image_size = data.image_size;
+        config.train_limit = data.train_limit;
+        config.val_limit = data.val_limit;
+        config.storage.size = data.storage_size;
+        config.batch_size = train.batch_size;
+        config.eval_batch_size = train.eval_batch_size;
+        config.seed = train.seed;
+        config.calib_images = self.calib_images;
+        config.recalibrate_bn = !self.no_bn_recalibration;
+        let ft = &mut config.fine_tune;
+        ft.lr = train.lr;
+        ft.momentum = train.momentum;
+        ft.weight_decay = train.weight_decay;
+        ft.step_size = train.step_size;
+        ft.gamma = train.gamma;
+        ft.bn = train.bn;
+        ft.bf16 = train.bf16;
+        ft.distill = train.distill;
+        Ok(config)
+    }
+}
+
+impl RunArgs {
+    pub fn config(&self) -> tucker_nb::Result<RunConfig> {
+        let mut config = self.experiment.config()?;
+        config.fine_tune.epochs = self.epochs;
+        config.compressed_epochs = self.compressed_epochs.unwrap_or(self.epochs);
+        config.policy = self.fit.policy(self.ranks.ranks()?, config.image_size);
+        config.stages = self
+            .stages
+            .iter()
+            .map(|ranks| config.policy.with_ranks(ranks.clone()))
+            .collect();
+        config.stage_epochs = self.stage_epochs;
+        config.resume = self.resume;
+        Ok(config)
+    }
+}

@@ -1,0 +1,231 @@
+//! `tucker-nb`: the command-line face of the tucker_nb crate. Each subcommand's arguments convert
+//! to the library's configuration, which validates them; each subcommand is one function.
+
+mod args;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use args::*;
+use clap::Parser;
+use tucker_nb::bench::{self, BenchConfig};
+use tucker_nb::compress::calibrate::{activation_moments, Moments};
+use tucker_nb::compress::compress_model_fitted;
+use tucker_nb::data::{self, Split};
+use tucker_nb::experiment::{self, RunConfig};
+use tucker_nb::synthetic::{self, SyntheticSpec};
+use tucker_nb::train;
+use tucker_nb::{
+    runtime, CompressionPolicy, DataSource, Fit, Loader, RankPolicy, ResNet18, StorageOptions,
+    Transform,
+};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One readable line, as for the library's errors.
+            let text = e.to_string();
+            let line: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            eprintln!("{}", line.join(" "));
+            return ExitCode::from(2);
+        }
+    };
+    runtime::init();
+    let result = match cli.command {
+        Command::Compress(args) => compress(args),
+        Command::Run(args) => run(args),
+        Command::Sweep(args) => sweep(args),
+        Command::Evaluate(args) => evaluate(args),
+        Command::GenData(args) => gen_data(args),
+        Command::ConvertCifar { cifar, out } => convert_cifar(&cifar, &out),
+        Command::Bench(args) => bench_command(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Fails early, before any work, when `path`'s folder does not exist.
+fn check_output(path: &Path) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "{}: folder {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn compress(args: CompressArgs) -> anyhow::Result<()> {
+    let device = args.device.device()?;
+    let policy = args.fit.policy(args.ranks.ranks()?, args.image_size);
+    policy.validate()?;
+    if args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        anyhow::bail!(
+            "{}: the output must be a .safetensors file",
+            args.out.display()
+        );
+    }
+    check_output(&args.out)?;
+    if let Some(r) = &args.report {
+        check_output(r)?;
+    }
+    let mut model = ResNet18::load(&args.weights, args.num_classes, device)?;
+    let moments = match (&args.calib_data, policy.fit()) {
+        (Some(dir), Fit::Data) => Some(calibration_moments(&model, dir, &args)?),
+        _ => None,
+    };
+    let report = compress_model_fitted(&mut model, &policy, moments.as_ref())?;
+    if args.fold_bn {
+        let folded = model.fold_batch_norms();
+        println!("folded {} BNs into their factorised convs", folded.len());
+    }
+    model.save(&args.out)?;
+    if let Some(path) = &args.report {
+        if let Err(e) = report.write_csv(path) {
+            // The report is part of the command's result: do not leave the model alone.
+            let _ = std::fs::remove_file(&args.out);
+            return Err(e.into());
+        }
+    }
+    println!("{}", report.summary());
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// The activation moments of `model` on `--calib-images` training images of `dir`.
+fn calibration_moments(
+    model: &ResNet18,
+    dir: &Path,
+    args: &CompressArgs,
+) -> anyhow::Result<Moments> {
+    let mut config = RunConfig::new(dir, "", model.device());
+    config.image_size = args.image_size;
+    config.calib_images = args.calib_images;
+    config.validate()?;
+    let train = DataSource::detect(dir)?.load(Split::Train, StorageOptions::default())?;
+    let (train, _) = experiment::loader_pair(&config, &train, &train);
+    let calibration = experiment::calibration(&config, &train)?;
+    Ok(activation_moments(model, &calibration)?)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let result = experiment::run(&args.config()?)?;
+    let s = &result.summary;
+    println!("{}", result.metrics);
+    println!("{}", result.report.summary());
+    for (i, report) in result.stage_reports.iter().enumerate() {
+        println!("stage {}: {}", i + 2, report.summary());
+    }
+    let recalibrated = |c: Option<&experiment::Checkpoint>| {
+        c.map_or(String::new(), |c| {
+            format!(", BN recalibrated {:.4}", c.top1)
+        })
+    };
+    let stages: String = s
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let after = recalibrated(s.stages_recalibrated.get(i));
+            format!(" | stage {} {:.4}{after}", i + 2, c.top1)
+        })
+        .collect();
+    println!(
+        "top-1: original {:.4} | compressed {:.4}{}{stages} | compressed + fine-tuned {:.4}",
+        s.original.top1,
+        s.compressed.top1,
+        recalibrated(s.recalibrated.as_ref()),
+        s.fine_tuned.top1
+    );
+    println!(
+        "wrote {}/{{metrics.csv,layers.csv,summary.json,original.safetensors,compressed.safetensors}}",
+        args.experiment.out.display()
+    );
+    Ok(())
+}
+
+fn sweep(args: SweepArgs) -> anyhow::Result<()> {
+    let mut config = args.experiment.config()?;
+    config.compressed_epochs = args.epochs;
+    let policies: Vec<CompressionPolicy> = args
+        .policies
+        .iter()
+        .map(|ranks| args.fit.policy(ranks.clone(), config.image_size))
+        .collect();
+    let frame = experiment::run_sweep(&config, &policies)?;
+    println!("{frame}");
+    println!("wrote {}/{{sweep.csv,pareto.png}}", config.out.display());
+    Ok(())
+}
+
+fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
+    let device = args.device.device()?;
+    if let Some(p) = &args.predictions {
+        check_output(p)?;
+    }
+    let dataset = DataSource::detect(&args.data)?.load(args.split, StorageOptions::default())?;
+    let net = ResNet18::load(&args.model, Some(args.num_classes), device)?;
+    let transform = Transform::Eval {
+        size: args.image_size,
+    };
+    let loader = Loader::new(&dataset, args.batch_size, transform, device, true);
+    let result = train::evaluate_with(&net, &loader, args.predictions.is_some(), false)?;
+    if let (Some(path), Some(pred)) = (&args.predictions, &result.predictions) {
+        let labels = Vec::<i64>::try_from(&dataset.labels)?;
+        experiment::write_predictions(path, &dataset.names, &labels, pred)?;
+    }
+    println!(
+        "{} images: top-1 {:.4}, top-5 {:.4}, loss {:.4}, {:.1} images/s",
+        result.images, result.top1, result.top5, result.loss, result.images_per_s
+    );
+    Ok(())
+}
+
+fn gen_data(args: GenDataArgs) -> anyhow::Result<()> {
+    let spec = SyntheticSpec {
+        classes: args.classes,
+        train_per_class: args.train_per_class,
+        val_per_class: args.val_per_class,
+        size: args.size,
+        seed: args.seed,
+    };
+    let n = synthetic::generate(&args.out, spec, args.format)?;
+    println!("wrote {n} images to {}", args.out.display());
+    Ok(())
+}
+
+fn convert_cifar(cifar: &Path, out: &Path) -> anyhow::Result<()> {
+    let n = data::convert_cifar100_to_image_folder(cifar, out)?;
+    println!("wrote {n} PNGs to {}", out.display());
+    Ok(())
+}
+
+fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
+    let mut config = BenchConfig::new(&args.data, args.device.device()?);
+    config.run.image_size = args.image_size;
+    config.run.batch_size = args.batch_size;
+    config.run.eval_batch_size = args.batch_size;
+    config.run.policy.ranks = RankPolicy::ratio(args.ratio)?;
+    config.repeats = args.repeats;
+    config.model_batches = args.model_batches;
+    config.seed_python = args.seed_python;
+    config.workers = args.workers;
+    bench::run(&config)?;
+    Ok(())
+}
