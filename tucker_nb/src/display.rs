@@ -184,10 +184,11 @@ pub fn eval_table(label: &str, e: &EvalResult) -> Html {
 }
 
 /// Several charts in one HTML block.
-pub fn charts(charts: &[Chart]) -> Html {
+pub fn charts<'a>(charts: impl IntoIterator<Item = &'a Chart>) -> Html {
+    // Borrowed, not moved: a notebook's charts stay in its variables after being shown.
     Html(
         charts
-            .iter()
+            .into_iter()
             .map(Chart::to_html)
             .collect::<Vec<_>>()
             .join("\n"),

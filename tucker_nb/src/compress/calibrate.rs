@@ -87,9 +87,15 @@ pub fn activation_moments(model: &ResNet18, calibration: &Loader) -> Result<Mome
     let mut moments = Moments::new();
     for ((unit, input), output) in units.into_iter().zip(inputs).zip(outputs) {
         let name = unit.conv_name;
+        let samples = input.pixels;
         let input = input.mean(&name)?;
         let output = output.mean(&name)?;
-        moments.insert(name, ActivationMoments { input, output });
+        let layer = ActivationMoments {
+            input,
+            output,
+            samples,
+        };
+        moments.insert(name, layer);
     }
     Ok(moments)
 }

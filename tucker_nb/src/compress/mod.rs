@@ -132,7 +132,7 @@ pub fn factorise_fitted(
             }
             let matrix = conv.weight.reshape([c_out, c_in]);
             let (first, last) = match moments {
-                Some(m) => svd_factors_whitened(&matrix, rank, &m.input),
+                Some(m) => svd_factors_whitened(&matrix, rank, m),
                 None => svd_factors(&matrix, rank),
             };
             Ok(ConvSlot::Svd(SvdConv::from_factors(&first, &last, conv)))
