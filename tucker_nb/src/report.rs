@@ -26,7 +26,8 @@ pub struct LayerReport {
     pub macs_before: i64,
     pub macs_after: i64,
     /// ‖W − Ŵ‖ / ‖W‖, W the kernel the slot computed before this compression (the dense one, or
-    /// an earlier stage's), Ŵ the new factorisation's; 0 for a layer left as it was.
+    /// an earlier stage's), Ŵ the new factorisation's; when fitted to data, the relative output
+    /// error on the calibration data instead; 0 for a layer left as it was.
     pub rel_error: f64,
     /// Why the planner chose this (stem kept, left dense, VBMF fallback, budget), if anything.
     pub note: String,

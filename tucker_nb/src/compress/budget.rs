@@ -139,8 +139,10 @@ pub fn plan_budget(
         .zip(&choice)
         .map(|((f, opts), &i)| {
             let (form, _, err) = opts[i];
-            let head =
-                format!("budget {what} {target:.3}: model at {achieved:.3}; error bound {err:.4}");
+            let head = format!(
+                "budget {what} {target:.3}: model at {achieved:.3}; \
+                 kernel error bound {err:.4} (relative squared)"
+            );
             let note = f.budget_note(form, head);
             (f.name.clone(), LayerPlan { form, note })
         })
