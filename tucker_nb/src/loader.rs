@@ -42,6 +42,9 @@ pub struct Batch {
 pub struct Loader {
     images: Tensor,
     labels: Tensor,
+    /// ImageNet mean and std as 1×3×1×1 float tensors on `device`, built once.
+    mean: Tensor,
+    std: Tensor,
     pub batch_size: usize,
     pub shuffle: bool,
     pub seed: u64,
@@ -59,9 +62,12 @@ impl Loader {
         resident: bool,
     ) -> Self {
         let home = if resident { device } else { Device::Cpu };
+        let (mean, std) = normalization(device);
         Self {
             images: data.images.to_device(home),
             labels: data.labels.to_device(home),
+            mean,
+            std,
             batch_size: batch_size.max(1),
             shuffle: matches!(transform, Transform::Train { .. }),
             seed: 0,
@@ -95,6 +101,8 @@ impl Loader {
         Ok(Loader {
             images: self.images.index_select(0, &index),
             labels: self.labels.index_select(0, &index),
+            mean: self.mean.shallow_clone(),
+            std: self.std.shallow_clone(),
             batch_size: batch_size.max(1),
             shuffle: false,
             seed,
@@ -122,6 +130,10 @@ impl Loader {
 
     /// The batches of epoch `epoch`; order and augmentation depend only on (seed, epoch), so a
     /// resumed run sees exactly the batches an uninterrupted one would.
+    ///
+    /// Nothing waits on the device per batch: the epoch's order (and, for training, every image's
+    /// crop and flip) is drawn on the host and copied to the device once, then sliced per batch.
+    /// Images kept on the host travel through pinned memory without blocking.
     pub fn epoch(&self, epoch: usize) -> impl Iterator<Item = Batch> + '_ {
         let mut rng =
             StdRng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -129,39 +141,70 @@ impl Loader {
         if self.shuffle {
             order.shuffle(&mut rng);
         }
-        let chunks: Vec<Vec<i64>> = order.chunks(self.batch_size).map(<[i64]>::to_vec).collect();
-        chunks
-            .into_iter()
-            .map(move |indices| self.batch(indices, &mut rng))
+        let home = self.images.device();
+        let order_on_home = Tensor::from_slice(&order).to_device(home);
+        let crops = match self.transform {
+            Transform::Train { .. } => {
+                let [_, _, height, width] = self.images.size()[..] else {
+                    unreachable!("images are N×3×H×W")
+                };
+                let theta = crop_flip_thetas(order.len(), height, width, &mut rng);
+                Some(theta.to_device(self.device))
+            }
+            Transform::Eval { .. } => None,
+        };
+        let batch_size = self.batch_size;
+        (0..order.len()).step_by(batch_size).map(move |start| {
+            let n = batch_size.min(order.len() - start);
+            let index = order_on_home.narrow(0, start as i64, n as i64);
+            let theta = crops.as_ref().map(|t| t.narrow(0, start as i64, n as i64));
+            self.batch(&index, theta.as_ref(), order[start..start + n].to_vec())
+        })
     }
 
-    fn batch(&self, indices: Vec<i64>, rng: &mut StdRng) -> Batch {
-        let index = Tensor::from_slice(&indices).to_device(self.images.device());
-        let raw = self.images.index_select(0, &index).to_device(self.device);
-        let labels = self.labels.index_select(0, &index).to_device(self.device);
-        let images = tch::no_grad(|| match self.transform {
-            Transform::Train { size } => random_resized_crop_flip(&raw, size, rng),
-            Transform::Eval { size } => resize_center_crop(&raw, size),
+    fn batch(&self, index: &Tensor, theta: Option<&Tensor>, indices: Vec<i64>) -> Batch {
+        let raw = to_device_async(&self.images.index_select(0, index), self.device);
+        let labels = to_device_async(&self.labels.index_select(0, index), self.device);
+        let images = tch::no_grad(|| match (self.transform, theta) {
+            (Transform::Train { size }, Some(theta)) => crop_resize_flip(&raw, theta, size),
+            (Transform::Eval { size }, _) => resize_center_crop(&raw, size),
+            (Transform::Train { .. }, None) => unreachable!("training epochs draw crops"),
         });
         Batch {
-            images: normalize(&images),
+            images: (images / 255.0 - &self.mean) / &self.std,
             labels,
             indices,
         }
     }
 }
 
+/// `t` on `device`: itself when already there, else copied through pinned host memory without
+/// waiting (the copy is ordered on the device's stream before any kernel that reads it).
+fn to_device_async(t: &Tensor, device: Device) -> Tensor {
+    if t.device() == device {
+        t.shallow_clone()
+    } else if device.is_cuda() {
+        t.pin_memory(device)
+            .to_device_(device, t.kind(), true, false)
+    } else {
+        t.to_device(device)
+    }
+}
+
+/// ImageNet mean and std, 1×3×1×1 float on `device`.
+fn normalization(device: Device) -> (Tensor, Tensor) {
+    let on_device = |v: &[f64; 3]| {
+        Tensor::from_slice(v)
+            .to_kind(Kind::Float)
+            .view([1, 3, 1, 1])
+            .to_device(device)
+    };
+    (on_device(&IMAGENET_MEAN), on_device(&IMAGENET_STD))
+}
+
 /// Pixel values in [0, 255] (uint8 or float) → [0, 1], then (x − mean) / std per channel.
 pub fn normalize(images: &Tensor) -> Tensor {
-    let device = images.device();
-    let mean = Tensor::from_slice(&IMAGENET_MEAN)
-        .to_kind(Kind::Float)
-        .view([1, 3, 1, 1])
-        .to_device(device);
-    let std = Tensor::from_slice(&IMAGENET_STD)
-        .to_kind(Kind::Float)
-        .view([1, 3, 1, 1])
-        .to_device(device);
+    let (mean, std) = normalization(images.device());
     (images.to_kind(Kind::Float) / 255.0 - mean) / std
 }
 
@@ -192,25 +235,26 @@ pub fn crop_params(height: i64, width: i64, rng: &mut impl Rng) -> (i64, i64, i6
     ((height - h) / 2, (width - w) / 2, h, w)
 }
 
-/// Random crop + resize to size×size + horizontal flip, per image, as one bilinear grid sample.
-fn random_resized_crop_flip(images: &Tensor, size: i64, rng: &mut StdRng) -> Tensor {
-    let [n, _, height, width] = images.size()[..] else {
-        unreachable!("images are N×3×H×W")
-    };
-    let mut theta = Vec::with_capacity(n as usize * 6);
+/// Every image's random crop + horizontal flip for an epoch, in draw order, as the n × 2 × 3 affine
+/// matrices `affine_grid` takes (output x in [−1, 1] ↦ input x over the crop, align_corners = false).
+fn crop_flip_thetas(n: usize, height: i64, width: i64, rng: &mut StdRng) -> Tensor {
+    let mut theta = Vec::with_capacity(n * 6);
     for _ in 0..n {
         let (top, left, h, w) = crop_params(height, width, rng);
         let flip = if rng.random_bool(0.5) { -1.0 } else { 1.0 };
-        // Output x in [-1, 1] ↦ input x over the crop's columns (align_corners = false).
         let (sx, sy) = (w as f32 / width as f32, h as f32 / height as f32);
         let tx = (2 * left + w) as f32 / width as f32 - 1.0;
         let ty = (2 * top + h) as f32 / height as f32 - 1.0;
         theta.extend_from_slice(&[sx * flip, 0.0, tx, 0.0, sy, ty]);
     }
-    let theta = Tensor::from_slice(&theta)
-        .view([n, 2, 3])
-        .to_device(images.device());
-    let grid = Tensor::affine_grid_generator(&theta, [n, 3, size, size], false);
+    Tensor::from_slice(&theta).view([n as i64, 2, 3])
+}
+
+/// Per-image crops (`theta`, from [`crop_flip_thetas`]) resized to size×size, as one bilinear
+/// grid sample.
+fn crop_resize_flip(images: &Tensor, theta: &Tensor, size: i64) -> Tensor {
+    let n = images.size()[0];
+    let grid = Tensor::affine_grid_generator(theta, [n, 3, size, size], false);
     // interpolation 0 = bilinear, padding 1 = border (the crop never leaves the image).
     Tensor::grid_sampler(&images.to_kind(Kind::Float), &grid, 0, 1, false)
 }
@@ -279,6 +323,31 @@ mod tests {
             eval.epoch(5).flat_map(|b| b.indices).collect::<Vec<_>>(),
             (0..10).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn an_images_augmentation_does_not_depend_on_the_batch_size() {
+        // Crops are drawn per epoch, in order, then sliced per batch.
+        let data = dataset(10);
+        let epoch = |batch| {
+            let loader = Loader::new(
+                &data,
+                batch,
+                Transform::Train { size: 6 },
+                Device::Cpu,
+                false,
+            )
+            .with_seed(5);
+            let batches: Vec<Batch> = loader.epoch(2).collect();
+            let images = Tensor::cat(&batches.iter().map(|b| &b.images).collect::<Vec<_>>(), 0);
+            let order: Vec<i64> = batches.into_iter().flat_map(|b| b.indices).collect();
+            (order, images)
+        };
+        let (order_1, images_1) = epoch(1);
+        let (order_4, images_4) = epoch(4);
+        assert_eq!(order_1, order_4);
+        assert!(images_1.allclose(&images_4, 1e-6, 1e-6, false));
+        assert_eq!(images_4.size(), [10, 3, 6, 6]);
     }
 
     #[test]

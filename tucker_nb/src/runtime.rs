@@ -75,29 +75,122 @@ pub fn select_device(choice: Option<&str>) -> Result<Device> {
     }
 }
 
-/// Makes tch's CUDA autocast run in bfloat16 (its default is float16); true when CUDA is usable
-/// and the switch worked. libtch exposes no setter, so this calls libtorch's
-/// `at::autocast::set_autocast_dtype(DeviceType, ScalarType)` through its C++ symbol.
-pub fn use_bf16_autocast() -> bool {
-    static SET: OnceLock<bool> = OnceLock::new();
-    *SET.get_or_init(|| {
+/// [`select_device`], then cuDNN's autotuner on or off for it: with `benchmark`, cuDNN times its
+/// algorithms for each new convolution shape once and keeps the fastest (the compressed model's
+/// odd channel counts are where the default heuristics pick slow kernels). No effect on CPU.
+pub fn prepare_device(choice: Option<&str>, cudnn_benchmark: bool) -> Result<Device> {
+    let device = select_device(choice)?;
+    if device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(cudnn_benchmark);
+    }
+    Ok(device)
+}
+
+/// Runs `f` under CUDA autocast to bfloat16 when `bf16` is set and CUDA is usable, else plainly.
+/// See [`Bf16Autocast`].
+pub fn autocast_bf16<T>(bf16: bool, f: impl FnOnce() -> T) -> T {
+    let _guard = if bf16 { Bf16Autocast::enter() } else { None };
+    f()
+}
+
+/// CUDA autocast to bfloat16 on the calling thread while the guard lives, as PyTorch's
+/// `torch.autocast("cuda", torch.bfloat16)` context manager does it.
+///
+/// libtorch keeps autocast's switch and dtype per thread, and tch's own `autocast` calls the
+/// deprecated device-less functions (a warning per call) and leaves the dtype at float16. This guard
+/// calls libtorch 2.11's `at::autocast` functions directly: on entry it saves the thread's state,
+/// enables autocast for CUDA with dtype bfloat16 and increments the nesting count; on drop it
+/// decrements the count, clears the cast-weight cache when the outermost guard ends, and restores
+/// the saved state.
+pub struct Bf16Autocast {
+    fns: &'static AutocastFns,
+    was_enabled: bool,
+    previous_dtype: i8,
+}
+
+// c10::DeviceType::CUDA and c10::ScalarType::BFloat16 (both int8_t-backed enums).
+const CUDA: i8 = 1;
+const BFLOAT16: i8 = 15;
+
+struct AutocastFns {
+    is_enabled: extern "C" fn(i8) -> bool,
+    set_enabled: extern "C" fn(i8, bool),
+    get_dtype: extern "C" fn(i8) -> i8,
+    set_dtype: extern "C" fn(i8, i8),
+    increment_nesting: extern "C" fn() -> i32,
+    decrement_nesting: extern "C" fn() -> i32,
+    clear_cache: extern "C" fn(),
+}
+
+impl Bf16Autocast {
+    /// The guard, or `None` (nothing changed) when CUDA is not usable or libtorch lacks a symbol.
+    pub fn enter() -> Option<Self> {
+        let fns = autocast_fns()?;
+        let guard = Self {
+            fns,
+            was_enabled: (fns.is_enabled)(CUDA),
+            previous_dtype: (fns.get_dtype)(CUDA),
+        };
+        (fns.set_enabled)(CUDA, true);
+        (fns.set_dtype)(CUDA, BFLOAT16);
+        (fns.increment_nesting)();
+        Some(guard)
+    }
+}
+
+impl Drop for Bf16Autocast {
+    fn drop(&mut self) {
+        if (self.fns.decrement_nesting)() == 0 {
+            (self.fns.clear_cache)();
+        }
+        (self.fns.set_enabled)(CUDA, self.was_enabled);
+        (self.fns.set_dtype)(CUDA, self.previous_dtype);
+    }
+}
+
+/// libtorch's autocast functions, looked up once; `None` without CUDA or when one is missing.
+fn autocast_fns() -> Option<&'static AutocastFns> {
+    static FNS: OnceLock<Option<AutocastFns>> = OnceLock::new();
+    FNS.get_or_init(|| {
         if !init().cuda_available {
-            return false;
+            return None;
         }
-        const SYMBOL: &[u8] =
-            b"_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE\0";
-        // SAFETY: the symbol is libtorch's `void set_autocast_dtype(DeviceType, ScalarType)`; both
-        // enums are int8_t-backed, passed as integers. CUDA is DeviceType 1, BFloat16 ScalarType 15.
+        // SAFETY: each symbol is the libtorch 2.11 function named in its mangled name, with the
+        // signature given; DeviceType and ScalarType are int8_t enums, passed as integers.
         unsafe {
-            let f = libc::dlsym(libc::RTLD_DEFAULT, SYMBOL.as_ptr().cast());
-            if f.is_null() {
-                return false;
-            }
-            let set: extern "C" fn(i8, i8) = std::mem::transmute(f);
-            set(1, 15);
+            Some(AutocastFns {
+                is_enabled: std::mem::transmute::<*mut libc::c_void, extern "C" fn(i8) -> bool>(
+                    symbol(b"_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE\0")?,
+                ),
+                set_enabled: std::mem::transmute::<*mut libc::c_void, extern "C" fn(i8, bool)>(
+                    symbol(b"_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb\0")?,
+                ),
+                get_dtype: std::mem::transmute::<*mut libc::c_void, extern "C" fn(i8) -> i8>(
+                    symbol(b"_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE\0")?,
+                ),
+                set_dtype: std::mem::transmute::<*mut libc::c_void, extern "C" fn(i8, i8)>(symbol(
+                    b"_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE\0",
+                )?),
+                increment_nesting: std::mem::transmute::<*mut libc::c_void, extern "C" fn() -> i32>(
+                    symbol(b"_ZN2at8autocast17increment_nestingEv\0")?,
+                ),
+                decrement_nesting: std::mem::transmute::<*mut libc::c_void, extern "C" fn() -> i32>(
+                    symbol(b"_ZN2at8autocast17decrement_nestingEv\0")?,
+                ),
+                clear_cache: std::mem::transmute::<*mut libc::c_void, extern "C" fn()>(symbol(
+                    b"_ZN2at8autocast11clear_cacheEv\0",
+                )?),
+            })
         }
-        true
     })
+    .as_ref()
+}
+
+/// A symbol of the libraries this process has loaded (libtorch_cpu is linked in).
+fn symbol(name: &[u8]) -> Option<*mut libc::c_void> {
+    // SAFETY: `name` is a NUL-terminated C string.
+    let f = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr().cast()) };
+    (!f.is_null()).then_some(f)
 }
 
 /// Loads `libtorch_cuda.so` globally: first by name (LD_LIBRARY_PATH and our RUNPATH), then next
@@ -135,6 +228,7 @@ fn mapped_library_dir(file_name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Tensor;
 
     #[test]
     fn init_maps_libtorch_cuda_into_the_process() {
@@ -150,6 +244,33 @@ mod tests {
             "not mapped; loaded {loaded}"
         );
         assert_eq!(info.cuda_available, tch::Cuda::is_available());
+    }
+
+    #[test]
+    fn autocast_symbols_resolve_and_the_guard_restores_the_thread_state() {
+        // The symbols exist in the CPU library whatever the machine, so a libtorch upgrade that
+        // renames them fails here rather than silently running bf16 runs in float32.
+        for name in [
+            &b"_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE\0"[..],
+            b"_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb\0",
+            b"_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE\0",
+            b"_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE\0",
+            b"_ZN2at8autocast17increment_nestingEv\0",
+            b"_ZN2at8autocast17decrement_nestingEv\0",
+            b"_ZN2at8autocast11clear_cacheEv\0",
+        ] {
+            assert!(symbol(name).is_some(), "{}", String::from_utf8_lossy(name));
+        }
+        match autocast_fns() {
+            None => assert!(!init().cuda_available),
+            Some(fns) => {
+                let before = ((fns.is_enabled)(CUDA), (fns.get_dtype)(CUDA));
+                let x = Tensor::ones([4, 4], (tch::Kind::Float, Device::Cuda(0)));
+                let y = autocast_bf16(true, || x.matmul(&x));
+                assert_eq!(y.kind(), tch::Kind::BFloat16);
+                assert_eq!(((fns.is_enabled)(CUDA), (fns.get_dtype)(CUDA)), before);
+            }
+        }
     }
 
     #[test]

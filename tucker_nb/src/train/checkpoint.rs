@@ -38,7 +38,7 @@ pub(super) fn save_checkpoint(
         .into_iter()
         .map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu).contiguous()))
         .collect();
-    for (name, buf) in &sgd.momentum {
+    for (name, buf) in sgd.momentum_by_name() {
         tensors.push((
             format!("{MOMENTUM_PREFIX}{name}"),
             buf.to_device(tch::Device::Cpu).contiguous(),
@@ -108,11 +108,10 @@ pub(super) fn load_checkpoint(
         }
         Ok(())
     })?;
-    let device = model.device();
-    for (name, t) in stored {
-        if let Some(param) = name.strip_prefix(MOMENTUM_PREFIX) {
-            sgd.momentum.insert(param.to_string(), t.to_device(device));
-        }
-    }
+    let momentum = stored
+        .into_iter()
+        .filter_map(|(name, t)| Some((name.strip_prefix(MOMENTUM_PREFIX)?.to_string(), t)))
+        .collect();
+    sgd.set_momentum(momentum, &weights)?;
     Ok(Some(index))
 }

@@ -4,9 +4,8 @@
 
 mod checkpoint;
 mod config;
-mod sgd;
+pub(crate) mod sgd;
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use polars::prelude::DataFrame;
@@ -16,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::loader::Loader;
 use crate::model::{is_buffer, ResNet18};
 use crate::progress::Progress;
+use crate::runtime::autocast_bf16;
 use checkpoint::{load_checkpoint, save_checkpoint, CheckpointIndex};
 pub use config::{
     metrics_frame, BnMode, Distillation, EpochMetrics, FineTuneConfig, Trainable, METRICS_COLUMNS,
@@ -61,7 +61,7 @@ pub fn evaluate_with(
     tch::no_grad(|| {
         for batch in loader.epoch(0) {
             let logits =
-                autocast(bf16, || model.forward(&batch.images, false)).to_kind(Kind::Float);
+                autocast_bf16(bf16, || model.forward(&batch.images, false)).to_kind(Kind::Float);
             let loss = logits.cross_entropy_loss::<Tensor>(
                 &batch.labels,
                 None,
@@ -99,14 +99,6 @@ pub fn evaluate_with(
         result.top1, result.top5, result.loss
     ));
     Ok(result)
-}
-
-fn autocast<T>(bf16: bool, f: impl FnOnce() -> T) -> T {
-    if bf16 && crate::runtime::use_bf16_autocast() {
-        tch::autocast(true, f)
-    } else {
-        f()
-    }
 }
 
 /// BN recalibration, for a model whose convs have just been replaced: every BN's running
@@ -245,12 +237,7 @@ pub fn fine_tune_rows_with(
             format!("{:?} selects no parameter of this model", config.trainable),
         ));
     }
-    let mut sgd = Sgd {
-        params,
-        momentum: BTreeMap::new(),
-        mu: config.momentum,
-        weight_decay: config.weight_decay,
-    };
+    let mut sgd = Sgd::new(params, config.momentum, config.weight_decay)?;
     let mut rows = Vec::new();
     let mut start_epoch = 0;
     if let (Some(dir), true) = (&config.checkpoint_dir, config.resume) {
@@ -264,7 +251,7 @@ pub fn fine_tune_rows_with(
             );
         }
     }
-    for (_, p) in &sgd.params {
+    for p in sgd.parameters() {
         let _ = p.set_requires_grad(true);
     }
     let one_epoch = Epoch {
@@ -288,7 +275,7 @@ pub fn fine_tune_rows_with(
         }
         Ok(())
     });
-    for (_, p) in &sgd.params {
+    for p in sgd.parameters() {
         let _ = p.set_requires_grad(false);
     }
     result.map(|()| rows)
@@ -320,12 +307,13 @@ fn batch_loss(
     config: &FineTuneConfig,
 ) -> (Tensor, Tensor) {
     let bn_batch_stats = config.bn != BnMode::Frozen;
-    let logits =
-        autocast(config.bf16, || model.forward(&batch.images, bn_batch_stats)).to_kind(Kind::Float);
+    let logits = autocast_bf16(config.bf16, || model.forward(&batch.images, bn_batch_stats))
+        .to_kind(Kind::Float);
     let loss = match (config.distill, teacher) {
         (Some(distill), Some(teacher)) => {
             let taught = tch::no_grad(|| {
-                autocast(config.bf16, || teacher.forward(&batch.images, false)).to_kind(Kind::Float)
+                autocast_bf16(config.bf16, || teacher.forward(&batch.images, false))
+                    .to_kind(Kind::Float)
             });
             distillation_loss(&logits, &taught, &batch.labels, distill)
         }
@@ -394,9 +382,7 @@ fn train_epoch(
     for (b, batch) in train.epoch(epoch).enumerate() {
         let n = batch.labels.size()[0] as usize;
         let (logits, loss) = batch_loss(model, *teacher, &batch, config);
-        sgd.zero_grad();
-        loss.backward();
-        sgd.step(lr);
+        sgd.backward_step(&loss, lr)?;
         tch::no_grad(|| {
             loss_sum += loss.detach().to_kind(Kind::Double) * n as f64;
             correct += logits
