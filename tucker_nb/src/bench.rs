@@ -3,6 +3,7 @@
 //! seed's torchvision pipeline on the same files and cores, and training / evaluation images/s of
 //! the original and the compressed model.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -16,6 +17,8 @@ use crate::error::{Error, Result};
 use crate::experiment::{loader_pair, RunConfig};
 use crate::loader::Loader;
 use crate::model::ResNet18;
+use crate::runtime::autocast_bf16;
+use crate::train::sgd::Sgd;
 use crate::train::{trainable_parameters, BnMode, Trainable};
 
 /// What to measure; the defaults are `tucker-nb bench`'s.
@@ -27,10 +30,16 @@ pub struct BenchConfig {
     pub repeats: usize,
     /// Batches per model throughput measurement.
     pub model_batches: usize,
-    /// Also run the seed's torchvision pipeline with this python (e.g. .venv/bin/python).
+    /// A python with torch (e.g. .venv/bin/python): also run the seed's torchvision data pipeline
+    /// and PyTorch's model-only figures with it.
     pub seed_python: Option<PathBuf>,
     /// DataLoader workers for the seed's pipeline (the seed uses 4; `None`: this machine's cores).
     pub workers: Option<usize>,
+    /// Whether cuDNN's autotuner is on (it is set when the device is chosen; recorded here and
+    /// passed to PyTorch's side so both run alike).
+    pub cudnn_benchmark: bool,
+    /// Also write the figures to this JSON file.
+    pub json: Option<PathBuf>,
 }
 
 impl BenchConfig {
@@ -45,6 +54,8 @@ impl BenchConfig {
             model_batches: 5,
             seed_python: None,
             workers: None,
+            cudnn_benchmark: true,
+            json: None,
         }
     }
 }
@@ -54,31 +65,38 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median images/s of `f`, which processes `n` images per call.
-fn rate(repeats: usize, n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Median images/s of `f`, which processes `n` images per call: one untimed warm-up call (cuDNN
+/// autotuning, allocator, caches), then `repeats` timed calls, each ended by one device sync.
+fn rate(
+    repeats: usize,
+    n: usize,
+    device: Device,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    f()?;
+    sync_device(device);
     let mut rates = Vec::new();
     for _ in 0..repeats.max(1) {
         let t = Instant::now();
         f()?;
+        sync_device(device);
         rates.push(n as f64 / t.elapsed().as_secs_f64());
     }
     Ok(median(rates))
 }
 
-fn sync(t: &Tensor) {
-    let _ = t.sum(Kind::Double).double_value(&[]);
+/// Waits for `device`'s queued work (CPU work is already done when its calls return).
+fn sync_device(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
 }
 
-/// Runs the seed's data pipeline (scripts/bench_seed.py) and returns its JSON figures.
-fn seed_pipeline(python: &Path, config: &BenchConfig, workers: usize) -> Result<serde_json::Value> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_seed.py");
-    let args = [
-        ("--data", config.run.data.to_string_lossy().into_owned()),
-        ("--size", config.run.image_size.to_string()),
-        ("--batch", config.run.batch_size.to_string()),
-        ("--workers", workers.to_string()),
-        ("--repeats", config.repeats.to_string()),
-    ];
+/// Runs `scripts/SCRIPT` with `python` and `args` and parses the last line it prints as JSON.
+fn python_json(python: &Path, script: &str, args: &[(&str, String)]) -> Result<serde_json::Value> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(script);
     let out = Command::new(python)
         .arg(&script)
         .args(
@@ -99,6 +117,18 @@ fn seed_pipeline(python: &Path, config: &BenchConfig, workers: usize) -> Result<
         .map_err(|e| Error::file(&script, format!("unexpected output {last:?}: {e}")))
 }
 
+/// Runs the seed's data pipeline (scripts/bench_seed.py) and returns its JSON figures.
+fn seed_pipeline(python: &Path, config: &BenchConfig, workers: usize) -> Result<serde_json::Value> {
+    let args = [
+        ("--data", config.run.data.to_string_lossy().into_owned()),
+        ("--size", config.run.image_size.to_string()),
+        ("--batch", config.run.batch_size.to_string()),
+        ("--workers", workers.to_string()),
+        ("--repeats", config.repeats.to_string()),
+    ];
+    python_json(python, "bench_seed.py", &args)
+}
+
 /// The data path's rates: decode without cache, cached load, and both loaders with transforms.
 fn data_path(config: &BenchConfig, folder: &ImageFolder) -> Result<([f64; 4], Dataset)> {
     let n = folder.samples.len();
@@ -106,20 +136,20 @@ fn data_path(config: &BenchConfig, folder: &ImageFolder) -> Result<([f64; 4], Da
         no_cache: true,
         ..Default::default()
     };
-    let decode = rate(config.repeats, n, || {
+    let decode = rate(config.repeats, n, Device::Cpu, || {
         decode_cached(folder, &config.run.data, uncached).map(drop)
     })?;
     let cached_load = || decode_cached(folder, &config.run.data, StorageOptions::default());
     let _ = cached_load()?;
-    let cached = rate(config.repeats, n, || cached_load().map(drop))?;
+    let cached = rate(config.repeats, n, Device::Cpu, || cached_load().map(drop))?;
     let dataset = cached_load()?;
     // Both loaders read the training images, as the seed's pipeline benchmark does.
     let (train, eval) = loader_pair(&config.run, &dataset, &dataset);
     let mut epoch = 0;
     let mut loader_rate = |loader: &Loader| {
-        rate(config.repeats, n, || {
+        rate(config.repeats, n, config.run.device, || {
             epoch += 1;
-            loader.epoch(epoch).for_each(|b| sync(&b.images));
+            loader.epoch(epoch).for_each(drop);
             Ok(())
         })
     };
@@ -148,78 +178,192 @@ fn print_data_path(ours: [f64; 4], seed: Option<&serde_json::Value>, n: usize, w
     }
 }
 
-/// Training-step and evaluation images/s of the original and the compressed model, on one
-/// resident batch.
-fn model_rates(config: &BenchConfig, classes: i64) -> Result<Vec<(&'static str, f64, f64)>> {
+/// One model-only figure: images/s of a model in one precision and mode, ours and PyTorch's (the
+/// same model rebuilt from our file by scripts/bench_model.py, on the same libtorch, device, batch,
+/// size and thread count).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelRate {
+    /// `original` or `compressed`.
+    pub model: &'static str,
+    /// `fp32` or `bf16` (autocast; CUDA only).
+    pub precision: &'static str,
+    /// `eval`; `train_all` (forward, loss, backward, SGD step over every parameter); `train_seed`
+    /// (the same over the seed's trainable set: fc, plus the factorised convs when compressed).
+    pub mode: &'static str,
+    pub ours: f64,
+    pub pytorch: Option<f64>,
+}
+
+const MODES: [&str; 3] = ["eval", "train_all", "train_seed"];
+
+/// Our images/s of `model` in each of [`MODES`]: resident random data, one warm-up call, then
+/// `repeats` timed calls of `model_batches` batches with one device sync each.
+fn our_model_rates(
+    config: &BenchConfig,
+    model: &ResNet18,
+    trainable_seed: Trainable,
+    bf16: bool,
+) -> Result<[f64; 3]> {
     let run = &config.run;
     let (device, batch, size) = (run.device, run.batch_size as i64, run.image_size);
-    let original = ResNet18::new(classes, device);
+    tch::manual_seed(0);
+    let x = Tensor::randn([batch, 3, size, size], (Kind::Float, device));
+    let y = Tensor::randint(model.num_classes(), [batch], (Kind::Int64, device));
+    let images = run.batch_size * config.model_batches;
+    let eval = rate(config.repeats, images, device, || {
+        tch::no_grad(|| {
+            for _ in 0..config.model_batches {
+                let _ = autocast_bf16(bf16, || model.forward(&x, false));
+            }
+        });
+        Ok(())
+    })?;
+    let train = |trainable: Trainable| -> Result<f64> {
+        let copy = model.deep_copy();
+        let params = trainable_parameters(&copy, trainable, BnMode::Statistics);
+        let mut sgd = Sgd::new(params, 0.9, 5e-4)?;
+        sgd.parameters()
+            .iter()
+            .for_each(|p| drop(p.set_requires_grad(true)));
+        rate(config.repeats, images, device, || {
+            for _ in 0..config.model_batches {
+                let logits = autocast_bf16(bf16, || copy.forward(&x, true)).to_kind(Kind::Float);
+                sgd.backward_step(&logits.cross_entropy_for_logits(&y), 0.01)?;
+            }
+            Ok(())
+        })
+    };
+    Ok([eval, train(Trainable::All)?, train(trainable_seed)?])
+}
+
+/// PyTorch's rates for the model in `file` (scripts/bench_model.py): precision → mode → images/s.
+fn pytorch_model_rates(
+    python: &Path,
+    config: &BenchConfig,
+    file: &Path,
+    precisions: &[&str],
+) -> Result<BTreeMap<(String, String), f64>> {
+    let run = &config.run;
+    let device = match run.device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    };
+    let args = [
+        ("--model", file.to_string_lossy().into_owned()),
+        ("--size", run.image_size.to_string()),
+        ("--batch", run.batch_size.to_string()),
+        ("--batches", config.model_batches.to_string()),
+        ("--repeats", config.repeats.to_string()),
+        ("--device", device),
+        ("--threads", tch::get_num_threads().to_string()),
+        ("--precisions", precisions.join(",")),
+        (
+            "--cudnn-benchmark",
+            u8::from(config.cudnn_benchmark).to_string(),
+        ),
+    ];
+    let figures = python_json(python, "bench_model.py", &args)?;
+    let mut rates = BTreeMap::new();
+    for r in figures["results"].as_array().into_iter().flatten() {
+        if let (Some(p), Some(m), Some(v)) = (
+            r["precision"].as_str(),
+            r["mode"].as_str(),
+            r["img_s"].as_f64(),
+        ) {
+            rates.insert((p.to_string(), m.to_string()), v);
+        }
+    }
+    Ok(rates)
+}
+
+/// Model-only images/s of the original and the compressed model, ours and (with a python)
+/// PyTorch's, in fp32 and, on CUDA, bf16.
+fn model_rates(config: &BenchConfig, classes: i64) -> Result<Vec<ModelRate>> {
+    let run = &config.run;
+    let size = run.image_size;
+    let original = ResNet18::new(classes, run.device);
     let mut compressed = original.deep_copy();
     let policy = CompressionPolicy {
         input_size: [size, size],
         ..run.policy.clone()
     };
     compress_model(&mut compressed, &policy)?;
-    let x = Tensor::randn([batch, 3, size, size], (Kind::Float, device));
-    let y = Tensor::randint(classes, [batch], (Kind::Int64, device));
-    let images = run.batch_size * config.model_batches;
-    let train_step = |model: &ResNet18, trainable: Trainable| {
-        let params = trainable_parameters(model, trainable, BnMode::Statistics);
-        params
-            .iter()
-            .for_each(|(_, p)| drop(p.set_requires_grad(true)));
-        let r = rate(config.repeats, images, || {
-            for _ in 0..config.model_batches {
-                model
-                    .forward(&x, true)
-                    .cross_entropy_for_logits(&y)
-                    .backward();
+    let precisions: &[&str] = if run.device.is_cuda() {
+        &["fp32", "bf16"]
+    } else {
+        &["fp32"]
+    };
+    let files = tempfile::tempdir().map_err(|e| Error::file(std::env::temp_dir(), e))?;
+    let mut rows = Vec::new();
+    for (name, model, seed_trainable) in [
+        ("original", &original, Trainable::Classifier),
+        ("compressed", &compressed, Trainable::TuckerAndClassifier),
+    ] {
+        let theirs = match &config.seed_python {
+            Some(python) => {
+                let file = files.path().join(format!("{name}.safetensors"));
+                model.save(&file)?;
+                pytorch_model_rates(python, config, &file, precisions)?
             }
-            sync(&params[0].1.grad());
-            Ok(())
-        });
-        params
-            .iter()
-            .for_each(|(_, p)| drop(p.set_requires_grad(false)));
-        r
-    };
-    let eval_step = |model: &ResNet18| {
-        rate(config.repeats, images, || {
-            tch::no_grad(|| {
-                (0..config.model_batches).for_each(|_| sync(&model.forward(&x, false)))
-            });
-            Ok(())
-        })
-    };
-    Ok(vec![
-        (
-            "train, seed's trainable (img/s)",
-            train_step(&original, Trainable::Classifier)?,
-            train_step(&compressed, Trainable::TuckerAndClassifier)?,
-        ),
-        (
-            "train, all parameters (img/s)",
-            train_step(&original, Trainable::All)?,
-            train_step(&compressed, Trainable::All)?,
-        ),
-        (
-            "eval (img/s)",
-            eval_step(&original)?,
-            eval_step(&compressed)?,
-        ),
-    ])
+            None => BTreeMap::new(),
+        };
+        for &precision in precisions {
+            let ours = our_model_rates(config, model, seed_trainable, precision == "bf16")?;
+            for (mode, ours) in MODES.into_iter().zip(ours) {
+                let key = (precision.to_string(), mode.to_string());
+                rows.push(ModelRate {
+                    model: name,
+                    precision,
+                    mode,
+                    ours,
+                    pytorch: theirs.get(&key).copied(),
+                });
+            }
+        }
+    }
+    Ok(rows)
 }
 
-/// Measures and prints everything.
+/// Prints the model-only table: ours and PyTorch's per model, precision and mode, with ratios, and
+/// compressed against original.
+fn print_model_rates(rows: &[ModelRate]) {
+    println!(
+        "{:<11} {:<5} {:<11} {:>12} {:>12} {:>8} {:>14}",
+        "model", "prec", "mode", "tucker_nb", "pytorch", "ratio", "vs original"
+    );
+    for r in rows {
+        let theirs = r.pytorch.map_or("-".into(), |t| format!("{t:.1}"));
+        let ratio = r
+            .pytorch
+            .map_or("-".into(), |t| format!("{:.2}×", r.ours / t));
+        let versus = rows
+            .iter()
+            .find(|o| o.model == "original" && o.precision == r.precision && o.mode == r.mode)
+            .filter(|_| r.model == "compressed")
+            .map_or("".into(), |o| format!("{:.2}×", r.ours / o.ours));
+        println!(
+            "{:<11} {:<5} {:<11} {:>12.1} {:>12} {:>8} {:>14}",
+            r.model, r.precision, r.mode, r.ours, theirs, ratio, versus
+        );
+    }
+}
+
+/// Measures and prints everything; with `config.json`, also writes the figures there as JSON.
 pub fn run(config: &BenchConfig) -> Result<()> {
     let workers = config
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let run = &config.run;
     println!(
-        "device {:?}, image size {}, batch {}, {} repeats (medians)",
-        config.run.device, config.run.image_size, config.run.batch_size, config.repeats
+        "device {:?}, image size {}, batch {}, {} repeats (medians), {} threads, cuDNN benchmark {}",
+        run.device,
+        run.image_size,
+        run.batch_size,
+        config.repeats,
+        tch::get_num_threads(),
+        if config.cudnn_benchmark { "on" } else { "off" }
     );
-    let folder = ImageFolder::scan(&config.run.data.join("train"))?;
+    let folder = ImageFolder::scan(&run.data.join("train"))?;
     let (ours, dataset) = data_path(config, &folder)?;
     let seed = match &config.seed_python {
         Some(python) => Some(seed_pipeline(python, config, workers)?),
@@ -228,15 +372,33 @@ pub fn run(config: &BenchConfig) -> Result<()> {
     print_data_path(ours, seed.as_ref(), folder.samples.len(), workers);
 
     println!(
-        "\n== model ({} batches of {}) ==",
-        config.model_batches, config.run.batch_size
+        "\n== model alone ({} batches of {}, {}) ==",
+        config.model_batches, run.batch_size, run.policy.ranks
     );
-    println!(
-        "{:<34} {:>14} {:>14} {:>8}",
-        "", "original", "compressed", "ratio"
-    );
-    for (label, a, b) in model_rates(config, dataset.classes.len() as i64)? {
-        println!("{label:<34} {a:>14.1} {b:>14.1} {:>7.2}×", b / a);
+    let models = model_rates(config, dataset.classes.len() as i64)?;
+    print_model_rates(&models);
+    if let Some(path) = &config.json {
+        let data_path: BTreeMap<&str, f64> =
+            ["decode", "cached_load", "train_loader", "eval_loader"]
+                .into_iter()
+                .zip(ours)
+                .collect();
+        let doc = serde_json::json!({
+            "device": format!("{:?}", run.device),
+            "image_size": run.image_size,
+            "batch_size": run.batch_size,
+            "model_batches": config.model_batches,
+            "repeats": config.repeats,
+            "threads": tch::get_num_threads(),
+            "cudnn_benchmark": config.cudnn_benchmark,
+            "policy": run.policy.ranks.to_string(),
+            "round_to": run.policy.round_to,
+            "data_path": { "tucker_nb": data_path, "torchvision": seed, "workers": workers },
+            "model": models,
+        });
+        let text = serde_json::to_vec_pretty(&doc).expect("serialisable");
+        crate::io::write_atomic(path, &text)?;
+        println!("wrote {}", path.display());
     }
     Ok(())
 }

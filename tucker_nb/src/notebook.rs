@@ -143,7 +143,7 @@ impl NotebookConfig {
 
     /// The seed's experiment: CIFAR-100 at 224 px from ImageNet weights, on CUDA when present.
     pub fn full(root: &Path, cifar: PathBuf, weights: PathBuf) -> Result<Self> {
-        let device = runtime::select_device(None)?;
+        let device = runtime::prepare_device(None, true)?;
         let mut run = RunConfig::new(cifar, root.join("runs/notebook"), device);
         run.weights = Some(weights);
         Ok(Self {

@@ -63,7 +63,7 @@ pub fn plan_layers(
         ));
     }
     if policy.ranks.is_rule_based() {
-        return plan_rule_based(&slots, &policy.ranks);
+        return plan_rule_based(&slots, &policy.ranks, policy.round_to);
     }
     let facts: Vec<LayerFacts> = slots.iter().map(LayerFacts::new).collect();
     Ok(match policy.ranks {
@@ -218,6 +218,41 @@ mod tests {
 
     fn tucker(dense: &Conv2d, r_out: i64, r_in: i64) -> Result<ConvSlot> {
         factorise("t", dense, Form::Tucker2 { r_out, r_in }, Method::Hosvd)
+    }
+
+    #[test]
+    fn the_ratio_rule_rounds_its_ranks_up_only_when_asked() {
+        let ranks = |round_to| {
+            let mut model = crate::model::ResNet18::new(10, Device::Cpu);
+            let policy = CompressionPolicy {
+                round_to,
+                ..CompressionPolicy::new(RankPolicy::ratio(0.2).unwrap())
+            };
+            let report = compress_model(&mut model, &policy).unwrap();
+            report
+                .layers
+                .into_iter()
+                .map(|l| (l.layer, l.ranks.unwrap()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let (seed, rounded) = (ranks(None), ranks(Some(8)));
+        assert_eq!(
+            seed["layer1.0.conv1"],
+            (12, 12),
+            "the seed's ranks by default"
+        );
+        assert_eq!(seed["layer4.0.conv1"], (102, 51));
+        assert_eq!(rounded["layer1.0.conv1"], (16, 16));
+        assert_eq!(rounded["layer4.0.conv1"], (104, 56));
+        assert_eq!(rounded["conv1"], (16, 3), "the RGB input stays whole");
+        for (name, (r_out, r_in)) in &rounded {
+            let (s_out, s_in) = seed[name];
+            assert!(r_out % 8 == 0 && *r_out >= s_out, "{name}: {r_out}");
+            assert!(
+                (*r_in % 8 == 0 || *r_in == 3) && *r_in >= s_in,
+                "{name}: {r_in}"
+            );
+        }
     }
 
     #[test]

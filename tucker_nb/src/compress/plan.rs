@@ -58,10 +58,12 @@ pub fn check_ranks(layer: &str, [c_out, c_in]: [i64; 2], (r_out, r_in): (i64, i6
 }
 
 /// The rule-based policies (ratio, explicit ranks): Tucker-2 on the dense convs, like the seed;
-/// already factorised slots are left as they are.
+/// already factorised slots are left as they are. `round_to` rounds the ratio rule's ranks up
+/// (explicit ranks are taken as given).
 pub fn plan_rule_based(
     slots: &[SlotAt],
     policy: &RankPolicy,
+    round_to: Option<i64>,
 ) -> Result<BTreeMap<String, LayerPlan>> {
     if let RankPolicy::Explicit(ranks) = policy {
         if let Some(unknown) = ranks.keys().find(|k| !slots.iter().any(|s| &s.0 == *k)) {
@@ -77,7 +79,12 @@ pub fn plan_rule_based(
         let (ranks, note) = match policy {
             RankPolicy::Ratio(ratio) => {
                 let note = if reads_image(shape) { RGB_NOTE } else { "" };
-                (ratio_ranks(ratio.get(), shape), note)
+                let (r_out, r_in) = ratio_ranks(ratio.get(), shape);
+                let ranks = (
+                    round_rank(r_out, round_to, shape[0]),
+                    round_rank(r_in, round_to, shape[1]),
+                );
+                (ranks, note)
             }
             RankPolicy::Explicit(ranks) => match ranks.get(name) {
                 Some(&r) => (r, ""),
@@ -275,6 +282,10 @@ mod tests {
         assert_eq!(ratio_ranks(0.2, [512, 256, 1, 1]), (102, 51));
         assert_eq!(ratio_ranks(0.2, [64, 3, 7, 7]), (12, 3));
         assert_eq!(ratio_ranks(0.01, [64, 64, 3, 3]), (1, 1));
+        assert_eq!(round_rank(12, Some(8), 64), 16);
+        assert_eq!(round_rank(102, Some(8), 512), 104);
+        assert_eq!(round_rank(3, Some(8), 3), 3, "the RGB input stays whole");
+        assert_eq!(round_rank(12, None, 64), 12);
     }
 
     #[test]

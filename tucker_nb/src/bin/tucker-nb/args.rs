@@ -53,6 +53,10 @@ pub struct DeviceArg {
     /// cpu, cuda, cuda:N or auto (default: TUCKER_NB_DEVICE, else CUDA when available).
     #[arg(long)]
     pub device: Option<String>,
+    /// Leave cuDNN's autotuner off (it is on for CUDA: each conv shape's fastest algorithm is
+    /// timed once, then reused).
+    #[arg(long)]
+    pub no_cudnn_benchmark: bool,
 }
 
 /// Starting weights: a file, or `none` for random initialisation.
@@ -88,7 +92,8 @@ pub struct FitArgs {
     /// Default: hosvd for --ratio/--ranks/ratio:, hooi for the others.
     #[arg(long, value_enum)]
     pub method: Option<Method>,
-    /// Round automatically chosen ranks up to a multiple of N (8 suits tensor cores).
+    /// Round the ranks the policy chooses (ratio, energy, vbmf, budgets; not --ranks files) up to
+    /// a multiple of N: 8 suits tensor cores. Off by default (the seed's ranks).
     #[arg(long)]
     pub round_to: Option<i64>,
     /// Fit factors to the weights or to each layer's outputs on calibration data (default: data
@@ -269,6 +274,9 @@ pub struct EvaluateArgs {
     /// Write `path,true,predicted` per image.
     #[arg(long)]
     pub predictions: Option<PathBuf>,
+    /// bfloat16 autocast of the forward pass (CUDA; ignored on CPU).
+    #[arg(long)]
+    pub bf16: bool,
     #[command(flatten)]
     pub device: DeviceArg,
 }
@@ -308,9 +316,16 @@ pub struct BenchArgs {
     pub model_batches: usize,
     #[command(flatten)]
     pub device: DeviceArg,
-    /// Also run the seed's torchvision pipeline with this python (e.g. .venv/bin/python).
+    /// A python with torch (e.g. .venv/bin/python): also time the seed's torchvision pipeline and
+    /// PyTorch's model-only figures on the same libtorch.
     #[arg(long)]
     pub seed_python: Option<PathBuf>,
+    /// Also write every figure to this JSON file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Round the compressed model's ranks up to a multiple of N (8 suits tensor cores).
+    #[arg(long)]
+    pub round_to: Option<i64>,
     /// DataLoader workers for the seed's pipeline (the seed uses 4; default: this machine's cores).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -323,7 +338,7 @@ pub struct BenchArgs {
 
 impl DeviceArg {
     pub fn device(&self) -> tucker_nb::Result<Device> {
-        runtime::select_device(self.device.as_deref())
+        runtime::prepare_device(self.device.as_deref(), !self.no_cudnn_benchmark)
     }
 }
 

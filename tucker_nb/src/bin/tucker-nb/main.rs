@@ -185,7 +185,7 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
         size: args.image_size,
     };
     let loader = Loader::new(&dataset, args.batch_size, transform, device, true);
-    let result = train::evaluate_with(&net, &loader, args.predictions.is_some(), false)?;
+    let result = train::evaluate_with(&net, &loader, args.predictions.is_some(), args.bf16)?;
     if let (Some(path), Some(pred)) = (&args.predictions, &result.predictions) {
         let labels = Vec::<i64>::try_from(&dataset.labels)?;
         experiment::write_predictions(path, &dataset.names, &labels, pred)?;
@@ -224,8 +224,11 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
     config.run.policy.ranks = RankPolicy::ratio(args.ratio)?;
     config.repeats = args.repeats;
     config.model_batches = args.model_batches;
+    config.run.policy.round_to = args.round_to;
     config.seed_python = args.seed_python;
     config.workers = args.workers;
+    config.cudnn_benchmark = !args.device.no_cudnn_benchmark;
+    config.json = args.json;
     bench::run(&config)?;
     Ok(())
 }

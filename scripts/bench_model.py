@@ -1,0 +1,98 @@
+"""PyTorch's model-only images/s for a tucker_nb model file, measured as `tucker-nb bench` measures
+ours: the same model (rebuilt from the file's keys), batch, image size, device and thread count,
+random resident data, warm-up excluded, one synchronisation per measurement, medians over repeats.
+Modes: eval (no grad, eval-mode BN); train_all (forward, cross-entropy, backward, SGD step with
+momentum 0.9 and weight decay 5e-4 over every parameter); train_seed (the same, over the
+seed's trainable set: fc, plus the factorised convs of a compressed model). Prints one JSON line."""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from torch_resnet import load_state, resnet18_from_state, slot_names  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--precisions", default="fp32")
+    p.add_argument("--cudnn-benchmark", type=int, default=1)
+    a = p.parse_args()
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    torch.backends.cudnn.benchmark = bool(a.cudnn_benchmark)
+    device = torch.device(a.device)
+    model = resnet18_from_state(load_state(a.model), a.model).to(device)
+    classes = model.fc.out_features
+    torch.manual_seed(0)
+    x = torch.randn(a.batch, 3, a.size, a.size, device=device)
+    y = torch.randint(classes, (a.batch,), device=device)
+    slots = slot_names(model)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def rate(f):
+        f()  # warm-up: cuDNN autotuning, allocator, autocast caches
+        sync()
+        rates = []
+        for _ in range(a.repeats):
+            t = time.perf_counter()
+            f()
+            sync()
+            rates.append(a.batch * a.batches / (time.perf_counter() - t))
+        return statistics.median(rates)
+
+    def params(mode):
+        named = list(model.named_parameters())
+        if mode == "train_seed":
+            named = [(n, q) for n, q in named
+                     if n.startswith("fc.") or any(n.startswith(s + ".") for s in slots)]
+        return [q for _, q in named]
+
+    results = []
+    for precision in a.precisions.split(","):
+        cast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16"
+                else torch.autocast("cuda", enabled=False))
+        model.eval()
+
+        def evaluate():
+            with torch.no_grad(), cast:
+                for _ in range(a.batches):
+                    model(x)
+        results.append({"precision": precision, "mode": "eval", "img_s": rate(evaluate)})
+        for mode in ("train_all", "train_seed"):
+            trainable = params(mode)
+            for q in model.parameters():
+                q.requires_grad_(False)
+            for q in trainable:
+                q.requires_grad_(True)
+            sgd = torch.optim.SGD(trainable, lr=0.01, momentum=0.9, weight_decay=5e-4)
+            model.train()
+
+            def train():
+                for _ in range(a.batches):
+                    with cast:
+                        logits = model(x)
+                    loss = torch.nn.functional.cross_entropy(logits.float(), y)
+                    sgd.zero_grad()
+                    loss.backward()
+                    sgd.step()
+            results.append({"precision": precision, "mode": mode, "img_s": rate(train)})
+    print(json.dumps({"threads": torch.get_num_threads(), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
