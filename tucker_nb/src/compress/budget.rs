@@ -1,12 +1,17 @@
-//! One budget for the whole model (`budget-macs:F`, `budget-params:F`): minimise Σ relative squared
-//! errors subject to total cost ≤ F × the dense model's cost, by a Lagrangian search: for a price λ
-//! each layer independently takes the option (as it is, or a factorisation on a rank grid)
-//! minimising error + λ·cost, and λ is bisected to meet the budget; a greedy fill then spends what
-//! the Lagrangian choice leaves.
+//! One budget for the whole model (`budget-macs:F`, `budget-params:F`): choose every conv's form and
+//! ranks to lose least subject to total cost ≤ F × the dense model's cost, by a Lagrangian search:
+//! for a price λ each layer independently takes the option (as it is, or a factorisation on a rank
+//! grid) minimising loss + λ·cost, and λ is bisected to meet the budget; a greedy fill then spends
+//! what the Lagrangian choice leaves.
 //!
-//! Sensitivity: errors are weighted equally *as relative errors*. Every conv here feeds a BN,
-//! which rescales its output per channel, so what the next layer sees is the conv's relative
-//! error; their effects on the logits add up roughly independently along the residual stream.
+//! What an option loses: each layer's relative squared error e for its actual rank pair
+//! ([`LayerFacts::error`]: the output error on calibration data when the plan has it, else the
+//! kernel error), priced as −ln(1 − e), the log of the share of the layer's output energy it
+//! keeps. Every conv here feeds a BN, which rescales its output per channel, so what the next
+//! layer sees is the conv's relative error, and the shares kept multiply along the network. For
+//! small errors −ln(1 − e) ≈ e (errors add); as e → 1 the price grows without bound, which is the
+//! guard against starving a layer: a summed e saturates at 1 per layer, so it would sell a whole
+//! layer (e ≈ 0.99, the network at chance) for the MACs it frees.
 
 use std::collections::BTreeMap;
 
@@ -21,8 +26,13 @@ pub enum Cost {
 }
 
 /// One candidate for a layer under a budget: (form, or `None` to keep the slot as it is; cost;
-/// relative squared error).
+/// loss, −ln(1 − e) for its relative squared error e).
 type BudgetOption = (Option<Form>, i64, f64);
+
+/// The loss of an option with relative squared error `e`: −ln of the output energy share it keeps.
+fn loss(e: f64) -> f64 {
+    -(1.0 - e).max(1e-12).ln()
+}
 
 /// The rank grid of a mode of size `dim`: every multiple of `round_to`, else about 64 evenly
 /// spaced ranks starting at 1.
@@ -79,7 +89,7 @@ impl LayerFacts {
         options.extend(
             forms
                 .into_iter()
-                .map(|form| (Some(form), self.cost(by, form), self.error(form)))
+                .map(|form| (Some(form), self.cost(by, form), loss(self.error(form))))
                 .filter(|&(_, cost, _)| cost < current),
         );
         options
@@ -138,10 +148,17 @@ pub fn plan_budget(
         .zip(&options)
         .zip(&choice)
         .map(|((f, opts), &i)| {
-            let (form, _, err) = opts[i];
+            let (form, _, loss) = opts[i];
+            let error = 1.0 - (-loss).exp();
+            let measured = if f.on_data {
+                "output error on calibration data"
+            } else {
+                "kernel error"
+            };
             let head = format!(
-                "budget {what} {target:.3}: model at {achieved:.3}; \
-                 kernel error bound {err:.4} (relative squared)"
+                "budget {what} {target:.3}: model at {achieved:.3}; {measured} {error:.4} \
+                 (relative squared, this rank pair; keeps {:.1} % of the energy)",
+                100.0 * (1.0 - error)
             );
             let note = f.budget_note(form, head);
             (f.name.clone(), LayerPlan { form, note })

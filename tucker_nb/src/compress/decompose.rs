@@ -176,6 +176,88 @@ impl ActivationMoments {
     }
 }
 
+/// What a Tucker-2 projection of one kernel keeps, for every rank pair at once.
+///
+/// With orthonormal bases U (output mode) and V (input mode) in the metric the fit uses, and
+/// B = W ×0 Uᵀ ×1 (Vᵀ·R) (R = Σ^{1/2} for data, I for weights), the projection onto the leading
+/// r_out and r_in directions keeps exactly Σ_{o<r_out, i<r_in, taps} B², because the bases are
+/// orthonormal (Pythagoras). One 2-D cumulative sum of B² gives the error of every (r_out, r_in)
+/// pair: the error of the pair itself, not a sum of per-mode bounds. Exact for the fits we make:
+/// HOSVD on weights (HOOI only does better) and the whitened fit on data ([`tucker2_whitened`]).
+#[derive(Debug, Clone)]
+pub struct RankPairEnergy {
+    /// kept[(r_out − 1)·n1 + (r_in − 1)], r_out ≤ n0, r_in ≤ n1.
+    kept: Vec<f64>,
+    n0: usize,
+    n1: usize,
+    /// Squared singular values of the (whitened) kernel when it is 1×1: the SVD forms' errors.
+    svd: Vec<f64>,
+    total: f64,
+}
+
+impl RankPairEnergy {
+    /// Relative squared error of Tucker-2 at (r_out, r_in); ranks beyond the kernel's own rank
+    /// lose nothing more.
+    pub fn tucker2_error(&self, r_out: i64, r_in: i64) -> f64 {
+        let o = (r_out.max(1) as usize).min(self.n0) - 1;
+        let i = (r_in.max(1) as usize).min(self.n1) - 1;
+        (1.0 - self.kept[o * self.n1 + i] / self.total).max(0.0)
+    }
+
+    /// Relative squared error of a 1×1 kernel's rank-`rank` SVD.
+    pub fn svd_error(&self, rank: i64) -> f64 {
+        let tail: f64 = self.svd.iter().skip(rank.max(0) as usize).sum();
+        tail / self.total
+    }
+}
+
+/// [`RankPairEnergy`] of `weight`, in the output-error metric of `moments` when given (the bases
+/// [`tucker2_whitened`] and [`svd_factors_whitened`] use), else in the kernel's (HOSVD's bases).
+pub fn rank_pair_energy(weight: &Tensor, moments: Option<&ActivationMoments>) -> RankPairEnergy {
+    let w = as_f64(weight);
+    let [c_out, c_in, kh, kw] = w.size()[..] else {
+        unreachable!("conv kernel is 4-way")
+    };
+    let (by_output, by_input) = unfoldings(&w);
+    let (u, root) = match moments {
+        Some(m) => {
+            let (_, vectors) = as_f64(&m.output).linalg_eigh("L"); // ascending
+            (vectors.flip([1]), sqrt_and_inverse(&m.shrunk_input()).0)
+        }
+        None => (
+            by_output.svd(true, true).0,
+            Tensor::eye(c_in, (Kind::Double, Device::Cpu)),
+        ),
+    };
+    let (v, _, _) = root.matmul(&by_input).svd(true, true);
+    let b = mode_products(&w, &u.tr(), &v.tr().matmul(&root));
+    let energy = b
+        .square()
+        .sum_dim_intlist([2, 3].as_slice(), false, Kind::Double);
+    let total = energy
+        .sum(Kind::Double)
+        .double_value(&[])
+        .max(f64::MIN_POSITIVE);
+    let kept = energy.cumsum(0, Kind::Double).cumsum(1, Kind::Double);
+    let (n0, n1) = (kept.size()[0] as usize, kept.size()[1] as usize);
+    let svd = if [kh, kw] == [1, 1] {
+        let whitened = w.reshape([c_out, c_in]).matmul(&root);
+        singular_values(&whitened)
+            .into_iter()
+            .map(|s| s * s)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    RankPairEnergy {
+        kept: Vec::<f64>::try_from(kept.reshape([-1])).expect("1-D"),
+        n0,
+        n1,
+        svd,
+        total,
+    }
+}
+
 /// The symmetric square root of a PSD matrix and its inverse, with eigenvalues floored at
 /// `1e-9·tr(m)/n` so that a singular matrix stays invertible.
 fn sqrt_and_inverse(m: &Tensor) -> (Tensor, Tensor) {
@@ -420,6 +502,40 @@ mod tests {
                 .int64_value(&[])
                 == 1
         );
+    }
+
+    #[test]
+    fn rank_pair_energy_gives_each_pairs_exact_error() {
+        tch::manual_seed(6);
+        let opts = (Kind::Double, Device::Cpu);
+        let w = Tensor::randn([10, 6, 3, 3], opts);
+        let mix = Tensor::randn([6, 6], opts);
+        let out = Tensor::randn([10, 10], opts);
+        let moments = ActivationMoments {
+            input: mix.matmul(&mix.tr()),
+            output: out.matmul(&out.tr()),
+            samples: 50,
+        };
+        let on_weights = rank_pair_energy(&w, None);
+        let on_data = rank_pair_energy(&w, Some(&moments));
+        let metric = moments.shrunk_input();
+        for ranks in [(1, 1), (3, 2), (10, 1), (4, 6), (10, 6)] {
+            let hosvd = relative_error(&w, &reconstruct(&tucker2(&w, ranks))).powi(2);
+            let ours = on_weights.tucker2_error(ranks.0, ranks.1);
+            assert!((hosvd - ours).abs() < 1e-9, "{ranks:?}: {hosvd} vs {ours}");
+            let fit = reconstruct(&tucker2_whitened(&w, ranks, &moments));
+            let data = relative_output_error(&w, &fit, &metric).powi(2);
+            let ours = on_data.tucker2_error(ranks.0, ranks.1);
+            assert!((data - ours).abs() < 1e-9, "{ranks:?}: {data} vs {ours}");
+        }
+        // A 1×1 kernel: the SVD forms' errors, in both metrics.
+        let pointwise = Tensor::randn([10, 6, 1, 1], opts);
+        let (first, last) = svd_factors_whitened(&pointwise.reshape([10, 6]), 2, &moments);
+        let fit = last.matmul(&first).reshape([10, 6, 1, 1]);
+        let data = relative_output_error(&pointwise, &fit, &metric).powi(2);
+        let ours = rank_pair_energy(&pointwise, Some(&moments)).svd_error(2);
+        assert!((data - ours).abs() < 1e-9, "{data} vs {ours}");
+        assert!(rank_pair_energy(&pointwise, None).svd_error(6) < 1e-12);
     }
 
     #[test]

@@ -39,9 +39,13 @@ use crate::report::{CompressionReport, LayerReport};
 /// singular values of the kernel each slot computes now, so they also compress an already
 /// factorised model further (multi-stage); they factorise 1×1 convs as two-layer SVDs, keep the
 /// RGB input of the stem, and leave a slot as it is when factorising would not cut its MACs.
+///
+/// With `moments` (each conv's activations on calibration data) the budgets weigh each option by
+/// its output error on that data; without, by its kernel error.
 pub fn plan_layers(
     model: &ResNet18,
     policy: &CompressionPolicy,
+    moments: Option<&Moments>,
 ) -> Result<BTreeMap<String, LayerPlan>> {
     policy.validate()?;
     let sizes = model.conv_input_sizes(policy.input_size);
@@ -65,7 +69,10 @@ pub fn plan_layers(
     if policy.ranks.is_rule_based() {
         return plan_rule_based(&slots, &policy.ranks, policy.round_to);
     }
-    let facts: Vec<LayerFacts> = slots.iter().map(LayerFacts::new).collect();
+    let facts: Vec<LayerFacts> = slots
+        .iter()
+        .map(|slot| LayerFacts::new(slot, moments.and_then(|m| m.get(&slot.0))))
+        .collect();
     Ok(match policy.ranks {
         RankPolicy::BudgetMacs(target) => {
             plan_budget(&facts, target.get(), Cost::Macs, policy.round_to)
@@ -169,7 +176,7 @@ pub fn compress_model_fitted(
         _ => None,
     };
     let sizes = model.conv_input_sizes(policy.input_size);
-    let mut plan = plan_layers(model, policy)?;
+    let mut plan = plan_layers(model, policy, moments)?;
     let method = policy.method();
     let mut layers = Vec::new();
     for unit in model.units_mut() {
@@ -223,16 +230,18 @@ mod tests {
     #[test]
     fn the_ratio_rule_rounds_its_ranks_up_only_when_asked() {
         let ranks = |round_to| {
-            let mut model = crate::model::ResNet18::new(10, Device::Cpu);
+            let model = crate::model::ResNet18::new(10, Device::Cpu);
             let policy = CompressionPolicy {
                 round_to,
                 ..CompressionPolicy::new(RankPolicy::ratio(0.2).unwrap())
             };
-            let report = compress_model(&mut model, &policy).unwrap();
-            report
-                .layers
+            let plans = plan_layers(&model, &policy, None).unwrap();
+            plans
                 .into_iter()
-                .map(|l| (l.layer, l.ranks.unwrap()))
+                .map(|(layer, plan)| match plan.form {
+                    Some(Form::Tucker2 { r_out, r_in }) => (layer, (r_out, r_in)),
+                    other => panic!("{layer}: {other:?}"),
+                })
                 .collect::<BTreeMap<_, _>>()
         };
         let (seed, rounded) = (ranks(None), ranks(Some(8)));

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 
 use tch::Kind;
 
-use crate::compress::decompose::{singular_values, unfoldings};
+use crate::compress::decompose::{
+    rank_pair_energy, singular_values, unfoldings, ActivationMoments, RankPairEnergy,
+};
 use crate::compress::policy::{CompressionPolicy, RankPolicy};
 use crate::compress::spectra::{energy_rank, evbmf_rank};
 use crate::conv::{ConvGeometry, ConvSlot, Form};
@@ -104,7 +106,7 @@ pub fn plan_rule_based(
 }
 
 /// What planning needs to know of a conv slot: its shape, where it runs, the spectra of the
-/// kernel it computes now, and what it costs now.
+/// kernel it computes now, what each factorisation of it would lose, and what it costs now.
 pub struct LayerFacts {
     pub name: String,
     pub geometry: ConvGeometry,
@@ -113,13 +115,19 @@ pub struct LayerFacts {
     pub s0: Vec<f64>,
     pub s1: Vec<f64>,
     norm2: f64,
+    /// The exact error of every rank pair, on calibration data when the plan has it.
+    energy: RankPairEnergy,
+    /// Whether `energy` measures the output error on calibration data (else the kernel error).
+    pub on_data: bool,
     /// (MACs, params) of the slot as it is (dense, or factorised by an earlier stage).
     pub current: (i64, i64),
     is_dense: bool,
 }
 
 impl LayerFacts {
-    pub fn new((name, slot, input): &SlotAt) -> Self {
+    /// The facts of a slot; `moments` (its activations on calibration data) make the errors
+    /// output errors.
+    pub fn new((name, slot, input): &SlotAt, moments: Option<&ActivationMoments>) -> Self {
         let weight = slot.dense_weight().detach();
         let (by_output, by_input) = unfoldings(&weight);
         Self {
@@ -129,6 +137,8 @@ impl LayerFacts {
             s0: singular_values(&by_output),
             s1: singular_values(&by_input),
             norm2: weight.square().sum(Kind::Double).double_value(&[]),
+            energy: rank_pair_energy(&weight, moments),
+            on_data: moments.is_some(),
             current: (slot.macs(*input).0, slot.num_params()),
             is_dense: slot.is_dense(),
         }
@@ -180,17 +190,15 @@ impl LayerFacts {
         form.params(self.shape())
     }
 
-    /// The relative squared error of a factorisation of the current kernel: HOSVD's bound for
-    /// Tucker-2 (the discarded squared singular values of both unfoldings over ‖W‖²; HOOI only
-    /// does better), the exact error for the SVD of a 1×1 kernel (whose mode-0 unfolding is W).
+    /// The relative squared error of a factorisation of the current kernel, exact for the pair of
+    /// ranks ([`RankPairEnergy`]): the output error on calibration data for the data fit, else
+    /// the kernel error of HOSVD (HOOI only does better).
     pub fn error(&self, form: Form) -> f64 {
-        let tail = |s: &[f64], r: i64| s.iter().skip(r as usize).map(|v| v * v).sum::<f64>();
-        let discarded = match form {
+        match form {
             Form::Dense => 0.0,
-            Form::Tucker2 { r_out, r_in } => tail(&self.s0, r_out) + tail(&self.s1, r_in),
-            Form::Svd { rank } => tail(&self.s0, rank),
-        };
-        discarded / self.norm2.max(f64::MIN_POSITIVE)
+            Form::Tucker2 { r_out, r_in } => self.energy.tucker2_error(r_out, r_in),
+            Form::Svd { rank } => self.energy.svd_error(rank),
+        }
     }
 
     /// `form`, or the slot as it is (with a note saying why) when `form` would not cut its MACs.
