@@ -1,7 +1,9 @@
-"""ResNet18 in PyTorch rebuilt from a tucker_nb model file's keys alone: each conv is dense
-(`name.weight`), the seed's Tucker-2 nn.Sequential(first 1×1, core, last 1×1) (`name.{0,1,2}.weight`)
-or a 1×1 conv's two-layer SVD (`name.{0,1}.weight`), with shapes, strides and biases from the file.
-Loaded strictly: a key that fits no slot is an error naming the key."""
+"""ResNet18 in PyTorch rebuilt from a tucker_nb model file's keys alone: each conv slot is dense
+(`name.weight`), the seed's Tucker-2 nn.Sequential(first 1×1, core k×k, last 1×1)
+(`name.{0,1,2}.weight`) or two layers (`name.{0,1}.weight`: a 1×1 conv's SVD, or a k×k conv's
+Tucker-1 with the k×k kernel first or last), with shapes, strides and biases from the file; the
+stride, padding and dilation go to the layer with the spatial kernel (the first of two 1×1s).
+Loaded strictly: a key that fits no slot is an error naming the file."""
 import torch
 import torch.nn as nn
 from torchvision import models
@@ -19,20 +21,17 @@ def _slot(conv, state, name, path):
     has = lambda k: f"{name}.{k}" in state  # noqa: E731
     if has("weight"):
         return conv
-    bias = lambda i: has(f"{i}.bias")  # noqa: E731
-    if has("2.weight"):
-        first, core, last = (state[f"{name}.{i}.weight"].shape for i in range(3))
-        return nn.Sequential(
-            nn.Conv2d(first[1], first[0], 1, bias=bias(0)),
-            nn.Conv2d(core[1], core[0], core[2:], stride=conv.stride, padding=conv.padding,
-                      dilation=conv.dilation, bias=bias(1)),
-            nn.Conv2d(last[1], last[0], 1, bias=bias(2)))
-    if has("1.weight"):
-        first, last = (state[f"{name}.{i}.weight"].shape for i in range(2))
-        return nn.Sequential(
-            nn.Conv2d(first[1], first[0], 1, stride=conv.stride, bias=bias(0)),
-            nn.Conv2d(last[1], last[0], 1, bias=bias(1)))
-    raise ValueError(f"{path}: no weights for conv {name} (neither {name}.weight nor its factors)")
+    n = 3 if has("2.weight") else 2 if has("1.weight") else 0
+    if n == 0:
+        raise ValueError(f"{path}: no weights for conv {name} (neither {name}.weight nor its factors)")
+    shapes = [state[f"{name}.{i}.weight"].shape for i in range(n)]
+    spatial = next((i for i, s in enumerate(shapes) if tuple(s[2:]) != (1, 1)), 0)
+    layers = []
+    for i, s in enumerate(shapes):
+        geometry = (dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+                    if i == spatial else {})
+        layers.append(nn.Conv2d(s[1], s[0], tuple(s[2:]), bias=has(f"{i}.bias"), **geometry))
+    return nn.Sequential(*layers)
 
 
 def resnet18_from_state(state, path="model"):

@@ -1,5 +1,5 @@
 //! Convolution layers as plain tensors: a dense [`Conv2d`], a [`TuckerConv`] (1×1 → k×k core →
-//! 1×1), a [`SvdConv`] (1×1 → 1×1), and the [`ConvSlot`] a model holds, which is any of them and can
+//! 1×1), a [`TwoLayerConv`] (1×1 → 1×1), and the [`ConvSlot`] a model holds, which is any of them and can
 //! be swapped in place. [`Form::macs`] is the one cost model: layers, reports and the planner all
 //! count multiply-accumulates through it.
 
@@ -210,22 +210,28 @@ fn to_layer(t: &Tensor, like: &Tensor) -> Tensor {
     t.to_kind(like.kind()).to_device(like.device()).contiguous()
 }
 
-/// A 1×1 conv as two 1×1 layers, the truncated SVD W ≈ (U·√Σ)·(√Σ·Vᵀ), the seed-style
-/// `nn.Sequential(first, last)`: `first` = √Σ·Vᵀ (r × C_in × 1 × 1, carrying the stride, no bias),
-/// `last` = U·√Σ (C_out × r × 1 × 1, with the original bias, zeros when it had none).
+/// A conv as two layers, `nn.Sequential(first, last)`, one mode of the kernel factorised:
 ///
-/// Cost per image: (C_in·r + C_out·r)·H_out·W_out multiply-accumulates: a strided 1×1 samples
-/// first, so both layers run at the output's resolution. One layer fewer than Tucker-2, whose
-/// k×k core is a third 1×1 here.
+/// - SVD of a 1×1 conv, W ≈ (U·√Σ)·(√Σ·Vᵀ): `first` = √Σ·Vᵀ (r × C_in × 1 × 1, carrying the
+///   stride, no bias), `last` = U·√Σ (C_out × r × 1 × 1); cost (C_in + C_out)·r·H_out·W_out (a
+///   strided 1×1 samples first, so both run at the output's resolution);
+/// - Tucker-1 on the output mode of a k×k conv, W ≈ U0 ×0 S: `first` = S (r_out × C_in × kh × kw,
+///   carrying stride, padding and dilation), `last` = U0 (C_out × r_out × 1 × 1); Tucker-2 with
+///   r_in = C_in less its useless full-rank first 1×1 (what the RGB stem wants);
+/// - Tucker-1 on the input mode, W ≈ S ×1 U1: `first` = U1ᵀ (r_in × C_in × 1 × 1, stride 1), `last`
+///   = S (C_out × r_in × kh × kw, carrying the geometry); Tucker-2 with r_out = C_out less its last
+///   C_out × C_out 1×1.
+///
+/// `last` carries the original conv's bias (zeros when it had none).
 #[derive(Debug)]
-pub struct SvdConv {
+pub struct TwoLayerConv {
     pub first: Conv2d,
     pub last: Conv2d,
 }
 
-impl SvdConv {
-    /// The two layers from their kernels: `first` r × C_in × 1 × 1 (with `config`, the original
-    /// stride), `last` C_out × r × 1 × 1.
+impl TwoLayerConv {
+    /// A 1×1 conv's SVD layers from their kernels: `first` r × C_in × 1 × 1 (with `config`, the
+    /// original stride), `last` C_out × r × 1 × 1.
     pub fn new(first: Tensor, last: Tensor, bias: Option<Tensor>, config: ConvConfig) -> Self {
         Self {
             first: Conv2d {
@@ -237,29 +243,99 @@ impl SvdConv {
         }
     }
 
-    /// The layers for the factors (first r × C_in, last C_out × r) of the 1×1 conv `dense`.
+    /// The SVD layers for the factors (first r × C_in, last C_out × r) of the 1×1 conv `dense`.
     pub fn from_factors(first: &Tensor, last: &Tensor, dense: &Conv2d) -> Self {
         let to_model = |t: &Tensor| to_layer(&t.unsqueeze(-1).unsqueeze(-1), &dense.weight);
         let (first, last) = (to_model(first), to_model(last));
         Self::new(first, last, output_bias(dense), dense.config)
     }
 
+    /// Tucker-1 layers from fitted Tucker-2 `factors` of the k×k conv `dense` whose other mode is
+    /// at full rank: `output` (true) keeps U0 and folds U1 into the core, else the reverse.
+    pub fn tucker1_from_factors(factors: &Tucker2Factors, dense: &Conv2d, output: bool) -> Self {
+        let to_model = |t: &Tensor| to_layer(t, &dense.weight);
+        let eye = |n: i64| Tensor::eye(n, (factors.core.kind(), factors.core.device()));
+        let [r_out, r_in, _, _] = factors.core.size()[..] else {
+            unreachable!("core is 4-way")
+        };
+        if output {
+            let core = mode_products(&factors.core, &eye(r_out), &factors.u1);
+            Self {
+                first: Conv2d {
+                    weight: to_model(&core),
+                    bias: None,
+                    config: dense.config,
+                },
+                last: Conv2d::pointwise(
+                    to_model(&factors.u0.unsqueeze(-1).unsqueeze(-1)),
+                    output_bias(dense),
+                ),
+            }
+        } else {
+            let core = mode_products(&factors.core, &factors.u0, &eye(r_in));
+            Self {
+                first: Conv2d::pointwise(
+                    to_model(&factors.u1.tr().unsqueeze(-1).unsqueeze(-1)),
+                    None,
+                ),
+                last: Conv2d {
+                    weight: to_model(&core),
+                    bias: output_bias(dense),
+                    config: dense.config,
+                },
+            }
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.last.forward(&self.first.forward(x))
     }
 
+    /// The channels between the two layers.
     pub fn rank(&self) -> i64 {
         self.first.out_channels()
     }
 
-    /// The dense C_out × C_in × 1 × 1 kernel this layer computes.
+    /// The layer with the spatial kernel (the first of an SVD's two 1×1s).
+    pub fn spatial(&self) -> &Conv2d {
+        if self.last.kernel() != [1, 1] {
+            &self.last
+        } else {
+            &self.first
+        }
+    }
+
+    pub fn form(&self) -> Form {
+        let rank = self.rank();
+        if self.first.kernel() != [1, 1] {
+            Form::Tucker1Out {
+                r_out: rank,
+                c_in: self.first.in_channels(),
+            }
+        } else if self.last.kernel() != [1, 1] {
+            Form::Tucker1In {
+                c_out: self.last.out_channels(),
+                r_in: rank,
+            }
+        } else {
+            Form::Svd { rank }
+        }
+    }
+
+    /// The dense C_out × C_in × kh × kw kernel this layer computes.
     pub fn reconstruct(&self) -> Tensor {
-        self.last
-            .weight
-            .flatten(1, 3)
-            .matmul(&self.first.weight.flatten(1, 3))
-            .unsqueeze(-1)
-            .unsqueeze(-1)
+        let (first, last) = (&self.first.weight, &self.last.weight);
+        let (c_out, c_in) = (self.last.out_channels(), self.first.in_channels());
+        let [kh, kw] = self.spatial().kernel();
+        if self.last.kernel() != [1, 1] {
+            // W[o, c] = Σ_r S[o, r] · U1ᵀ[r, c]
+            let eye = Tensor::eye(c_out, (last.kind(), last.device()));
+            mode_products(last, &eye, &first.flatten(1, 3).tr())
+        } else {
+            last.flatten(1, 3)
+                .matmul(&first.reshape([self.rank(), -1]))
+                .reshape([c_out, c_in, kh, kw])
+        }
     }
 }
 
@@ -276,24 +352,38 @@ pub enum Form {
     Svd {
         rank: i64,
     },
+    /// k×k to r_out channels → 1×1: Tucker-1 on the output mode (the input kept whole, C_in).
+    Tucker1Out {
+        r_out: i64,
+        c_in: i64,
+    },
+    /// 1×1 to r_in channels → k×k: Tucker-1 on the input mode (the output kept whole, C_out).
+    Tucker1In {
+        c_out: i64,
+        r_in: i64,
+    },
 }
 
 impl Form {
-    /// `dense`, `tucker2` or `svd`.
+    /// `dense`, `tucker2`, `svd`, `tucker1-out` or `tucker1-in`.
     pub fn name(&self) -> &'static str {
         match self {
             Form::Dense => "dense",
             Form::Tucker2 { .. } => "tucker2",
             Form::Svd { .. } => "svd",
+            Form::Tucker1Out { .. } => "tucker1-out",
+            Form::Tucker1In { .. } => "tucker1-in",
         }
     }
 
-    /// (r_out, r_in); an SVD's single rank is both.
+    /// (r_out, r_in); an SVD's single rank is both, and Tucker-1 keeps one mode whole.
     pub fn ranks(&self) -> Option<(i64, i64)> {
         match *self {
             Form::Dense => None,
             Form::Tucker2 { r_out, r_in } => Some((r_out, r_in)),
             Form::Svd { rank } => Some((rank, rank)),
+            Form::Tucker1Out { r_out, c_in } => Some((r_out, c_in)),
+            Form::Tucker1In { c_out, r_in } => Some((c_out, r_in)),
         }
     }
 
@@ -302,7 +392,9 @@ impl Form {
     ///
     /// - dense: C_out·(C_in/groups)·kh·kw·H_out·W_out;
     /// - Tucker-2: C_in·r_in·H_in·W_in + (r_out·r_in·kh·kw + C_out·r_out)·H_out·W_out;
-    /// - SVD: (C_in + C_out)·r·H_out·W_out (a strided 1×1 samples first).
+    /// - SVD: (C_in + C_out)·r·H_out·W_out (a strided 1×1 samples first);
+    /// - Tucker-1, output mode: (C_in·r_out·kh·kw + C_out·r_out)·H_out·W_out;
+    /// - Tucker-1, input mode: C_in·r_in·H_in·W_in + C_out·r_in·kh·kw·H_out·W_out.
     pub fn macs(&self, geometry: &ConvGeometry, input: [i64; 2]) -> (i64, [i64; 2]) {
         let [o, i, kh, kw] = geometry.shape;
         let output = geometry.config.output(input, geometry.kernel());
@@ -313,6 +405,10 @@ impl Form {
                 i * r_in * input[0] * input[1] + (r_out * r_in * kh * kw + o * r_out) * out
             }
             Form::Svd { rank } => (i + o) * rank * out,
+            Form::Tucker1Out { r_out, .. } => (i * r_out * kh * kw + o * r_out) * out,
+            Form::Tucker1In { r_in, .. } => {
+                i * r_in * input[0] * input[1] + o * r_in * kh * kw * out
+            }
         };
         (macs, output)
     }
@@ -324,6 +420,8 @@ impl Form {
             Form::Dense => o * i * kh * kw,
             Form::Tucker2 { r_out, r_in } => i * r_in + r_out * r_in * kh * kw + o * r_out + o,
             Form::Svd { rank } => (i + o) * rank + o,
+            Form::Tucker1Out { r_out, .. } => i * r_out * kh * kw + o * r_out + o,
+            Form::Tucker1In { r_in, .. } => i * r_in + o * r_in * kh * kw + o,
         }
     }
 }
@@ -333,7 +431,7 @@ impl Form {
 pub enum ConvSlot {
     Dense(Conv2d),
     Tucker(TuckerConv),
-    Svd(SvdConv),
+    TwoLayer(TwoLayerConv),
 }
 
 impl ConvSlot {
@@ -341,7 +439,7 @@ impl ConvSlot {
         match self {
             ConvSlot::Dense(c) => c.forward(x),
             ConvSlot::Tucker(t) => t.forward(x),
-            ConvSlot::Svd(s) => s.forward(x),
+            ConvSlot::TwoLayer(s) => s.forward(x),
         }
     }
 
@@ -356,7 +454,7 @@ impl ConvSlot {
                 let (r_out, r_in) = t.ranks();
                 Form::Tucker2 { r_out, r_in }
             }
-            ConvSlot::Svd(s) => Form::Svd { rank: s.rank() },
+            ConvSlot::TwoLayer(s) => s.form(),
         }
     }
 
@@ -365,7 +463,7 @@ impl ConvSlot {
         match self {
             ConvSlot::Dense(c) => vec![c],
             ConvSlot::Tucker(t) => vec![&t.first, &t.core, &t.last],
-            ConvSlot::Svd(s) => vec![&s.first, &s.last],
+            ConvSlot::TwoLayer(s) => vec![&s.first, &s.last],
         }
     }
 
@@ -374,7 +472,7 @@ impl ConvSlot {
         match self {
             ConvSlot::Dense(c) => c,
             ConvSlot::Tucker(t) => &mut t.last,
-            ConvSlot::Svd(s) => &mut s.last,
+            ConvSlot::TwoLayer(s) => &mut s.last,
         }
     }
 
@@ -391,10 +489,13 @@ impl ConvSlot {
                 ],
                 config: t.core.config,
             },
-            ConvSlot::Svd(s) => ConvGeometry {
-                shape: [s.last.out_channels(), s.first.in_channels(), 1, 1],
-                config: s.first.config,
-            },
+            ConvSlot::TwoLayer(s) => {
+                let [kh, kw] = s.spatial().kernel();
+                ConvGeometry {
+                    shape: [s.last.out_channels(), s.first.in_channels(), kh, kw],
+                    config: s.spatial().config,
+                }
+            }
         }
     }
 
@@ -422,7 +523,7 @@ impl ConvSlot {
         match self {
             ConvSlot::Dense(c) => c.weight.shallow_clone(),
             ConvSlot::Tucker(t) => t.reconstruct(),
-            ConvSlot::Svd(s) => s.reconstruct(),
+            ConvSlot::TwoLayer(s) => s.reconstruct(),
         }
     }
 

@@ -132,6 +132,8 @@ pub fn report_table(report: &CompressionReport) -> Html {
                     Form::Dense => "dense".into(),
                     Form::Tucker2 { r_out, r_in } => format!("({r_out}, {r_in})"),
                     Form::Svd { rank } => format!("SVD {rank}"),
+                    Form::Tucker1Out { r_out, .. } => format!("({r_out}, whole)"),
+                    Form::Tucker1In { r_in, .. } => format!("(whole, {r_in})"),
                 },
                 l.params_before.to_string(),
                 l.params_after.to_string(),

@@ -228,7 +228,7 @@ fn data_driven_policies_factorise_pointwise_convs_as_two_layer_svds() {
     for (name, slot) in model.conv_slots() {
         let line = report.layers.iter().find(|l| l.layer == name).unwrap();
         assert_eq!(line.macs_after, slot.macs(sizes[&name]).0, "{name}");
-        if let ConvSlot::Svd(s) = slot {
+        if let ConvSlot::TwoLayer(s) = slot {
             assert_eq!(line.form, Form::Svd { rank: s.rank() });
         }
     }

@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use common::*;
 use tch::{Device, Kind, Tensor};
 use tucker_nb::conv::ConvSlot;
-use tucker_nb::{compress_model, runtime, CompressionPolicy, RankPolicy, ResNet18};
+use tucker_nb::conv::Form;
+use tucker_nb::{
+    compress_model, factorise, runtime, CompressionPolicy, Method, RankPolicy, ResNet18,
+};
 
 fn logits(model: &ResNet18, input: &Tensor) -> Tensor {
     tch::no_grad(|| model.forward(input, false))
@@ -22,7 +25,7 @@ fn ranks_json(model: &ResNet18) -> String {
         .into_iter()
         .filter_map(|(name, slot)| match slot {
             ConvSlot::Tucker(t) => Some((name, vec![t.ranks().0, t.ranks().1])),
-            ConvSlot::Svd(s) => Some((name, vec![s.rank()])),
+            ConvSlot::TwoLayer(s) => Some((name, vec![s.rank()])),
             ConvSlot::Dense(_) => None,
         })
         .collect();
@@ -307,7 +310,7 @@ fn svd_layers_and_folded_bns_load_strictly_into_pytorch_with_the_same_logits() {
     let svd = model
         .conv_slots()
         .iter()
-        .filter(|(_, s)| matches!(s, ConvSlot::Svd(_)))
+        .filter(|(_, s)| matches!(s, ConvSlot::TwoLayer(_)))
         .count();
     assert_eq!(svd, 3, "the three projection shortcuts are two-layer SVDs");
     let keys: Vec<String> = read(&out).into_keys().collect();
@@ -318,4 +321,62 @@ fn svd_layers_and_folded_bns_load_strictly_into_pytorch_with_the_same_logits() {
         assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
     }
     torch_input_and_compare(&model, dir.path(), &out, &csv);
+}
+
+#[test]
+fn every_slot_form_rebuilds_in_pytorch_from_the_files_keys_alone() {
+    // scripts/torch_resnet.py (the benchmarks' and scaling-out scripts' model) reads only the
+    // keys: dense, Tucker-2, SVD and both Tucker-1 forms, strided and not, give our logits and MACs.
+    runtime::init();
+    let dir = tempfile::tempdir().unwrap();
+    let weights = torchvision_weights(dir.path(), 3);
+    let mut model = ResNet18::load(&weights, Some(100), Device::Cpu).unwrap();
+    for unit in model.units_mut() {
+        let form = match unit.conv_name.as_str() {
+            "conv1" => Form::Tucker1Out { r_out: 24, c_in: 3 },
+            "layer1.0.conv1" => Form::Tucker2 {
+                r_out: 16,
+                r_in: 24,
+            },
+            "layer2.0.conv1" => Form::Tucker1In {
+                c_out: 128,
+                r_in: 40,
+            },
+            "layer2.0.downsample.0" => Form::Svd { rank: 32 },
+            "layer3.0.conv1" => Form::Tucker1Out {
+                r_out: 64,
+                c_in: 128,
+            },
+            "layer4.1.conv2" => Form::Tucker1In {
+                c_out: 512,
+                r_in: 96,
+            },
+            _ => continue,
+        };
+        let dense = unit.conv.to_dense();
+        *unit.conv = factorise(&unit.conv_name, &dense, form, Method::Hosvd).unwrap();
+    }
+    let out = dir.path().join("mixed.safetensors");
+    model.save(&out).unwrap();
+    let input_source = dir.path().join("input-source.pth");
+    oracle(&[
+        "make-weights",
+        path_str(&input_source),
+        "--num-classes",
+        "100",
+    ]);
+    let reference = dir.path().join("ref.safetensors");
+    oracle(&["reference", path_str(&input_source), path_str(&reference)]);
+    let torch_out = dir.path().join("torch.safetensors");
+    oracle(&[
+        "keys-load",
+        path_str(&out),
+        path_str(&reference),
+        path_str(&torch_out),
+    ]);
+    let (torch_out, reference) = (read(&torch_out), read(&reference));
+    let err = rel_err(&logits(&model, &reference["input"]), &torch_out["logits"]);
+    assert!(err < 1e-5, "logits differ from PyTorch's: rel. err {err}");
+    let theirs = torch_out["conv_macs"].int64_value(&[0]);
+    assert_eq!(model.conv_macs([224, 224]), theirs);
 }

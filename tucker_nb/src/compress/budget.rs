@@ -64,7 +64,8 @@ impl LayerFacts {
         }
     }
 
-    /// Keeping the slot as it is, then every factorisation on the rank grid that costs less.
+    /// Keeping the slot as it is, then every factorisation on the rank grid that costs less:
+    /// Tucker-2 pairs and both Tucker-1 forms for a k×k conv, SVD ranks for a 1×1 one.
     fn budget_options(&self, by: Cost, round_to: Option<i64>) -> Vec<BudgetOption> {
         let [c_out, c_in, _, _] = self.shape();
         let forms: Vec<Form> = if self.takes_svd() {
@@ -78,11 +79,18 @@ impl LayerFacts {
             } else {
                 rank_grid(c_in, round_to)
             };
-            rank_grid(c_out, round_to)
-                .into_iter()
-                .flat_map(|r_out| r_ins.iter().map(move |&r_in| (r_out, r_in)))
+            let r_outs = rank_grid(c_out, round_to);
+            let mut forms: Vec<Form> = r_outs
+                .iter()
+                .flat_map(|&r_out| r_ins.iter().map(move |&r_in| (r_out, r_in)))
                 .map(|(r_out, r_in)| self.form(r_out, r_in))
-                .collect()
+                .collect();
+            // Tucker-1: one mode whole, and no full-rank square 1×1 paid for it.
+            forms.extend(r_outs.iter().map(|&r_out| Form::Tucker1Out { r_out, c_in }));
+            if !self.reads_image() {
+                forms.extend(r_ins.iter().map(|&r_in| Form::Tucker1In { c_out, r_in }));
+            }
+            forms
         };
         let current = self.current_cost(by);
         let mut options = vec![(None, current, 0.0)];

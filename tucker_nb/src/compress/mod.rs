@@ -29,7 +29,7 @@ use crate::compress::plan::{
     check_ranks, plan_rule_based, plan_spectral, LayerFacts, LayerPlan, SlotAt,
 };
 use crate::compress::policy::{CompressionPolicy, Fit, RankPolicy};
-use crate::conv::{Conv2d, ConvSlot, Form, SvdConv, TuckerConv};
+use crate::conv::{Conv2d, ConvSlot, Form, TuckerConv, TwoLayerConv};
 use crate::error::{Error, Result};
 use crate::model::ResNet18;
 use crate::report::{CompressionReport, LayerReport};
@@ -123,6 +123,36 @@ pub fn factorise_fitted(
             };
             Ok(ConvSlot::Tucker(TuckerConv::from_factors(&factors, conv)))
         }
+        Form::Tucker1Out {
+            r_out: rank,
+            c_in: whole,
+        }
+        | Form::Tucker1In {
+            c_out: whole,
+            r_in: rank,
+        } => {
+            let output = matches!(form, Form::Tucker1Out { .. });
+            let ranks = if output { (rank, c_in) } else { (c_out, rank) };
+            let kept = if output { c_in } else { c_out };
+            if whole != kept || [kh, kw] == [1, 1] {
+                return Err(Error::layer(
+                    layer,
+                    format!(
+                        "{} keeps a whole mode of {kept} channels of a k×k conv, not {whole} of a \
+                         {c_out}×{c_in}×{kh}×{kw} one",
+                        form.name()
+                    ),
+                ));
+            }
+            check_ranks(layer, [c_out, c_in], ranks)?;
+            let factors = match moments {
+                Some(m) => tucker2_whitened(&conv.weight, ranks, m),
+                None => fit_tucker2(&conv.weight, ranks, method),
+            };
+            Ok(ConvSlot::TwoLayer(TwoLayerConv::tucker1_from_factors(
+                &factors, conv, output,
+            )))
+        }
         Form::Svd { rank } => {
             if [kh, kw] != [1, 1] {
                 return Err(Error::layer(
@@ -142,7 +172,9 @@ pub fn factorise_fitted(
                 Some(m) => svd_factors_whitened(&matrix, rank, m),
                 None => svd_factors(&matrix, rank),
             };
-            Ok(ConvSlot::Svd(SvdConv::from_factors(&first, &last, conv)))
+            Ok(ConvSlot::TwoLayer(TwoLayerConv::from_factors(
+                &first, &last, conv,
+            )))
         }
     }
 }
@@ -366,6 +398,101 @@ mod tests {
         // Fitting to data without data is refused, naming what is missing.
         let err = compress_model_fitted(&mut model.deep_copy(), &policy(Fit::Data), None);
         assert!(err.unwrap_err().to_string().contains("calibration data"));
+    }
+
+    #[test]
+    fn tucker1_layers_are_exact_at_full_rank_and_lose_what_the_planner_says() {
+        use crate::compress::decompose::rank_pair_energy;
+        let dense = conv(12, 8, 3, true); // stride 2, padding 1
+        let x = Tensor::randn([2, 8, 9, 9], (Kind::Float, Device::Cpu));
+        let energy = rank_pair_energy(&dense.weight, None);
+        for (full, cut, output) in [
+            (
+                Form::Tucker1Out { r_out: 12, c_in: 8 },
+                Form::Tucker1Out { r_out: 5, c_in: 8 },
+                true,
+            ),
+            (
+                Form::Tucker1In { c_out: 12, r_in: 8 },
+                Form::Tucker1In { c_out: 12, r_in: 3 },
+                false,
+            ),
+        ] {
+            let slot = factorise("layer2.0.conv1", &dense, full, Method::Hosvd).unwrap();
+            assert_eq!(slot.form(), full);
+            assert_eq!(slot.geometry(), dense.geometry());
+            let err = relative_error(&dense.forward(&x), &slot.forward(&x));
+            assert!(err < 1e-5, "{full:?}: {err}");
+            let slot = factorise("layer2.0.conv1", &dense, cut, Method::Hosvd).unwrap();
+            let ConvSlot::TwoLayer(two) = &slot else {
+                panic!("{cut:?} is not two layers")
+            };
+            let spatial = if output { &two.first } else { &two.last };
+            assert_eq!(spatial.kernel(), [3, 3], "{cut:?}");
+            // What the planner prices it at is what it loses.
+            let lost = relative_error(&dense.weight, &slot.dense_weight()).powi(2);
+            let (r_out, r_in) = cut.ranks().unwrap();
+            let priced = energy.tucker2_error(r_out, r_in);
+            assert!((lost - priced).abs() < 1e-6, "{cut:?}: {lost} vs {priced}");
+            // Each layer's MACs at its own input's resolution add up to the form's.
+            let by_layer: i64 = slot
+                .parts()
+                .iter()
+                .fold((0, [9, 9]), |(total, size), c| {
+                    let (macs, out) = Form::Dense.macs(&c.geometry(), size);
+                    (total + macs, out)
+                })
+                .0;
+            assert_eq!(slot.macs([9, 9]).0, by_layer, "{cut:?}");
+            assert_eq!(slot.num_params(), cut.params([12, 8, 3, 3]), "{cut:?}");
+        }
+        let err = factorise(
+            "layer1.0.conv2",
+            &dense,
+            Form::Tucker1Out { r_out: 4, c_in: 7 },
+            Method::Hosvd,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("layer1.0.conv2") && err.contains("whole"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tucker1_slots_round_trip_through_a_model_file() {
+        let mut model = ResNet18::new(10, Device::Cpu);
+        for unit in model.units_mut() {
+            let form = match unit.conv_name.as_str() {
+                "conv1" => Form::Tucker1Out { r_out: 16, c_in: 3 },
+                "layer2.0.conv1" => Form::Tucker1In {
+                    c_out: 128,
+                    r_in: 24,
+                },
+                "layer3.1.conv2" => Form::Tucker1Out {
+                    r_out: 40,
+                    c_in: 256,
+                },
+                _ => continue,
+            };
+            let dense = unit.conv.to_dense();
+            *unit.conv = factorise(&unit.conv_name, &dense, form, Method::Hosvd).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tucker1.safetensors");
+        model.save(&file).unwrap();
+        let loaded = ResNet18::load(&file, None, Device::Cpu).unwrap();
+        let forms = |m: &ResNet18| {
+            m.conv_slots()
+                .into_iter()
+                .map(|(n, s)| (n, s.form()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(forms(&model), forms(&loaded));
+        let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let (a, b) = (model.forward(&x, false), loaded.forward(&x, false));
+        assert!(relative_error(&a, &b) < 1e-6);
     }
 
     #[test]

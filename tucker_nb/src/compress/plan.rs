@@ -198,6 +198,8 @@ impl LayerFacts {
             Form::Dense => 0.0,
             Form::Tucker2 { r_out, r_in } => self.energy.tucker2_error(r_out, r_in),
             Form::Svd { rank } => self.energy.svd_error(rank),
+            Form::Tucker1Out { r_out, c_in } => self.energy.tucker2_error(r_out, c_in),
+            Form::Tucker1In { c_out, r_in } => self.energy.tucker2_error(c_out, r_in),
         }
     }
 
@@ -228,6 +230,12 @@ impl LayerFacts {
     pub fn budget_note(&self, form: Option<Form>, head: String) -> String {
         match form {
             None => format!("{head}; {}: cheapest under this price", self.unchanged()),
+            Some(Form::Tucker1Out { .. }) => {
+                format!("{head}; Tucker-1 on the output mode: the input kept whole, no 1×1 on it")
+            }
+            Some(Form::Tucker1In { .. }) => {
+                format!("{head}; Tucker-1 on the input mode: the output kept whole, no 1×1 after")
+            }
             Some(_) if self.reads_image() => format!("{head}; {RGB_NOTE}"),
             Some(_) => head,
         }

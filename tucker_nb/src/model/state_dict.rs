@@ -7,7 +7,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use super::{BatchNorm, Linear, ParamPath};
-use crate::conv::{Conv2d, ConvGeometry, ConvSlot, SvdConv, TuckerConv};
+use crate::conv::{Conv2d, ConvGeometry, ConvSlot, TuckerConv, TwoLayerConv};
 use crate::error::{Error, Result};
 
 pub(super) struct StateDict<'a> {
@@ -141,8 +141,9 @@ impl<'a> StateDict<'a> {
         }
     }
 
-    /// A conv slot of `geometry`: dense (`NAME.weight`), Tucker-2 (`NAME.{0,1,2}.weight`) or a
-    /// two-layer SVD (`NAME.{0,1}.weight`, 1×1 convs only), told apart by the keys present.
+    /// A conv slot of `geometry`: dense (`NAME.weight`), Tucker-2 (`NAME.{0,1,2}.weight`) or two
+    /// layers (`NAME.{0,1}.weight`: a 1×1 conv's SVD or a k×k conv's Tucker-1), told apart by the
+    /// keys present and their shapes.
     pub(super) fn conv(&mut self, name: &str, geometry: ConvGeometry) -> Result<ConvSlot> {
         let [c_out, _, _, _] = geometry.shape;
         if self.tensors.contains_key(&key(name, "weight")) {
@@ -158,7 +159,7 @@ impl<'a> StateDict<'a> {
             return Err(self.missing(key(name, "weight")));
         }
         if !self.tensors.contains_key(&key(name, "2.weight")) {
-            return self.svd_conv(name, geometry);
+            return self.two_layer_conv(name, geometry);
         }
         self.tucker_conv(name, geometry)
     }
@@ -198,14 +199,60 @@ impl<'a> StateDict<'a> {
         Ok(ConvSlot::Tucker(tucker))
     }
 
+    /// A conv stored as two layers (`.0.weight`, `.1.weight`, `.1.bias`): a 1×1 conv's SVD, or a
+    /// k×k conv's Tucker-1, on the output mode when the first layer has the k×k kernel, else on the
+    /// input mode; the rank comes from the first layer's shape.
+    fn two_layer_conv(&mut self, name: &str, geometry: ConvGeometry) -> Result<ConvSlot> {
+        let [c_out, c_in, kh, kw] = geometry.shape;
+        if geometry.is_pointwise() {
+            return self.svd_conv(name, geometry);
+        }
+        let first_key = key(name, "0.weight");
+        let spatial_first = self
+            .tensors
+            .get(&first_key)
+            .is_some_and(|t| t.dim() == 4 && t.size()[2..] == [kh, kw]);
+        let conv = if spatial_first {
+            let first = self.take_kernel(
+                &first_key,
+                |s| (1..=c_out).contains(&s[0]) && s[1] == c_in && s[2..] == [kh, kw],
+                format!("[r_out≤{c_out}, {c_in}, {kh}, {kw}]"),
+            )?;
+            let (last, bias) = self.output_layer(name, 1, c_out, first.size()[0])?;
+            TwoLayerConv {
+                first: Conv2d {
+                    weight: first,
+                    bias: None,
+                    config: geometry.config,
+                },
+                last: Conv2d::pointwise(last, bias),
+            }
+        } else {
+            let first = self.take_kernel(
+                &first_key,
+                |s| (1..=c_in).contains(&s[0]) && s[1] == c_in && s[2..] == [1, 1],
+                format!("[r_in≤{c_in}, {c_in}, 1, 1] or [r_out≤{c_out}, {c_in}, {kh}, {kw}]"),
+            )?;
+            let rank = first.size()[0];
+            let last_key = key(name, "1");
+            let last = self.take(&key(&last_key, "weight"), Some(&[c_out, rank, kh, kw]))?;
+            let bias = self.take_optional(&key(&last_key, "bias"), &[c_out])?;
+            TwoLayerConv {
+                first: Conv2d::pointwise(first, None),
+                last: Conv2d {
+                    weight: last,
+                    bias,
+                    config: geometry.config,
+                },
+            }
+        };
+        Ok(ConvSlot::TwoLayer(conv))
+    }
+
     /// A 1×1 conv stored as its two SVD factors (`.0.weight`, `.1.weight`, `.1.bias`); the rank
     /// comes from the first factor's shape.
     fn svd_conv(&mut self, name: &str, geometry: ConvGeometry) -> Result<ConvSlot> {
         let [c_out, c_in, _, _] = geometry.shape;
-        if !geometry.is_pointwise() {
-            // Only 1×1 convs have a two-layer form: a k×k one is Tucker-2 or dense.
-            return Err(self.missing(key(name, "2.weight")));
-        }
         let max = c_out.min(c_in);
         let first = self.take_kernel(
             &key(name, "0.weight"),
@@ -213,7 +260,7 @@ impl<'a> StateDict<'a> {
             format!("[r≤{max}, {c_in}, 1, 1]"),
         )?;
         let (last, bias) = self.output_layer(name, 1, c_out, first.size()[0])?;
-        Ok(ConvSlot::Svd(SvdConv::new(
+        Ok(ConvSlot::TwoLayer(TwoLayerConv::new(
             first,
             last,
             bias,

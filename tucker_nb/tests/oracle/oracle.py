@@ -121,6 +121,19 @@ def seed_load(args):
               args.out)
 
 
+def keys_load(args):
+    """Rebuilds a tucker_nb file's model from its keys alone (scripts/torch_resnet.py, what the
+    benchmarks and the scaling-out scripts use) and returns its logits on the given input and its
+    conv MACs."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "scripts"))
+    from torch_resnet import load_state, resnet18_from_state
+    model = resnet18_from_state(load_state(args.weights), args.weights)
+    x = load_file(args.input)["input"]
+    save_file({"logits": model.eval()(x).contiguous(),
+               "conv_macs": torch.tensor([conv_macs(model, args.macs_size)], dtype=torch.int64)},
+              args.out)
+
+
 def image_folder(args):
     """torchvision's ImageFolder listing of a root: classes and (path, label) samples, as JSON."""
     from torchvision import datasets
@@ -182,6 +195,11 @@ def main():
     a.add_argument("input")
     a.add_argument("out")
     a.add_argument("--macs-size", type=int, default=224)
+    a = sub.add_parser("keys-load")
+    a.add_argument("weights")
+    a.add_argument("input")
+    a.add_argument("out")
+    a.add_argument("--macs-size", type=int, default=224)
     a = sub.add_parser("partial-tucker")
     a.add_argument("input")
     a.add_argument("out")
@@ -194,7 +212,7 @@ def main():
     a.add_argument("--size", type=int, default=32)
     args = p.parse_args()
     {"make-weights": make_weights, "reference": reference, "seed-reconstruct": seed_reconstruct,
-     "seed-load": seed_load, "image-folder": image_folder, "eval-transform": eval_transform, "partial-tucker": partial_tucker}[args.cmd](args)
+     "seed-load": seed_load, "keys-load": keys_load, "image-folder": image_folder, "eval-transform": eval_transform, "partial-tucker": partial_tucker}[args.cmd](args)
 
 
 if __name__ == "__main__":
