@@ -326,6 +326,29 @@ mod tests {
     }
 
     #[test]
+    fn batches_equal_the_per_batch_pipeline_they_replace() {
+        // The loader before the epoch-wide upload: per batch, its indices and crops drawn and
+        // copied, then the same transforms and normalisation.
+        let data = dataset(10);
+        let loader =
+            Loader::new(&data, 4, Transform::Train { size: 6 }, Device::Cpu, true).with_seed(9);
+        let mut rng = StdRng::seed_from_u64(9 ^ 3u64.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut order: Vec<i64> = (0..10).collect();
+        order.shuffle(&mut rng);
+        for (batch, indices) in loader.epoch(3).zip(order.chunks(4)) {
+            assert_eq!(batch.indices, indices);
+            let raw = data.images.index_select(0, &Tensor::from_slice(indices));
+            let theta = crop_flip_thetas(indices.len(), 8, 8, &mut rng);
+            let expected = normalize(&crop_resize_flip(&raw, &theta, 6));
+            assert!(batch.images.allclose(&expected, 1e-6, 1e-6, false));
+            assert_eq!(
+                batch.labels,
+                data.labels.index_select(0, &Tensor::from_slice(indices))
+            );
+        }
+    }
+
+    #[test]
     fn an_images_augmentation_does_not_depend_on_the_batch_size() {
         // Crops are drawn per epoch, in order, then sliced per batch.
         let data = dataset(10);

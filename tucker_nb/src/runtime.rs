@@ -86,12 +86,26 @@ pub fn prepare_device(choice: Option<&str>, cudnn_benchmark: bool) -> Result<Dev
     Ok(device)
 }
 
-/// Runs `f` under CUDA autocast to bfloat16 when `bf16` is set and CUDA is usable, else plainly.
-/// See [`Bf16Autocast`].
+/// Runs `f` under CUDA autocast to bfloat16 when `bf16` is set and CUDA is usable, else plainly,
+/// saying so once per process when bf16 was asked for but cannot be had (never silently
+/// different). See [`Bf16Autocast`].
 pub fn autocast_bf16<T>(bf16: bool, f: impl FnOnce() -> T) -> T {
-    let _guard = if bf16 { Bf16Autocast::enter() } else { None };
+    let _guard = if bf16 {
+        let guard = Bf16Autocast::enter();
+        if guard.is_none() {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| eprintln!("{BF16_UNAVAILABLE}"));
+        }
+        guard
+    } else {
+        None
+    };
     f()
 }
+
+/// What [`autocast_bf16`] says when bf16 was asked for without CUDA.
+pub const BF16_UNAVAILABLE: &str =
+    "bf16: autocast to bfloat16 needs CUDA (none is usable here): computing in float32";
 
 /// CUDA autocast to bfloat16 on the calling thread while the guard lives, as PyTorch's
 /// `torch.autocast("cuda", torch.bfloat16)` context manager does it.

@@ -227,3 +227,52 @@ fn bad_outputs_are_refused_before_any_work() {
     );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn bf16_without_cuda_says_it_computes_in_float32() {
+    if tucker_nb::runtime::init().cuda_available {
+        return; // the message is for machines without CUDA
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    tucker_nb_ok(&[
+        "gen-data",
+        "--out",
+        path_str(&data),
+        "--classes",
+        "2",
+        "--train-per-class",
+        "2",
+        "--val-per-class",
+        "2",
+    ]);
+    let args = [
+        "evaluate",
+        "--model",
+        path_str(weights()),
+        "--num-classes",
+        "1000",
+        "--data",
+        path_str(&data),
+        "--image-size",
+        "32",
+        "--device",
+        "cpu",
+    ];
+    let plain = tucker_nb_ok(&args);
+    let bf16 = tucker_nb_ok(&[&args[..], &["--bf16"]].concat());
+    let said = String::from_utf8_lossy(&bf16.stderr);
+    assert_eq!(
+        said.matches(tucker_nb::runtime::BF16_UNAVAILABLE).count(),
+        1,
+        "{said}"
+    );
+    // The same float32 figures (all but the last, the speed).
+    let figures = |o: &std::process::Output| {
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        text.rsplit_once(", ")
+            .map(|(head, _)| head.to_string())
+            .unwrap_or(text)
+    };
+    assert_eq!(figures(&plain), figures(&bf16));
+}
