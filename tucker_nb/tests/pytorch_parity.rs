@@ -8,11 +8,10 @@ use std::collections::BTreeMap;
 
 use common::*;
 use tch::{Device, Kind, Tensor};
+use tucker_nb::compress::factorise_layers;
 use tucker_nb::conv::ConvSlot;
 use tucker_nb::conv::Form;
-use tucker_nb::{
-    compress_model, factorise, runtime, CompressionPolicy, Method, RankPolicy, ResNet18,
-};
+use tucker_nb::{compress_model, runtime, CompressionPolicy, Method, RankPolicy, ResNet18};
 
 fn logits(model: &ResNet18, input: &Tensor) -> Tensor {
     tch::no_grad(|| model.forward(input, false))
@@ -331,31 +330,39 @@ fn every_slot_form_rebuilds_in_pytorch_from_the_files_keys_alone() {
     let dir = tempfile::tempdir().unwrap();
     let weights = torchvision_weights(dir.path(), 3);
     let mut model = ResNet18::load(&weights, Some(100), Device::Cpu).unwrap();
-    for unit in model.units_mut() {
-        let form = match unit.conv_name.as_str() {
-            "conv1" => Form::Tucker1Out { r_out: 24, c_in: 3 },
-            "layer1.0.conv1" => Form::Tucker2 {
+    let forms = [
+        ("conv1", Form::Tucker1Out { r_out: 24, c_in: 3 }),
+        (
+            "layer1.0.conv1",
+            Form::Tucker2 {
                 r_out: 16,
                 r_in: 24,
             },
-            "layer2.0.conv1" => Form::Tucker1In {
+        ),
+        (
+            "layer2.0.conv1",
+            Form::Tucker1In {
                 c_out: 128,
                 r_in: 40,
             },
-            "layer2.0.downsample.0" => Form::Svd { rank: 32 },
-            "layer3.0.conv1" => Form::Tucker1Out {
+        ),
+        ("layer2.0.downsample.0", Form::Svd { rank: 32 }),
+        (
+            "layer3.0.conv1",
+            Form::Tucker1Out {
                 r_out: 64,
                 c_in: 128,
             },
-            "layer4.1.conv2" => Form::Tucker1In {
+        ),
+        (
+            "layer4.1.conv2",
+            Form::Tucker1In {
                 c_out: 512,
                 r_in: 96,
             },
-            _ => continue,
-        };
-        let dense = unit.conv.to_dense();
-        *unit.conv = factorise(&unit.conv_name, &dense, form, Method::Hosvd).unwrap();
-    }
+        ),
+    ];
+    factorise_layers(&mut model, &forms, Method::Hosvd).unwrap();
     let out = dir.path().join("mixed.safetensors");
     model.save(&out).unwrap();
     let input_source = dir.path().join("input-source.pth");

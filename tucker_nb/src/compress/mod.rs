@@ -90,6 +90,26 @@ pub fn factorise(layer: &str, conv: &Conv2d, form: Form, method: Method) -> Resu
     factorise_fitted(layer, conv, form, method, None)
 }
 
+/// Replaces the convs named in `forms` by [`factorise`]d ones (the others stay as they are): a
+/// model in chosen forms. Every name is checked before anything changes.
+pub fn factorise_layers(
+    model: &mut ResNet18,
+    forms: &[(&str, Form)],
+    method: Method,
+) -> Result<()> {
+    let names: Vec<String> = model.conv_slots().into_iter().map(|(n, _)| n).collect();
+    if let Some((unknown, _)) = forms.iter().find(|(n, _)| !names.iter().any(|m| m == n)) {
+        return Err(Error::layer(*unknown, "no such conv layer in ResNet18"));
+    }
+    for unit in model.units_mut() {
+        if let Some(&(_, form)) = forms.iter().find(|(n, _)| *n == unit.conv_name) {
+            let dense = unit.conv.to_dense();
+            *unit.conv = factorise(&unit.conv_name, &dense, form, method)?;
+        }
+    }
+    Ok(())
+}
+
 /// [`factorise`], fitted to the layer's activation `moments` when given (output error instead of
 /// kernel error: `tucker2_whitened`, `svd_factors_whitened`; `method` is then not used).
 pub fn factorise_fitted(
@@ -463,22 +483,32 @@ mod tests {
     #[test]
     fn tucker1_slots_round_trip_through_a_model_file() {
         let mut model = ResNet18::new(10, Device::Cpu);
-        for unit in model.units_mut() {
-            let form = match unit.conv_name.as_str() {
-                "conv1" => Form::Tucker1Out { r_out: 16, c_in: 3 },
-                "layer2.0.conv1" => Form::Tucker1In {
+        let forms = [
+            ("conv1", Form::Tucker1Out { r_out: 16, c_in: 3 }),
+            (
+                "layer2.0.conv1",
+                Form::Tucker1In {
                     c_out: 128,
                     r_in: 24,
                 },
-                "layer3.1.conv2" => Form::Tucker1Out {
+            ),
+            (
+                "layer3.1.conv2",
+                Form::Tucker1Out {
                     r_out: 40,
                     c_in: 256,
                 },
-                _ => continue,
-            };
-            let dense = unit.conv.to_dense();
-            *unit.conv = factorise(&unit.conv_name, &dense, form, Method::Hosvd).unwrap();
-        }
+            ),
+        ];
+        factorise_layers(&mut model, &forms, Method::Hosvd).unwrap();
+        let err = factorise_layers(
+            &mut model,
+            &[("layer9.conv1", Form::Svd { rank: 1 })],
+            Method::Hosvd,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("layer9.conv1"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tucker1.safetensors");
         model.save(&file).unwrap();
