@@ -16,13 +16,27 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# How long a digest must be under each check: an empty or short one would accept any file.
+DIGEST_LENGTHS = {"md5": (32, 32), "sha256-prefix": (8, 64)}
+
+
 def read_manifest(path):
     entries = {}
     with open(path) as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if line.strip() and not line.startswith("#"):
-                name, url, file, check, digest = line.rstrip("\n").split("\t")
-                entries[name] = dict(url=url, file=file, check=check, digest=digest.lower())
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) != 5:
+                    raise SystemExit(f"error: {path}:{number}: expected 5 tab-separated fields")
+                name, url, file, check, digest = fields
+                digest = digest.strip().lower()
+                if check not in DIGEST_LENGTHS:
+                    raise SystemExit(f"error: {path}:{number}: unknown check {check!r}")
+                low, high = DIGEST_LENGTHS[check]
+                if not (low <= len(digest) <= high) or any(c not in "0123456789abcdef" for c in digest):
+                    raise SystemExit(f"error: {path}:{number}: {name}: {check} digest {digest!r} "
+                                     f"must be {low}" + (f"-{high}" if high != low else "") + " hex digits")
+                entries[name] = dict(url=url, file=file, check=check, digest=digest)
     return entries
 
 

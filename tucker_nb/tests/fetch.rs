@@ -189,3 +189,38 @@ fn downloads_are_verified_deleted_when_bad_and_unpacked() {
             && String::from_utf8_lossy(&unknown.stderr).contains("unknown download 'imagenet'")
     );
 }
+
+#[test]
+fn an_empty_or_short_digest_is_refused_before_any_download() {
+    let dest = tempfile::tempdir().unwrap();
+    let manifest = dest.path().join("manifest.tsv");
+    for (check, digest, expected) in [
+        ("md5", "", "md5 digest '' must be 32 hex digits"),
+        (
+            "sha256-prefix",
+            "f370",
+            "sha256-prefix digest 'f370' must be 8-64 hex digits",
+        ),
+        ("md5", &"z".repeat(32), "must be 32 hex digits"),
+    ] {
+        std::fs::write(
+            &manifest,
+            format!("w\thttp://127.0.0.1:9/w.pth\tw.pth\t{check}\t{digest}\n"),
+        )
+        .unwrap();
+        let out = fetch(&[
+            "w",
+            "--manifest",
+            path_str(&manifest),
+            "--dest",
+            path_str(dest.path()),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{check} {digest:?} accepted");
+        assert!(
+            stderr.contains("manifest.tsv:1") && stderr.contains(expected),
+            "{stderr}"
+        );
+        assert!(!dest.path().join("w.pth").exists());
+    }
+}

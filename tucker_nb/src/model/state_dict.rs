@@ -62,6 +62,17 @@ impl<'a> StateDict<'a> {
                 format!("tensor `{key}` is {:?}, expected floating point", t.kind()),
             ));
         }
+        // A NaN or infinity would only surface later, deep inside an SVD or as a NaN loss.
+        let finite = t
+            .f_isfinite()
+            .and_then(|f| f.f_all())
+            .map(|a| a.int64_value(&[]) == 1);
+        if !finite.map_err(Error::Torch)? {
+            return Err(Error::file(
+                self.path,
+                format!("tensor `{key}` holds NaN or infinite values"),
+            ));
+        }
         Ok(t.to_kind(Kind::Float).to_device(self.device))
     }
 
@@ -95,7 +106,13 @@ impl<'a> StateDict<'a> {
             let value = if field == "num_batches_tracked" {
                 // Optional, as in PyTorch's own loading of older checkpoints.
                 match self.tensors.remove(&key) {
-                    Some(t) => t.to_kind(Kind::Int64).reshape([]).to_device(self.device),
+                    Some(t) if t.numel() == 1 && !t.is_floating_point() => {
+                        t.to_kind(Kind::Int64).reshape([]).to_device(self.device)
+                    }
+                    Some(t) => {
+                        let expected = "[] (one integer)".to_string();
+                        return Err(self.shape_error(&key, &t, expected));
+                    }
                     None => continue,
                 }
             } else {

@@ -8,6 +8,8 @@ use std::process::{Command, Output};
 
 use tch::{Kind, Tensor};
 
+pub mod craft;
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
