@@ -350,6 +350,9 @@ fn print_model_rates(rows: &[ModelRate]) {
 
 /// Measures and prints everything; with `config.json`, also writes the figures there as JSON.
 pub fn run(config: &BenchConfig) -> Result<()> {
+    config.run.validate()?;
+    crate::error::check_count("repeats", config.repeats)?;
+    crate::error::check_count("model batches", config.model_batches)?;
     let workers = config
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));

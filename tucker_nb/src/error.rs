@@ -57,3 +57,29 @@ impl Error {
         }
     }
 }
+
+/// `Ok` when `ok`, else "invalid WHAT: VALUE (must be RULE)".
+pub(crate) fn check(ok: bool, what: &str, value: impl std::fmt::Display, rule: &str) -> Result<()> {
+    match ok {
+        true => Ok(()),
+        false => Err(Error::value(what, format!("{value} (must be {rule})"))),
+    }
+}
+
+/// Largest image side accepted for model inputs and stored images.
+pub const MAX_IMAGE_SIDE: i64 = 4096;
+
+/// An image side in 1..=[`MAX_IMAGE_SIDE`].
+pub fn check_image_side(what: &str, side: i64) -> Result<()> {
+    check(
+        (1..=MAX_IMAGE_SIDE).contains(&side),
+        what,
+        side,
+        &format!("in 1..={MAX_IMAGE_SIDE}"),
+    )
+}
+
+/// A count ≥ 1 (batch sizes, image counts).
+pub fn check_count(what: &str, n: usize) -> Result<()> {
+    check(n >= 1, what, n, "≥ 1")
+}

@@ -14,7 +14,7 @@ use crate::compress::calibrate::activation_moments;
 use crate::compress::compress_model_fitted;
 use crate::compress::policy::{CompressionPolicy, Fit};
 use crate::data::{DataSource, Dataset, StorageOptions};
-use crate::error::{Error, Result};
+use crate::error::{check, check_count, check_image_side, Error, Result};
 use crate::frame::write_frame_csv;
 use crate::io;
 use crate::loader::{Loader, Transform};
@@ -48,7 +48,10 @@ pub struct RunConfig {
     pub stage_epochs: usize,
     pub device: Device,
     pub out: PathBuf,
+    /// Continue the run in `out` (its fingerprint must match, [`RunFingerprint`]).
     pub resume: bool,
+    /// Start afresh in a non-empty `out` (its checkpoints are ignored, its outputs replaced).
+    pub force: bool,
     pub seed: u64,
     /// Use only the first N training / validation images (quick runs).
     pub train_limit: Option<usize>,
@@ -79,6 +82,7 @@ impl RunConfig {
             device,
             out: out.into(),
             resume: false,
+            force: false,
             seed: 0,
             train_limit: None,
             val_limit: None,
@@ -92,22 +96,36 @@ impl RunConfig {
     /// Checks what can be checked before any work: the policies (a later stage must be able to
     /// compress an already compressed model), sizes and classes.
     pub fn validate(&self) -> Result<()> {
+        check_image_side("image size", self.image_size)?;
         self.policy.validate()?;
         for stage in &self.stages {
             stage.validate_as_stage()?;
         }
+        if let Some(side) = self.storage.size {
+            check_image_side("storage size", side as i64)?;
+        }
+        check(
+            self.num_classes >= 1,
+            "num_classes",
+            self.num_classes,
+            "≥ 1",
+        )?;
         for (what, value) in [
-            ("image size", self.image_size),
-            ("num_classes", self.num_classes),
-            ("batch size", self.batch_size as i64),
-            ("eval batch size", self.eval_batch_size as i64),
-            ("calibration images", self.calib_images as i64),
+            ("batch size", self.batch_size),
+            ("eval batch size", self.eval_batch_size),
+            ("calibration images", self.calib_images),
         ] {
-            if value < 1 {
-                return Err(Error::value(what, format!("{value} (must be ≥ 1)")));
+            check_count(what, value)?;
+        }
+        for (what, limit) in [
+            ("train limit", self.train_limit),
+            ("val limit", self.val_limit),
+        ] {
+            if let Some(n) = limit {
+                check_count(what, n)?;
             }
         }
-        Ok(())
+        self.fine_tune.validate()
     }
 
     /// The fine-tune of one phase: `epochs` of `trainable`, checkpointed in `out/PHASE`.
@@ -152,6 +170,13 @@ impl RunConfig {
 /// The run's training and validation loaders (train: the seed's augmentation, shuffled with the
 /// run's seed; val: the eval transform). Fails when the data has more classes than the model.
 pub fn loaders(config: &RunConfig) -> Result<(Loader, Loader)> {
+    let (train, val) = datasets(config)?;
+    Ok(loader_pair(config, &train, &val))
+}
+
+/// The run's training and validation sets, limited as the config says. Fails when the data has
+/// more classes than the model.
+pub fn datasets(config: &RunConfig) -> Result<(Dataset, Dataset)> {
     let source = DataSource::detect(&config.data)?;
     let (mut train, mut val) = source.load_both(config.storage)?;
     if let Some(n) = config.train_limit {
@@ -171,7 +196,7 @@ pub fn loaders(config: &RunConfig) -> Result<(Loader, Loader)> {
             ),
         ));
     }
-    Ok(loader_pair(config, &train, &val))
+    Ok((train, val))
 }
 
 /// The loader pair for `train` and `val` with the run's sizes, device and seed: train with the
@@ -402,6 +427,7 @@ fn compress_for_run(
     model: &mut ResNet18,
     train: &Loader,
     val: &Loader,
+    outputs: &mut io::Outputs,
 ) -> Result<Stages> {
     let between = FineTuneConfig {
         checkpoint_dir: Some(config.out.clone()),
@@ -424,28 +450,157 @@ fn compress_for_run(
             0 => "layers.csv".to_string(),
             _ => format!("layers-stage{}.csv", i + 1),
         };
-        report.write_csv(&config.out.join(name))?;
+        outputs.write_with(&config.out.join(name), |tmp| report.write_csv(tmp))?;
     }
     Ok(stages)
 }
 
-/// Runs the seed's flow. With `resume`, each phase continues from its checkpoint in `out`.
-pub fn run(config: &RunConfig) -> Result<RunResult> {
-    config.validate()?;
+/// The file in a run folder that records its [`RunFingerprint`].
+pub const FINGERPRINT_FILE: &str = "run.json";
+
+/// Everything that determines a run's results, field by field (values as text): the data's
+/// content key and classes, the weights' SHA-256, the policies, seed, sizes, batches, schedule
+/// and recipe. `run` writes it into its folder; `--resume` continues only a run whose
+/// fingerprint is the same, and names the first field that differs.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct RunFingerprint(pub std::collections::BTreeMap<String, String>);
+
+impl RunFingerprint {
+    pub fn new(config: &RunConfig, train: &Dataset, val: &Dataset) -> Result<Self> {
+        let weights = match &config.weights {
+            Some(path) => {
+                let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
+                use sha2::Digest;
+                sha2::Sha256::digest(&bytes)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            }
+            None => "none (random initialisation)".to_string(),
+        };
+        let ft = &config.fine_tune;
+        let fields: Vec<(&str, String)> = vec![
+            ("data", format!("train {}, val {}", train.key, val.key)),
+            ("classes", train.classes.join(",")),
+            ("weights", weights),
+            ("num_classes", config.num_classes.to_string()),
+            ("image_size", config.image_size.to_string()),
+            ("storage_size", format!("{:?}", config.storage.size)),
+            ("train_limit", format!("{:?}", config.train_limit)),
+            ("val_limit", format!("{:?}", config.val_limit)),
+            ("batch_size", config.batch_size.to_string()),
+            ("eval_batch_size", config.eval_batch_size.to_string()),
+            ("seed", config.seed.to_string()),
+            ("policy", format!("{:?}", config.policy)),
+            ("stages", format!("{:?}", config.stages)),
+            ("stage_epochs", config.stage_epochs.to_string()),
+            ("epochs", ft.epochs.to_string()),
+            ("compressed_epochs", config.compressed_epochs.to_string()),
+            ("lr", ft.lr.to_string()),
+            ("momentum", ft.momentum.to_string()),
+            ("weight_decay", ft.weight_decay.to_string()),
+            ("step_size", ft.step_size.to_string()),
+            ("gamma", ft.gamma.to_string()),
+            ("bn", format!("{:?}", ft.bn)),
+            ("bf16", ft.bf16.to_string()),
+            ("distill", format!("{:?}", ft.distill)),
+            ("max_batches", format!("{:?}", ft.max_batches)),
+            ("recalibrate_bn", config.recalibrate_bn.to_string()),
+            ("calib_images", config.calib_images.to_string()),
+        ];
+        Ok(Self(
+            fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        ))
+    }
+
+    /// The first field whose value differs from `other`'s: (field, ours, theirs).
+    pub fn first_difference<'a>(&'a self, other: &'a Self) -> Option<(&'a str, &'a str, &'a str)> {
+        let missing = "(absent)";
+        self.0
+            .keys()
+            .chain(other.0.keys())
+            .map(|k| {
+                let get = |f: &'a Self| f.0.get(k).map_or(missing, String::as_str);
+                (k.as_str(), get(self), get(other))
+            })
+            .find(|(_, a, b)| a != b)
+    }
+}
+
+/// Makes `out` ready for a run: created when missing; a non-empty one is refused unless the run
+/// resumes (or is forced to start afresh over it).
+pub fn prepare_run_folder(config: &RunConfig) -> Result<()> {
     let out = &config.out;
     std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
-    let (train, val) = loaders(config)?;
+    let used = std::fs::read_dir(out)
+        .map_err(|e| Error::file(out, e))?
+        .flatten()
+        .any(|e| !e.file_name().to_string_lossy().starts_with('.'));
+    if used && !config.resume && !config.force {
+        return Err(Error::file(
+            out,
+            "is not empty: pass --resume to continue the run in it, --force to start afresh \
+             over it, or choose another --out",
+        ));
+    }
+    Ok(())
+}
+
+/// Records `fingerprint` in `out`; with `resume`, first checks it against the one there.
+pub fn check_fingerprint(config: &RunConfig, fingerprint: &RunFingerprint) -> Result<()> {
+    let path = config.out.join(FINGERPRINT_FILE);
+    if config.resume && path.exists() {
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
+        let recorded: RunFingerprint = serde_json::from_str(&text)
+            .map_err(|e| Error::file(&path, format!("not a run fingerprint: {e}")))?;
+        if let Some((field, now, then)) = fingerprint.first_difference(&recorded) {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "--resume with another {field}: the run in this folder has {then}, this one \
+                     {now}; resume with the same settings or start afresh in another folder"
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    if config.resume && config.out.join("original").exists() {
+        return Err(Error::file(
+            &path,
+            "missing: the run in this folder cannot be checked to be the same; start afresh",
+        ));
+    }
+    let json = serde_json::to_vec_pretty(fingerprint).expect("serialisable");
+    io::write_atomic(&path, &json)
+}
+
+/// Runs the seed's flow. With `resume`, each phase continues from its checkpoint in `out`.
+/// The run's results (models, metrics, reports, summary) are committed together at the end.
+pub fn run(config: &RunConfig) -> Result<RunResult> {
+    config.validate()?;
+    prepare_run_folder(config)?;
+    let out = &config.out;
+    let (train_data, val_data) = datasets(config)?;
+    check_fingerprint(
+        config,
+        &RunFingerprint::new(config, &train_data, &val_data)?,
+    )?;
+    let (train, val) = loader_pair(config, &train_data, &val_data);
     let size = config.image_size;
     let mut model = initial_model(config)?;
+    let mut outputs = io::Outputs::new();
 
     // 1) fine-tune the original: the seed trains fc only; 2) evaluate it.
     let mut rows = fine_tune_rows(&mut model, &train, &val, &config.original_phase())?;
-    model.save(out.join("original.safetensors"))?;
+    outputs.write_with(&out.join("original.safetensors"), |tmp| model.save(tmp))?;
     let original = Checkpoint::new(&model, &evaluate(&model, &val)?, size);
 
     // 3) compress (in stages, with short fine-tunes between); 4) evaluate before fine-tuning.
     let teacher = config.fine_tune.distill.map(|_| model.deep_copy());
-    let stages = compress_for_run(config, &mut model, &train, &val)?;
+    let stages = compress_for_run(config, &mut model, &train, &val, &mut outputs)?;
     rows.extend(stages.metrics.iter().cloned());
     let mut after_stage = stages.checkpoints.iter().cloned();
     let compressed = after_stage.next().expect("at least one stage");
@@ -463,11 +618,13 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
         &compressed_phase,
     )?;
     rows.extend(taught);
-    model.save(out.join("compressed.safetensors"))?;
+    outputs.write_with(&out.join("compressed.safetensors"), |tmp| model.save(tmp))?;
     let fine_tuned = Checkpoint::new(&model, &evaluate(&model, &val)?, size);
 
     let metrics = metrics_frame(&rows);
-    write_frame_csv(&metrics, &out.join("metrics.csv"))?;
+    outputs.write_with(&out.join("metrics.csv"), |tmp| {
+        write_frame_csv(&metrics, tmp)
+    })?;
     let summary = Summary {
         original,
         compressed,
@@ -481,7 +638,8 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
         val_images: val.len(),
     };
     let json = serde_json::to_vec_pretty(&summary).expect("serialisable");
-    io::write_atomic(&out.join("summary.json"), &json)?;
+    outputs.write(&out.join("summary.json"), &json)?;
+    outputs.commit()?;
     let mut reports = stages.reports.into_iter();
     Ok(RunResult {
         metrics,
@@ -511,9 +669,38 @@ pub fn run_sweep(config: &RunConfig, policies: &[CompressionPolicy]) -> Result<D
     };
     let loaders = (&train, &val, &calibration);
     let frame = crate::sweep::sweep(&model, policies, loaders, &fine_tune)?;
-    write_frame_csv(&frame, &out.join("sweep.csv"))?;
-    crate::plots::pareto_chart(&frame)?.save_png(out.join("pareto.png"))?;
+    let mut outputs = io::Outputs::new();
+    outputs.write_with(&out.join("sweep.csv"), |tmp| write_frame_csv(&frame, tmp))?;
+    let chart = crate::plots::pareto_chart(&frame)?;
+    outputs.write_with(&out.join("pareto.png"), |tmp| chart.save_png(tmp))?;
+    outputs.commit()?;
     Ok(frame)
+}
+
+/// Loads the model in `path` to evaluate it on `dataset`: its classifier must have `num_classes`
+/// outputs (never a fresh, random one) and at least as many as the data has classes.
+pub fn load_for_evaluation(
+    path: &Path,
+    num_classes: i64,
+    dataset: &Dataset,
+    device: Device,
+) -> Result<ResNet18> {
+    let model = ResNet18::load(path, None, device)?;
+    let has = model.num_classes();
+    if has != num_classes {
+        return Err(Error::file(
+            path,
+            format!("the model has {has} classes, not the {num_classes} asked for (--num-classes)"),
+        ));
+    }
+    let data_classes = dataset.classes.len() as i64;
+    if data_classes > has {
+        return Err(Error::file(
+            path,
+            format!("the model has {has} classes, the data {data_classes}"),
+        ));
+    }
+    Ok(model)
 }
 
 /// Writes `path,true,predicted` for every image of an evaluation, atomically.

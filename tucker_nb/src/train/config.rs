@@ -51,6 +51,10 @@ pub struct FineTuneConfig {
     /// cross-entropy, as the seed.
     #[serde(default)]
     pub distill: Option<Distillation>,
+    /// Train on at most this many batches per epoch (the first of its shuffled order, so they
+    /// are spread over the whole dataset): quick runs and benchmarks. `None`: every batch.
+    #[serde(default)]
+    pub max_batches: Option<usize>,
     /// Checkpoints go here after every epoch; `None` writes none.
     #[serde(skip)]
     pub checkpoint_dir: Option<PathBuf>,
@@ -73,6 +77,7 @@ impl Default for FineTuneConfig {
             phase: "original".into(),
             bf16: false,
             distill: None,
+            max_batches: None,
             checkpoint_dir: None,
             resume: false,
         }
@@ -143,6 +148,35 @@ impl std::str::FromStr for Distillation {
 }
 
 impl FineTuneConfig {
+    /// Refuses values that would train on nonsense or NaN: lr finite and > 0, momentum in [0, 1),
+    /// weight decay finite and ≥ 0, StepLR's step ≥ 1 and γ in (0, 1].
+    pub fn validate(&self) -> crate::error::Result<()> {
+        use crate::error::check;
+        let lr = self.lr;
+        check(lr.is_finite() && lr > 0.0, "lr", lr, "finite and > 0")?;
+        let m = self.momentum;
+        check((0.0..1.0).contains(&m), "momentum", m, "in [0, 1)")?;
+        let wd = self.weight_decay;
+        check(
+            wd.is_finite() && wd >= 0.0,
+            "weight decay",
+            wd,
+            "finite and ≥ 0",
+        )?;
+        check(self.step_size >= 1, "step size", self.step_size, "≥ 1")?;
+        let g = self.gamma;
+        check(g > 0.0 && g <= 1.0, "gamma", g, "in (0, 1]")?;
+        if let Some(n) = self.max_batches {
+            crate::error::check_count("max batches", n)?;
+        }
+        Ok(())
+    }
+
+    /// The batches one epoch trains on, of a loader's `available`.
+    pub fn batches_per_epoch(&self, available: usize) -> usize {
+        self.max_batches.map_or(available, |n| n.min(available))
+    }
+
     /// StepLR's learning rate in (0-based) `epoch`.
     pub fn lr_at(&self, epoch: usize) -> f64 {
         self.lr * self.gamma.powi((epoch / self.step_size.max(1)) as i32)

@@ -370,16 +370,17 @@ fn train_epoch(
     let start = Instant::now();
     let lr = config.lr_at(epoch);
     let device = train.device;
+    let batches = config.batches_per_epoch(train.num_batches());
     let progress = Progress::new(
-        train.num_batches(),
+        batches,
         &format!("{} epoch {}/{}", config.phase, epoch + 1, config.epochs),
     );
     let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
     let mut correct = Tensor::zeros([], (Kind::Int64, device));
     let mut seen = 0usize;
     let check_every = 10;
-    let last = train.num_batches().saturating_sub(1);
-    for (b, batch) in train.epoch(epoch).enumerate() {
+    let last = batches.saturating_sub(1);
+    for (b, batch) in train.epoch(epoch).take(batches).enumerate() {
         let n = batch.labels.size()[0] as usize;
         let (logits, loss) = batch_loss(model, *teacher, &batch, config);
         sgd.backward_step(&loss, lr)?;

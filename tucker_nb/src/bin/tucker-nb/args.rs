@@ -45,6 +45,22 @@ pub enum Command {
     },
     /// Throughput figures: data path, training and evaluation, original vs compressed.
     Bench(BenchArgs),
+    /// Decode an ImageFolder dataset into its cache (DATA/.tucker_nb_cache/), which later loads
+    /// map at once.
+    Decode(DecodeArgs),
+}
+
+#[derive(Args)]
+pub struct DecodeArgs {
+    /// ImageFolder root (train/, val/) or CIFAR-100 binary folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Square size images are stored at (default: their own size when they share one, else 256).
+    #[arg(long)]
+    pub storage_size: Option<u32>,
+    /// One split only (default: both).
+    #[arg(long, value_enum)]
+    pub split: Option<Split>,
 }
 
 /// Where to run.
@@ -155,6 +171,9 @@ pub struct TrainArgs {
     pub distill: Option<Distillation>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Train on at most N batches per epoch (spread over the data by the shuffle).
+    #[arg(long, value_name = "N")]
+    pub max_batches: Option<usize>,
 }
 
 #[derive(Args)]
@@ -232,9 +251,12 @@ pub struct RunArgs {
     /// Epochs of fine-tuning before each further stage.
     #[arg(long, default_value_t = 1)]
     pub stage_epochs: usize,
-    /// Continue each phase from its checkpoint in OUT.
-    #[arg(long)]
+    /// Continue each phase from its checkpoint in OUT (the same run: OUT/run.json must match).
+    #[arg(long, conflicts_with = "force")]
     pub resume: bool,
+    /// Start afresh in a non-empty OUT, replacing its results.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args)]
@@ -390,6 +412,7 @@ impl ExperimentArgs {
         ft.bn = train.bn;
         ft.bf16 = train.bf16;
         ft.distill = train.distill;
+        ft.max_batches = train.max_batches;
         Ok(config)
     }
 }
@@ -407,6 +430,7 @@ impl RunArgs {
             .collect();
         config.stage_epochs = self.stage_epochs;
         config.resume = self.resume;
+        config.force = self.force;
         Ok(config)
     }
 }

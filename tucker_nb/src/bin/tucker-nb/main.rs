@@ -16,8 +16,8 @@ use tucker_nb::experiment::{self, RunConfig};
 use tucker_nb::synthetic::{self, SyntheticSpec};
 use tucker_nb::train;
 use tucker_nb::{
-    runtime, CompressionPolicy, DataSource, Fit, Loader, RankPolicy, ResNet18, StorageOptions,
-    Transform,
+    runtime, CompressionPolicy, DataSource, Fit, Loader, Outputs, RankPolicy, ResNet18,
+    StorageOptions, Transform,
 };
 
 fn main() -> ExitCode {
@@ -45,6 +45,7 @@ fn main() -> ExitCode {
         Command::GenData(args) => gen_data(args),
         Command::ConvertCifar { cifar, out } => convert_cifar(&cifar, &out),
         Command::Bench(args) => bench_command(args),
+        Command::Decode(args) => decode(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,8 +56,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Fails early, before any work, when `path`'s folder does not exist.
+/// Fails early, before any work, when `path` is a folder or its folder does not exist.
 fn check_output(path: &Path) -> anyhow::Result<()> {
+    if path.is_dir() {
+        anyhow::bail!("{}: is a folder, not a file to write", path.display());
+    }
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -95,14 +99,13 @@ fn compress(args: CompressArgs) -> anyhow::Result<()> {
         let folded = model.fold_batch_norms();
         println!("folded {} BNs into their factorised convs", folded.len());
     }
-    model.save(&args.out)?;
+    // The model and its report are committed together, or neither.
+    let mut outputs = Outputs::new();
+    outputs.write_with(&args.out, |tmp| model.save(tmp))?;
     if let Some(path) = &args.report {
-        if let Err(e) = report.write_csv(path) {
-            // The report is part of the command's result: do not leave the model alone.
-            let _ = std::fs::remove_file(&args.out);
-            return Err(e.into());
-        }
+        outputs.write_with(path, |tmp| report.write_csv(tmp))?;
     }
+    outputs.commit()?;
     println!("{}", report.summary());
     println!("wrote {}", args.out.display());
     Ok(())
@@ -175,12 +178,14 @@ fn sweep(args: SweepArgs) -> anyhow::Result<()> {
 }
 
 fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
+    tucker_nb::error::check_image_side("image size", args.image_size)?;
+    tucker_nb::error::check_count("batch size", args.batch_size)?;
     let device = args.device.device()?;
     if let Some(p) = &args.predictions {
         check_output(p)?;
     }
     let dataset = DataSource::detect(&args.data)?.load(args.split, StorageOptions::default())?;
-    let net = ResNet18::load(&args.model, Some(args.num_classes), device)?;
+    let net = experiment::load_for_evaluation(&args.model, args.num_classes, &dataset, device)?;
     let transform = Transform::Eval {
         size: args.image_size,
     };
@@ -230,5 +235,37 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
     config.cudnn_benchmark = !args.device.no_cudnn_benchmark;
     config.json = args.json;
     bench::run(&config)?;
+    Ok(())
+}
+
+fn decode(args: DecodeArgs) -> anyhow::Result<()> {
+    if let Some(side) = args.storage_size {
+        tucker_nb::error::check_image_side("storage size", side as i64)?;
+    }
+    let source = DataSource::detect(&args.data)?;
+    let storage = StorageOptions {
+        size: args.storage_size,
+        no_cache: false,
+    };
+    let splits = match args.split {
+        Some(split) => vec![split],
+        None => vec![Split::Train, Split::Val],
+    };
+    for split in splits {
+        let data = source.load(split, storage)?;
+        let (h, w) = data.image_size();
+        println!(
+            "{}: {} images stored at {w}×{h} ({:.1} MB{}), key {}",
+            split.folder(),
+            data.len(),
+            data.images.numel() as f64 / 1e6,
+            if data.mapped.is_some() {
+                ", memory-mapped"
+            } else {
+                ""
+            },
+            data.key
+        );
+    }
     Ok(())
 }
