@@ -20,6 +20,7 @@
 //! - [`bench`]: throughput figures (`tucker-nb bench`).
 
 pub mod bench;
+pub mod cache;
 pub mod compress;
 pub mod conv;
 pub mod data;
@@ -37,7 +38,7 @@ pub mod report;
 pub mod runtime;
 pub mod sweep;
 pub mod synthetic;
-pub(crate) mod torch_pickle;
+pub mod torch_pickle;
 pub mod train;
 
 pub use compress::decompose::Method;
@@ -48,7 +49,7 @@ pub use display::Html;
 pub use error::{Error, Result};
 pub use experiment::{Calibration, RunConfig, Stages};
 pub use frame::write_frame_csv;
-pub use io::read_state_dict;
+pub use io::{read_state_dict, Outputs};
 pub use loader::{Loader, Transform};
 pub use model::ResNet18;
 pub use notebook::{ModelSummary, NotebookConfig};

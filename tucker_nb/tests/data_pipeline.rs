@@ -203,9 +203,13 @@ fn second_load_comes_from_the_cache_and_changes_invalidate_it() {
         .unwrap()
         .unwrap()
         .path();
+    let decoded = first.images.copy();
     let cached = first.images.copy();
     let _ = cached.get(0).get(0).get(0).get(0).fill_(7);
-    Tensor::write_safetensors(&[("images", &cached)], &cache).unwrap();
+    // Replaced by a rename, as tucker_nb replaces caches (a mapped file is never rewritten).
+    let planted = cache.with_extension("planted");
+    Tensor::write_safetensors(&[("images", &cached)], &planted).unwrap();
+    fs::rename(&planted, &cache).unwrap();
     let second = source
         .load(Split::Train, StorageOptions::default())
         .unwrap();
@@ -220,8 +224,31 @@ fn second_load_comes_from_the_cache_and_changes_invalidate_it() {
         .load(Split::Train, StorageOptions::default())
         .unwrap();
     assert_eq!(third.len(), 9);
-    assert!(third.images.get(0).equal(&first.images.get(0)));
-    assert_eq!(caches(), 2);
+    assert!(third.images.get(0).equal(&decoded.get(0)));
+    assert_eq!(caches(), 1, "the older cache of the split was not removed");
+    assert!(!cache.exists());
+    // Editing an image in place (same path, mtime restored) changes the key too.
+    let edited = root.join("train/class_001/00001.png");
+    let mtime = fs::metadata(&edited).unwrap().modified().unwrap();
+    let mut img = image::open(&edited).unwrap().to_rgb8();
+    img.put_pixel(0, 0, image::Rgb([1, 2, 3]));
+    img.save(&edited).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&edited)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let fourth = source
+        .load(Split::Train, StorageOptions::default())
+        .unwrap();
+    assert_ne!(fourth.key, third.key);
+    let at = fourth
+        .names
+        .iter()
+        .position(|n| n.ends_with("class_001/00001.png"))
+        .unwrap();
+    assert_eq!(fourth.images.int64_value(&[at as i64, 0, 0, 0]), 1);
 }
 
 #[test]
@@ -355,4 +382,72 @@ fn cifar_binary_converts_to_the_seeds_image_folder_layout() {
         e.contains("cifar100") && e.contains("already exists"),
         "{e}"
     );
+}
+
+#[test]
+fn oversized_and_extreme_images_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let class = dir.path().join("train/a");
+    fs::create_dir_all(&class).unwrap();
+    let folder = |name: &str, w: u32, h: u32| {
+        for entry in fs::read_dir(&class).unwrap() {
+            fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        image::RgbImage::from_pixel(w, h, image::Rgb([9, 9, 9]))
+            .save(class.join(name))
+            .unwrap();
+        ImageFolder::scan(&dir.path().join("train")).unwrap()
+    };
+    // Wider than the decoder's limit: refused from its header.
+    let wide = folder("wide.png", data::MAX_DECODE_SIDE + 1, 1);
+    let e = data::decode_images(&wide, Some(32))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("wide.png") && e.contains("limit"), "{e}");
+    // Within the limit, but resizing its shorter side to 256 would make 4 G pixels.
+    let strip = folder("strip.png", 16_000, 1);
+    let e = data::decode_images(&strip, Some(256))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("strip.png") && e.contains("aspect ratio is too extreme"),
+        "{e}"
+    );
+    // The same strip stored at 2 px is fine.
+    assert_eq!(
+        data::decode_images(&strip, Some(2)).unwrap().size(),
+        [1, 3, 2, 2]
+    );
+}
+
+#[test]
+fn cached_datasets_are_memory_mapped_and_batches_read_the_same_pixels() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("tree");
+    synthetic::generate(&root, spec(3, 5, 1, 16), SyntheticFormat::ImageFolder).unwrap();
+    let source = DataSource::detect(&root).unwrap();
+    let mapped = source
+        .load(Split::Train, StorageOptions::default())
+        .unwrap();
+    let in_memory = source
+        .load(
+            Split::Train,
+            StorageOptions {
+                no_cache: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(mapped.mapped.is_some() && in_memory.mapped.is_none());
+    assert_eq!(mapped.key, in_memory.key);
+    assert!(mapped.images.equal(&in_memory.images));
+    // Batches gathered from the map (which hands their pages back) equal those from memory,
+    // epoch after epoch.
+    let loader = |d| Loader::new(d, 4, Transform::Eval { size: 16 }, Device::Cpu, true);
+    let (a, b) = (loader(&mapped), loader(&in_memory));
+    for epoch in 0..2 {
+        for (x, y) in a.epoch(epoch).zip(b.epoch(epoch)) {
+            assert!(x.images.equal(&y.images));
+        }
+    }
 }
