@@ -94,8 +94,6 @@ pub struct MappedImages {
     map: MmapMut,
     /// Where the pixel bytes start in the file.
     data_start: usize,
-    /// Bytes per image.
-    image_bytes: usize,
     /// N × 3 × H × W.
     shape: [i64; 4],
     identity: (u64, u64, u64),
@@ -105,31 +103,13 @@ pub struct MappedImages {
 static MAPPINGS: Mutex<Vec<&'static MappedImages>> = Mutex::new(Vec::new());
 
 impl MappedImages {
-    /// Drops the pages of images `indices` from this process's resident set (they stay in the
-    /// page cache and are read again from the file when next touched). Called once a batch
-    /// has been gathered from them.
-    pub fn release(&self, indices: &[i64]) {
-        for &i in indices {
-            let Ok(i) = usize::try_from(i) else { continue };
-            if i >= self.shape[0] as usize {
-                continue;
-            }
-            let offset = self.data_start + i * self.image_bytes;
-            // SAFETY: a private file mapping; MADV_DONTNEED drops private copies of these pages
-            // (nothing writes to them) and the next read faults the file's bytes back in.
-            unsafe {
-                let _ = self.map.unchecked_advise_range(
-                    UncheckedAdvice::DontNeed,
-                    offset,
-                    self.image_bytes,
-                );
-            }
-        }
-    }
-
-    /// Drops every page of the mapping from the resident set.
-    pub fn release_all(&self) {
-        // SAFETY: as in `release`.
+    /// Drops every page of the mapping from this process's resident set: they stay in the
+    /// page cache and are read again from the file when next touched. Called once a batch has
+    /// been gathered. The whole mapping, not the batch's images: the kernel maps neighbouring
+    /// pages on each fault too, and an unpopulated range costs the call next to nothing.
+    pub fn release(&self) {
+        // SAFETY: a private file mapping; MADV_DONTNEED drops private copies of its pages
+        // (nothing writes to them) and the next read faults the file's bytes back in.
         unsafe {
             let _ = self.map.unchecked_advise(UncheckedAdvice::DontNeed);
         }
@@ -210,7 +190,6 @@ pub fn map_images(path: &Path) -> Result<(Tensor, &'static MappedImages)> {
             let mapped: &'static MappedImages = Box::leak(Box::new(MappedImages {
                 map,
                 data_start,
-                image_bytes: (shape[1] * shape[2] * shape[3]) as usize,
                 shape,
                 identity,
             }));
@@ -259,8 +238,7 @@ mod tests {
         assert!(read[0].1.equal(&images));
         let (mapped, store) = map_images(&path).unwrap();
         assert!(mapped.equal(&images));
-        store.release(&[0, 4, 9]);
-        store.release_all();
+        store.release();
         assert!(
             mapped.equal(&images),
             "released pages read back from the file"

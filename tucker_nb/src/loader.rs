@@ -119,7 +119,7 @@ impl Loader {
         };
         let images = self.images.index_select(0, &index);
         if let Some(mapped) = self.mapped {
-            mapped.release(&order);
+            mapped.release();
         }
         Ok(Loader {
             images,
@@ -189,7 +189,7 @@ impl Loader {
     fn batch(&self, index: &Tensor, theta: Option<&Tensor>, indices: Vec<i64>) -> Batch {
         let gathered = self.images.index_select(0, index);
         if let Some(mapped) = self.mapped {
-            mapped.release(&indices);
+            mapped.release();
         }
         let raw = to_device_async(&gathered, self.device);
         let labels = to_device_async(&self.labels.index_select(0, index), self.device);
@@ -221,7 +221,7 @@ fn upload(data: &Dataset, home: Device) -> Tensor {
             .narrow(0, start, len)
             .copy_(&images.narrow(0, start, len));
         if let Some(mapped) = data.mapped {
-            mapped.release(&(start..start + len).collect::<Vec<_>>());
+            mapped.release();
         }
     }
     on_device
