@@ -278,7 +278,7 @@ fn evaluating_a_model_with_other_classes_than_asked_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = small_data(dir.path(), 4);
     let model = edited_model(dir.path(), "ten.safetensors", |_| {});
-    let evaluate = |classes: &str| {
+    let evaluate = |classes: &str, data: &Path| {
         tucker_nb(&[
             "evaluate",
             "--model",
@@ -286,7 +286,7 @@ fn evaluating_a_model_with_other_classes_than_asked_is_refused() {
             "--num-classes",
             classes,
             "--data",
-            path_str(&data),
+            path_str(data),
             "--image-size",
             "32",
             "--device",
@@ -294,28 +294,15 @@ fn evaluating_a_model_with_other_classes_than_asked_is_refused() {
         ])
     };
     refused(
-        &evaluate("100"),
+        &evaluate("100", &data),
         &[
             "ten.safetensors",
             "the model has 10 classes, not the 100 asked for",
         ],
     );
-    assert!(evaluate("10").status.success());
+    assert!(evaluate("10", &data).status.success());
     // A model with fewer classes than the data.
-    let data = small_data(&dir.path().join("wide"), 12);
-    let run = tucker_nb(&[
-        "evaluate",
-        "--model",
-        path_str(&model),
-        "--num-classes",
-        "10",
-        "--data",
-        path_str(&data),
-        "--image-size",
-        "32",
-        "--device",
-        "cpu",
-    ]);
+    let run = evaluate("10", &small_data(&dir.path().join("wide"), 12));
     refused(
         &run,
         &["ten.safetensors", "the model has 10 classes, the data 12"],
