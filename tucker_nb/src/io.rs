@@ -108,7 +108,9 @@ impl Outputs {
         })
     }
 
-    /// Renames every output into place, then makes the renames durable.
+    /// Renames every output into place, then makes the renames durable. Renames within one
+    /// folder do not fail for want of space; should one fail all the same (the folder vanished),
+    /// the outputs renamed before it stay, and the rest are removed.
     pub fn commit(mut self) -> Result<()> {
         let staged = std::mem::take(&mut self.staged);
         if let Some((_, target)) = staged.iter().find(|(_, target)| target.is_dir()) {
