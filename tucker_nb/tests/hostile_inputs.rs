@@ -35,23 +35,29 @@ fn refused(run: &Output, expected: &[&str]) {
     }
 }
 
-/// `compress --ratio 0.2` of `weights` into a folder holding an earlier result, which must
-/// survive the failure.
-fn compress_refused(weights: &Path, expected: &[&str]) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.safetensors");
-    std::fs::write(&out, "earlier result").unwrap();
-    let run = tucker_nb(&[
+/// `compress --ratio 0.2 --device cpu` of `weights` into `out`, with `extra` flags.
+fn compress(weights: &Path, out: &Path, extra: &[&str]) -> Output {
+    let args = [
         "compress",
         "--weights",
         path_str(weights),
         "--ratio",
         "0.2",
         "--out",
-        path_str(&out),
+        path_str(out),
         "--device",
         "cpu",
-    ]);
+    ];
+    tucker_nb(&[&args[..], extra].concat())
+}
+
+/// `compress` of `weights` into a folder holding an earlier result, which must survive the
+/// failure.
+fn compress_refused(weights: &Path, expected: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    std::fs::write(&out, "earlier result").unwrap();
+    let run = compress(weights, &out, &[]);
     refused(&run, expected);
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "earlier result");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
@@ -357,19 +363,7 @@ fn a_report_path_that_is_a_folder_leaves_the_existing_output_untouched() {
     std::fs::write(&out, "earlier result").unwrap();
     let report = dir.path().join("a-folder");
     std::fs::create_dir(&report).unwrap();
-    let run = tucker_nb(&[
-        "compress",
-        "--weights",
-        path_str(&weights),
-        "--ratio",
-        "0.2",
-        "--out",
-        path_str(&out),
-        "--report",
-        path_str(&report),
-        "--device",
-        "cpu",
-    ]);
+    let run = compress(&weights, &out, &["--report", path_str(&report)]);
     refused(&run, &["a-folder", "is a folder"]);
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "earlier result");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
@@ -386,17 +380,12 @@ fn temporaries_left_by_a_killed_write_are_removed_by_the_next() {
     child.wait().unwrap();
     let stale = dir.path().join(format!(".out.safetensors.tmp-{pid}"));
     std::fs::write(&stale, "half-written").unwrap();
-    tucker_nb_ok(&[
-        "compress",
-        "--weights",
-        path_str(&weights),
-        "--ratio",
-        "0.2",
-        "--out",
-        path_str(&out),
-        "--device",
-        "cpu",
-    ]);
+    let run = compress(&weights, &out, &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     assert!(out.is_file() && !stale.exists());
 }
 
