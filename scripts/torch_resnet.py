@@ -25,6 +25,7 @@ def _slot(conv, state, name, path):
     if n == 0:
         raise ValueError(f"{path}: no weights for conv {name} (neither {name}.weight nor its factors)")
     shapes = [state[f"{name}.{i}.weight"].shape for i in range(n)]
+    _check_chain(conv, shapes, name, path)
     spatial = next((i for i, s in enumerate(shapes) if tuple(s[2:]) != (1, 1)), 0)
     layers = []
     for i, s in enumerate(shapes):
@@ -32,6 +33,32 @@ def _slot(conv, state, name, path):
                     if i == spatial else {})
         layers.append(nn.Conv2d(s[1], s[0], tuple(s[2:]), bias=has(f"{i}.bias"), **geometry))
     return nn.Sequential(*layers)
+
+
+def _check_chain(conv, shapes, name, path):
+    """Refuses factors that cannot replace `conv`: each a 4-d kernel, channels chained from the
+    conv's inputs to its outputs, the conv's spatial kernel on exactly one factor (none when 1×1)."""
+    key = lambda i: f"{name}.{i}.weight"  # noqa: E731
+    for i, s in enumerate(shapes):
+        if len(s) != 4 or min(s) < 1:
+            raise ValueError(f"{path}: {key(i)} has shape {list(s)}, not a conv kernel")
+    if shapes[0][1] != conv.in_channels:
+        raise ValueError(f"{path}: {key(0)} has shape {list(shapes[0])}: its {shapes[0][1]} input "
+                         f"channels do not fit conv {name}'s {conv.in_channels}")
+    for i in range(1, len(shapes)):
+        if shapes[i][1] != shapes[i - 1][0]:
+            raise ValueError(f"{path}: {key(i)} has shape {list(shapes[i])}: its {shapes[i][1]} "
+                             f"input channels do not match {key(i - 1)}'s {shapes[i - 1][0]} outputs")
+    if shapes[-1][0] != conv.out_channels:
+        raise ValueError(f"{path}: {key(len(shapes) - 1)} has shape {list(shapes[-1])}: its "
+                         f"{shapes[-1][0]} outputs do not fit conv {name}'s {conv.out_channels}")
+    kernels = [tuple(s[2:]) for s in shapes]
+    spatial = [k for k in kernels if k != (1, 1)]
+    want = [] if tuple(conv.kernel_size) == (1, 1) else [tuple(conv.kernel_size)]
+    if spatial != want:
+        rule = f"1×1 but for one {want[0]}" if want else "all 1×1"
+        raise ValueError(f"{path}: conv {name}'s factors have kernels {kernels}; those of a "
+                         f"{tuple(conv.kernel_size)} conv are {rule}")
 
 
 def resnet18_from_state(state, path="model"):
