@@ -13,6 +13,7 @@
 //! - [`train`]: `fine_tune` and `evaluate`, metrics as a polars DataFrame, checkpoints.
 //! - [`experiment`]: the seed's flow as steps (`loaders`, `initial_model`, `compress_in_stages`,
 //!   …) and as one call (`tucker-nb run`).
+//! - [`export`]: ONNX and TorchScript exports, checked against our logits.
 //! - [`sweep`]: accuracy, MACs and parameters over compression budgets (Pareto front).
 //! - [`plots`], [`display`]: charts (plotters, PNG export) and HTML tables for evcxr.
 //! - [`notebook`]: the notebook's configuration, profiles and summary table.
@@ -27,6 +28,7 @@ pub mod data;
 pub mod display;
 pub mod error;
 pub mod experiment;
+pub mod export;
 pub(crate) mod frame;
 pub(crate) mod io;
 pub mod loader;

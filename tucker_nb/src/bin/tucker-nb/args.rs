@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use tch::Device;
 use tucker_nb::data::Split;
 use tucker_nb::experiment::RunConfig;
+use tucker_nb::export::ExportFormat;
 use tucker_nb::synthetic::SyntheticFormat;
 use tucker_nb::train::{BnMode, Distillation};
 use tucker_nb::{runtime, CompressionPolicy, Fit, Method, RankPolicy};
@@ -48,6 +49,30 @@ pub enum Command {
     /// Decode an ImageFolder dataset into its cache (DATA/.tucker_nb_cache/), which later loads
     /// map at once.
     Decode(DecodeArgs),
+    /// Export a model file to ONNX or TorchScript (through the venv's PyTorch), checked against
+    /// tucker-nb's own logits before it is written.
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// Model weights (.pth or .safetensors, dense, compressed or folded).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+    /// The exported file (.onnx, or .pt for TorchScript).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Side of the images the export is checked at (it accepts any size the model does).
+    #[arg(long, default_value_t = 224)]
+    pub image_size: i64,
+    /// Largest |difference| allowed between the export's logits and tucker-nb's.
+    #[arg(long, default_value_t = 1e-4)]
+    pub tolerance: f64,
+    /// The Python that exports (default: TUCKER_NB_PYTHON, else the project's .venv).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -13,6 +13,7 @@ use tucker_nb::compress::calibrate::{activation_moments, Moments};
 use tucker_nb::compress::compress_model_fitted;
 use tucker_nb::data::{self, Split};
 use tucker_nb::experiment::{self, RunConfig};
+use tucker_nb::export::{self, ExportConfig};
 use tucker_nb::synthetic::{self, SyntheticSpec};
 use tucker_nb::train;
 use tucker_nb::{
@@ -46,6 +47,7 @@ fn main() -> ExitCode {
         Command::ConvertCifar { cifar, out } => convert_cifar(&cifar, &out),
         Command::Bench(args) => bench_command(args),
         Command::Decode(args) => decode(args),
+        Command::Export(args) => export(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -198,6 +200,24 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
     println!(
         "{} images: top-1 {:.4}, top-5 {:.4}, loss {:.4}, {:.1} images/s",
         result.images, result.top1, result.top5, result.loss, result.images_per_s
+    );
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<()> {
+    check_output(&args.out)?;
+    let mut config = ExportConfig::new(&args.model, args.format, &args.out);
+    config.image_size = args.image_size;
+    config.tolerance = args.tolerance;
+    if let Some(python) = args.python {
+        config.python = python;
+    }
+    let check = export::export(&config)?;
+    println!(
+        "wrote {}: logits within {:.2e} of tucker-nb's at batch sizes {:?}",
+        args.out.display(),
+        check.max_abs_diff,
+        check.batch_sizes
     );
     Ok(())
 }
