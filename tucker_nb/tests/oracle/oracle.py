@@ -171,6 +171,19 @@ def partial_tucker(args):
     save_file(out, args.out)
 
 
+def run_export(args):
+    """Logits of an exported model (ONNX in ONNX Runtime, or TorchScript through torch.jit.load)
+    for `input`'s `images`, written as `logits`."""
+    images = load_file(args.input)["images"]
+    if args.format == "onnx":
+        import onnxruntime
+        session = onnxruntime.InferenceSession(args.model, providers=["CPUExecutionProvider"])
+        logits = torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
+    else:
+        logits = torch.jit.load(args.model, map_location="cpu").eval()(images)
+    save_file({"logits": logits.contiguous()}, args.out)
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -210,8 +223,13 @@ def main():
     a.add_argument("root")
     a.add_argument("out")
     a.add_argument("--size", type=int, default=32)
+    a = sub.add_parser("run-export")
+    a.add_argument("format", choices=("onnx", "torchscript"))
+    a.add_argument("model")
+    a.add_argument("input")
+    a.add_argument("out")
     args = p.parse_args()
-    {"make-weights": make_weights, "reference": reference, "seed-reconstruct": seed_reconstruct,
+    {"run-export": run_export, "make-weights": make_weights, "reference": reference, "seed-reconstruct": seed_reconstruct,
      "seed-load": seed_load, "keys-load": keys_load, "image-folder": image_folder, "eval-transform": eval_transform, "partial-tucker": partial_tucker}[args.cmd](args)
 
 
