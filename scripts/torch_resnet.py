@@ -73,8 +73,8 @@ def resnet18_from_state(state, path="model"):
         setattr(parent, child, _slot(conv, state, name, path))
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: {e}") from None
+    except RuntimeError as e:  # PyTorch's message spans lines: one line, naming the keys
+        raise ValueError(f"{path}: {' '.join(str(e).split())}") from None
     return model
 
 

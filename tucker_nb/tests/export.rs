@@ -64,7 +64,7 @@ fn exports_match_our_logits(format: &str, extension: &str) {
         let run = tucker_nb_ok(&[
             "export",
             "--model",
-            path_str(&model_file),
+            path_str(model_file),
             "--format",
             format,
             "--out",
@@ -75,7 +75,9 @@ fn exports_match_our_logits(format: &str, extension: &str) {
         let stdout = String::from_utf8_lossy(&run.stdout);
         assert!(stdout.contains("batch sizes [1, 3]"), "{name}: {stdout}");
 
-        let theirs_file = dir.path().join(format!("{name}-{format}-logits.safetensors"));
+        let theirs_file = dir
+            .path()
+            .join(format!("{name}-{format}-logits.safetensors"));
         oracle(&[
             "run-export",
             format,
@@ -84,7 +86,7 @@ fn exports_match_our_logits(format: &str, extension: &str) {
             path_str(&theirs_file),
         ]);
         let theirs = &read(&theirs_file)["logits"];
-        let model = ResNet18::load(&model_file, None, Device::Cpu).unwrap();
+        let model = ResNet18::load(model_file, None, Device::Cpu).unwrap();
         let ours = tch::no_grad(|| model.forward(&images, false));
         assert_eq!(theirs.size(), ours.size(), "{name}");
         let diff = (theirs - &ours).abs().max().double_value(&[]);
