@@ -72,28 +72,28 @@ fn ddp_finetune(args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// One epoch of fine-tuning into `out` on `nproc` processes of `batch` images each.
-fn ddp_run(weights: &Path, data: &Path, out: &Path, nproc: usize, batch: usize, extra: &[&str]) {
-    let (nproc, batch) = (nproc.to_string(), batch.to_string());
-    let mut args = vec![
-        "--weights",
-        path_str(weights),
-        "--data",
-        path_str(data),
-        "--num-classes",
-        "4",
-        "--image-size",
-        "32",
-        "--epochs",
-        "1",
-        "--batch-size",
-        &batch,
-        "--nproc",
-        &nproc,
-        "--out",
-        path_str(out),
+/// The flags of one epoch of fine-tuning into `out` on `nproc` processes of `batch` images each.
+fn ddp_args(weights: &Path, data: &Path, out: &Path, nproc: usize, batch: usize) -> Vec<String> {
+    let flags = [
+        ("--weights", path_str(weights).to_string()),
+        ("--data", path_str(data).to_string()),
+        ("--num-classes", "4".into()),
+        ("--image-size", "32".into()),
+        ("--epochs", "1".into()),
+        ("--batch-size", batch.to_string()),
+        ("--nproc", nproc.to_string()),
+        ("--out", path_str(out).to_string()),
     ];
-    args.extend_from_slice(extra);
+    flags
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value])
+        .collect()
+}
+
+fn ddp_run(weights: &Path, data: &Path, out: &Path, nproc: usize, batch: usize, extra: &[&str]) {
+    let mut args = ddp_args(weights, data, out, nproc, batch);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let run = ddp_finetune(&args);
     assert!(
         run.status.success(),
@@ -126,21 +126,16 @@ fn evaluate(model: &Path, data: &Path) -> (i64, f64) {
         .trim()
         .parse()
         .unwrap();
-    let top1: f64 = stdout
-        .split("top-1 ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    let loss: f64 = stdout
-        .split("loss ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    ((top1 * images).round() as i64, loss)
+    let figure = |label: &str| -> f64 {
+        stdout
+            .split(label)
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap_or_else(|| panic!("no `{label}` in {stdout}"))
+            .parse()
+            .unwrap()
+    };
+    ((figure("top-1 ") * images).round() as i64, figure("loss "))
 }
 
 fn evaluate_correct(model: &Path, data: &Path) -> i64 {
@@ -326,20 +321,8 @@ fn a_bad_file_is_refused_before_any_process_starts() {
         (&not_a_model, "not a readable model file"),
     ] {
         let out = dir.path().join("never");
-        let run = ddp_finetune(&[
-            "--weights",
-            path_str(file),
-            "--data",
-            path_str(data),
-            "--num-classes",
-            "4",
-            "--image-size",
-            "32",
-            "--nproc",
-            "2",
-            "--out",
-            path_str(&out),
-        ]);
+        let args = ddp_args(file, data, &out, 2, 8);
+        let run = ddp_finetune(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert_eq!(run.status.code(), Some(2), "{stderr}");
         let line = stderr.trim();
