@@ -108,7 +108,12 @@ pub fn default_python() -> PathBuf {
 pub fn export(config: &ExportConfig) -> Result<ExportCheck> {
     check_image_side("image size", config.image_size)?;
     let tol = config.tolerance;
-    crate::error::check(tol.is_finite() && tol > 0.0, "tolerance", tol, "finite and > 0")?;
+    crate::error::check(
+        tol.is_finite() && tol > 0.0,
+        "tolerance",
+        tol,
+        "finite and > 0",
+    )?;
     let model = ResNet18::load(&config.model, None, Device::Cpu)?;
     let images = check_images(config.image_size);
     let logits = tch::no_grad(|| model.forward(&images, false));
@@ -126,7 +131,12 @@ pub fn export(config: &ExportConfig) -> Result<ExportCheck> {
     let mut outputs = Outputs::new();
     let mut found = None;
     outputs.write_with(&config.out, |tmp| {
-        found = Some(run_python(config, &dir.join("export.py"), &check_file, tmp)?);
+        found = Some(run_python(
+            config,
+            &dir.join("export.py"),
+            &check_file,
+            tmp,
+        )?);
         Ok(())
     })?;
     outputs.commit()?;
@@ -151,7 +161,12 @@ fn check_images(size: i64) -> Tensor {
         .to_kind(Kind::Float)
 }
 
-fn run_python(config: &ExportConfig, script: &Path, check: &Path, out: &Path) -> Result<ExportCheck> {
+fn run_python(
+    config: &ExportConfig,
+    script: &Path,
+    check: &Path,
+    out: &Path,
+) -> Result<ExportCheck> {
     let python = &config.python;
     let run = Command::new(python)
         .arg(script)
@@ -180,7 +195,11 @@ fn run_python(config: &ExportConfig, script: &Path, check: &Path, out: &Path) ->
             format!("{} export failed: {}", config.format.name(), why.trim()),
         ));
     }
-    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or("");
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("");
     serde_json::from_str(line).map_err(|e| {
         Error::file(
             python,
