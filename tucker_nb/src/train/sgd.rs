@@ -3,8 +3,11 @@
 //!
 //! The trainable parameters become views of one flat buffer, so the update runs once over that
 //! buffer. Gradients come back from `run_backward` as fresh tensors, so there is nothing to zero;
-//! they are concatenated into one flat gradient. A step is then about seven kernel launches (a
-//! compressed ResNet18 has ~60 trainable tensors: per-tensor SGD plus `zero_grad` is ~360).
+//! they are concatenated into one flat gradient (into the buffer the previous step let go). A step
+//! is then four in-place kernels over the flat buffers, with no allocation: a compressed ResNet18
+//! has ~60 trainable tensors (per-tensor SGD plus `zero_grad` is ~360 launches), and for the dense
+//! one's 11 M parameters the passes over memory dominate (80 ms a step on 2 CPU threads with
+//! temporaries, 12 ms without; torch.optim.SGD's foreach path takes 13 ms).
 
 use tch::Tensor;
 
@@ -19,8 +22,20 @@ pub(crate) struct Sgd {
     flat: Tensor,
     /// The momentum buffer, laid out as `flat`; `None` before the first step.
     momentum: Option<Tensor>,
-    mu: f64,
-    weight_decay: f64,
+    /// The previous step's buffer, reused for the next flat gradient.
+    spare: Option<Tensor>,
+    /// μ and the weight decay as 0-d tensors on the parameters' device.
+    mu: Tensor,
+    weight_decay: Tensor,
+    /// The last learning rate and −lr as a 0-d tensor.
+    lr: Option<(f64, Tensor)>,
+}
+
+/// `v` as a 0-d tensor of `like`'s kind on its device.
+fn scalar_like(like: &Tensor, v: f64) -> Tensor {
+    Tensor::from(v)
+        .to_kind(like.kind())
+        .to_device(like.device())
 }
 
 impl Sgd {
@@ -62,10 +77,12 @@ impl Sgd {
         Ok(Self {
             names,
             params,
+            mu: scalar_like(&flat, mu),
+            weight_decay: scalar_like(&flat, weight_decay),
             flat,
             momentum: None,
-            mu,
-            weight_decay,
+            spare: None,
+            lr: None,
         })
     }
 
@@ -84,24 +101,36 @@ impl Sgd {
             ));
         }
         tch::no_grad(|| {
-            let g = Tensor::cat(
-                &grads.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(),
-                0,
-            );
-            let d = g + self.flat.multiply_scalar(self.weight_decay);
-            let buf = match &mut self.momentum {
-                Some(buf) => {
-                    let _ = buf.g_mul_scalar_(self.mu).g_add_(&d);
-                    buf.shallow_clone()
-                }
-                None => {
-                    self.momentum = Some(d.shallow_clone());
-                    d
-                }
+            let parts: Vec<Tensor> = grads.iter().map(|g| g.reshape([-1])).collect();
+            // d = g + wd·p, then buf = d + μ·buf written over d, which becomes the buffer; the
+            // old buffer takes the next step's gradient. Four passes, nothing allocated.
+            let mut d = match self.spare.take() {
+                Some(spare) => Tensor::cat_out(&spare, &parts, 0),
+                None => Tensor::cat(&parts, 0),
             };
-            let _ = self.flat.g_sub_(&buf.multiply_scalar(lr));
+            let _ = d.addcmul_(&self.flat, &self.weight_decay);
+            if let Some(buf) = self.momentum.take() {
+                let _ = d.addcmul_(&buf, &self.mu);
+                self.spare = Some(buf);
+            }
+            let negative_lr = self.negative_lr(lr).shallow_clone();
+            let _ = self.flat.addcmul_(&d, &negative_lr);
+            self.momentum = Some(d);
         });
         Ok(())
+    }
+
+    /// −lr as a 0-d tensor on the parameters' device, made again only when lr changes (StepLR:
+    /// once in a few epochs), so a step copies nothing from the host.
+    fn negative_lr(&mut self, lr: f64) -> &Tensor {
+        if self.lr.as_ref().map(|(v, _)| *v) != Some(lr) {
+            self.lr = Some((lr, self.scalar(-lr)));
+        }
+        &self.lr.as_ref().expect("just set").1
+    }
+
+    fn scalar(&self, v: f64) -> Tensor {
+        scalar_like(&self.flat, v)
     }
 
     /// The momentum buffer per parameter name (views), empty before the first step.
