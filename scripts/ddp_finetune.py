@@ -52,7 +52,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_RECORD = 2 + 3 * 32 * 32
 DEFAULT_MIXED_STORAGE = 256
 METRICS_COLUMNS = ("phase", "epoch", "lr", "train_loss", "train_acc", "val_top1", "val_top5",
-                   "val_loss", "seconds", "images_per_s")
+                   "val_loss", "seconds", "images_per_s", "warmup_seconds", "val_images_per_s")
 OUTPUTS = ("finetuned.safetensors", "metrics.csv", "ddp.json")
 # What the launcher hands the ranks: its arguments, the device kind, an ImageFolder's storage size.
 ARGS_ENV = "TUCKER_NB_DDP_ARGS"
@@ -447,8 +447,9 @@ def shard(n, world, rank, seed, epoch):
 
 
 def summed(values, device):
-    """Element-wise sums over the ranks, in float64."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    """Element-wise sums over the ranks, in float64, of numbers or 0-d tensors (read back here,
+    the one device sync)."""
+    t = torch.stack([torch.as_tensor(v, device=device).to(torch.float64) for v in values])
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
@@ -459,19 +460,26 @@ def evaluate(model, batches, n, size, rank, world, batch_size, device):
     mine = list(range(rank, n, world))
     index_batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
     model.eval()
-    top1 = top5 = loss = 0.0
+    start = time.perf_counter()
+    # Summed on the device, read back once.
+    top1, top5, loss = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(3))
     with torch.no_grad():
         for images, labels in batches(index_batches):
             images, labels = images.to(device, non_blocking=True), labels.to(device)
             logits = model(eval_transform(images, size)).float()
-            loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            loss += F.cross_entropy(logits, labels, reduction="sum").double()
             best = logits.topk(min(5, logits.shape[1]), 1).indices
             hits = best.eq(labels.unsqueeze(1))
-            top1 += hits[:, 0].sum().item()
-            top5 += hits.any(1).sum().item()
+            top1 += hits[:, 0].sum()
+            top5 += hits.any(1).sum()
     top1, top5, loss, seen = summed([top1, top5, loss, len(mine)], device)
     return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "correct": int(top1),
-            "images": int(seen)}
+            "images": int(seen), "images_per_s": seen / (time.perf_counter() - start)}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --- outputs ---------------------------------------------------------------------------------
@@ -639,8 +647,16 @@ def train_and_save(args, rank, world, device, backend):
             dist.all_gather_object(seen, [i for b in index_batches for i in b])
             shards.append(seen)
         set_bn_mode(ddp, args.bn)
-        loss_sum = correct = seen_images = 0.0
+        # Summed on the device and read back every 10 batches, as tucker_nb's loop.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen_images, last = 0, len(index_batches) - 1
+        # The steady part, as tucker_nb's: after the first batch, before a smaller last one.
+        steady_from = steady = None
         for b, (images, labels) in enumerate(train_batches(index_batches)):
+            if b == last and len(labels) < args.batch_size and steady_from and not steady:
+                synchronize(device)
+                steady = (time.perf_counter() - steady_from[0], seen_images - steady_from[1])
             theta = crop_thetas(index_batches[b], height, width, args.seed, epoch)
             images = train_transform(images.to(device, non_blocking=True), theta, args.image_size)
             labels = labels.to(device)
@@ -654,25 +670,37 @@ def train_and_save(args, rank, world, device, backend):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
+            loss_sum += loss.detach().double() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
             seen_images += len(labels)
-            if b % 10 == 9 or b == len(index_batches) - 1:
+            if b % 10 == 9 or b == last:
                 total_loss, total_seen = summed([loss_sum, seen_images], device)
                 if not math.isfinite(total_loss):
                     raise RuntimeError(f"loss {total_loss / total_seen} in {phase} epoch "
                                        f"{epoch + 1} by batch {b + 1}: training stopped, nothing "
                                        "written")
+            if b == 0 and last > 0:
+                synchronize(device)
+                steady_from = (time.perf_counter(), seen_images)
+        if steady_from and not steady:
+            synchronize(device)
+            steady = (time.perf_counter() - steady_from[0], seen_images - steady_from[1])
         scheduler.step()
         loss_sum, correct, seen_images = summed([loss_sum, correct, seen_images], device)
         train_seconds = time.perf_counter() - start
         after = evaluation()
         seconds = time.perf_counter() - start
+        # Per rank: each trains its shard in the same time, so the world's rate is world × it.
+        if steady and steady[1] > 0:
+            rate, warmup = world * steady[1] / steady[0], train_seconds - steady[0]
+        else:
+            rate, warmup = seen_images / train_seconds, train_seconds
         rows.append({"phase": phase, "epoch": epoch + 1, "lr": lr,
                      "train_loss": loss_sum / seen_images, "train_acc": correct / seen_images,
                      "val_top1": after["top1"], "val_top5": after["top5"],
                      "val_loss": after["loss"], "seconds": seconds,
-                     "images_per_s": seen_images / train_seconds})
+                     "images_per_s": rate, "warmup_seconds": warmup,
+                     "val_images_per_s": after["images_per_s"]})
         if rank == 0:
             r = rows[-1]
             print(f"[ddp] epoch {epoch + 1}/{args.epochs}: loss {r['train_loss']:.4f}, "

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::experiment::{loader_pair, RunConfig};
 use crate::loader::Loader;
 use crate::model::ResNet18;
-use crate::runtime::autocast_bf16;
+use crate::runtime::{autocast_bf16, synchronize};
 use crate::train::sgd::Sgd;
 use crate::train::{trainable_parameters, BnMode, Trainable};
 
@@ -74,22 +74,15 @@ fn rate(
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<f64> {
     f()?;
-    sync_device(device);
+    synchronize(device);
     let mut rates = Vec::new();
     for _ in 0..repeats.max(1) {
         let t = Instant::now();
         f()?;
-        sync_device(device);
+        synchronize(device);
         rates.push(n as f64 / t.elapsed().as_secs_f64());
     }
     Ok(median(rates))
-}
-
-/// Waits for `device`'s queued work (CPU work is already done when its calls return).
-fn sync_device(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
 }
 
 /// Runs `scripts/SCRIPT` with `python` and `args` and parses the last line it prints as JSON.

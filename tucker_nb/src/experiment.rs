@@ -455,6 +455,21 @@ fn compress_for_run(
     Ok(stages)
 }
 
+/// `model`'s evaluation on `val` just after a fine-tune: the one its last epoch recorded (of this
+/// very model, on the same loader) when it evaluated in fp32, else a fresh fp32 evaluation (no
+/// epochs run, or bf16 epochs).
+fn evaluated(
+    rows: &[EpochMetrics],
+    phase: &FineTuneConfig,
+    model: &ResNet18,
+    val: &Loader,
+) -> Result<EvalResult> {
+    match rows.last() {
+        Some(row) if !phase.bf16 => Ok(EvalResult::of_epoch(row, val.len())),
+        _ => evaluate(model, val),
+    }
+}
+
 /// The file in a run folder that records its [`RunFingerprint`].
 pub const FINGERPRINT_FILE: &str = "run.json";
 
@@ -594,9 +609,14 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
     let mut outputs = io::Outputs::new();
 
     // 1) fine-tune the original: the seed trains fc only; 2) evaluate it.
-    let mut rows = fine_tune_rows(&mut model, &train, &val, &config.original_phase())?;
+    let original_phase = config.original_phase();
+    let mut rows = fine_tune_rows(&mut model, &train, &val, &original_phase)?;
     outputs.write_with(&out.join("original.safetensors"), |tmp| model.save(tmp))?;
-    let original = Checkpoint::new(&model, &evaluate(&model, &val)?, size);
+    let original = Checkpoint::new(
+        &model,
+        &evaluated(&rows, &original_phase, &model, &val)?,
+        size,
+    );
 
     // 3) compress (in stages, with short fine-tunes between); 4) evaluate before fine-tuning.
     let teacher = config.fine_tune.distill.map(|_| model.deep_copy());
@@ -617,9 +637,10 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
         &val,
         &compressed_phase,
     )?;
+    let fine_tuned = evaluated(&taught, &compressed_phase, &model, &val)?;
+    let fine_tuned = Checkpoint::new(&model, &fine_tuned, size);
     rows.extend(taught);
     outputs.write_with(&out.join("compressed.safetensors"), |tmp| model.save(tmp))?;
-    let fine_tuned = Checkpoint::new(&model, &evaluate(&model, &val)?, size);
 
     let metrics = metrics_frame(&rows);
     outputs.write_with(&out.join("metrics.csv"), |tmp| {

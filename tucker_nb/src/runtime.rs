@@ -86,6 +86,13 @@ pub fn prepare_device(choice: Option<&str>, cudnn_benchmark: bool) -> Result<Dev
     Ok(device)
 }
 
+/// Waits for `device`'s queued work (CPU work is already done when its calls return).
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
 /// Runs `f` under CUDA autocast to bfloat16 when `bf16` is set and CUDA is usable, else plainly,
 /// saying so once per process when bf16 was asked for but cannot be had (never silently
 /// different). See [`Bf16Autocast`].

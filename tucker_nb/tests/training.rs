@@ -77,6 +77,18 @@ fn fine_tune_learns_a_generated_dataset() {
         before.top1
     );
     assert_eq!(lr, [0.01, 0.01, 0.01, 0.001]);
+    // 6 full batches an epoch: the steady state is batches 2 to 6, the first is the warm-up.
+    let (rate, warmup, seconds) = (col("images_per_s"), col("warmup_seconds"), col("seconds"));
+    for e in 0..4 {
+        assert!(
+            rate[e] > 0.0 && col("val_images_per_s")[e] > 0.0,
+            "epoch {e}"
+        );
+        assert!(
+            warmup[e] > 0.0 && warmup[e] < seconds[e],
+            "epoch {e}: warm-up {warmup:?}"
+        );
+    }
     let after = evaluate(&model, &val).unwrap();
     assert!((after.top1 - top1[3]).abs() < 1e-9 && after.top5 == 1.0 && after.images == 32);
     // Parameters are left without gradients, so later steps (compression) see plain tensors.
@@ -226,6 +238,22 @@ fn a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
     };
     assert_eq!(metrics(&full), metrics(&resumed));
     assert_eq!(metrics(&full).len(), 1 + 3 + 1);
+
+    // The summary's original and fine-tuned figures are the last epoch's validation of each
+    // phase, not a second evaluation (whose speed would differ).
+    let summary = read_json(&full.join("summary.json"));
+    let rows = Csv::read(&full.join("metrics.csv"));
+    for (key, row) in [("original", 2), ("fine_tuned", 3)] {
+        let recorded = |column: &str| rows.column(column)[row].parse::<f64>().unwrap();
+        let figure = |field: &str| summary[key][field].as_f64().unwrap();
+        let same = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(1.0);
+        assert!(same(figure("top1"), recorded("val_top1")), "{key}");
+        assert!(same(figure("loss"), recorded("val_loss")), "{key}");
+        assert!(
+            same(figure("eval_images_per_s"), recorded("val_images_per_s")),
+            "{key}: evaluated again"
+        );
+    }
 }
 
 #[test]

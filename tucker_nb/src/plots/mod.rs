@@ -259,6 +259,8 @@ mod tests {
             val_loss: 2.5 / epoch as f64,
             seconds: 1.0,
             images_per_s: 100.0,
+            warmup_seconds: 0.1,
+            val_images_per_s: 300.0,
         };
         vec![
             row("original", 1, 0.44),

@@ -197,12 +197,20 @@ pub struct EpochMetrics {
     pub val_loss: f64,
     /// Wall time of the epoch, training and validation.
     pub seconds: f64,
-    /// Training images per second.
+    /// Training images per second in the steady state: over the epoch's batches after the first,
+    /// leaving out a last batch smaller than the others (the batches whose new shapes make
+    /// cuDNN's autotuner and the allocator warm up); over all batches when there are no others.
     pub images_per_s: f64,
+    /// Seconds the left-out batches took (the first; a smaller last one).
+    #[serde(default)]
+    pub warmup_seconds: f64,
+    /// Validation images per second (the whole pass, as [`crate::EvalResult::images_per_s`]).
+    #[serde(default)]
+    pub val_images_per_s: f64,
 }
 
 /// The metrics columns, in order.
-pub const METRICS_COLUMNS: [&str; 10] = [
+pub const METRICS_COLUMNS: [&str; 12] = [
     "phase",
     "epoch",
     "lr",
@@ -213,9 +221,12 @@ pub const METRICS_COLUMNS: [&str; 10] = [
     "val_loss",
     "seconds",
     "images_per_s",
+    "warmup_seconds",
+    "val_images_per_s",
 ];
 
 /// Rows as a DataFrame with [`METRICS_COLUMNS`] (accuracies as fractions).
 pub fn metrics_frame(rows: &[EpochMetrics]) -> DataFrame {
-    frame_of!(rows; phase, epoch, lr, train_loss, train_acc, val_top1, val_top5, val_loss, seconds, images_per_s)
+    frame_of!(rows; phase, epoch, lr, train_loss, train_acc, val_top1, val_top5, val_loss, seconds,
+        images_per_s, warmup_seconds, val_images_per_s)
 }

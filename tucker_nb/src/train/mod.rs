@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::loader::Loader;
 use crate::model::{is_buffer, ResNet18};
 use crate::progress::Progress;
-use crate::runtime::autocast_bf16;
+use crate::runtime::{autocast_bf16, synchronize};
 use checkpoint::{load_checkpoint, save_checkpoint, CheckpointIndex};
 pub use config::{
     metrics_frame, BnMode, Distillation, EpochMetrics, FineTuneConfig, Trainable, METRICS_COLUMNS,
@@ -34,6 +34,25 @@ pub struct EvalResult {
     pub images_per_s: f64,
     /// Predicted class per image, in loader order, when asked for.
     pub predictions: Option<Vec<i64>>,
+}
+
+impl EvalResult {
+    /// The validation an epoch recorded, of `images` images.
+    pub fn of_epoch(row: &EpochMetrics, images: usize) -> Self {
+        let seconds = match row.val_images_per_s > 0.0 {
+            true => images as f64 / row.val_images_per_s,
+            false => 0.0,
+        };
+        Self {
+            top1: row.val_top1,
+            top5: row.val_top5,
+            loss: row.val_loss,
+            images,
+            seconds,
+            images_per_s: row.val_images_per_s,
+            predictions: None,
+        }
+    }
 }
 
 /// Top-1/top-5 accuracy, mean loss and throughput of `model` (eval mode) over `loader`.
@@ -380,8 +399,12 @@ fn train_epoch(
     let mut seen = 0usize;
     let check_every = 10;
     let last = batches.saturating_sub(1);
+    let mut steady = SteadyState::default();
     for (b, batch) in train.epoch(epoch).take(batches).enumerate() {
         let n = batch.labels.size()[0] as usize;
+        if b == last && n < train.batch_size {
+            steady.end(device, seen);
+        }
         let (logits, loss) = batch_loss(model, *teacher, &batch, config);
         sgd.backward_step(&loss, lr)?;
         tch::no_grad(|| {
@@ -397,8 +420,12 @@ fn train_epoch(
             stop_unless_finite(mean, config, epoch, b)?;
             progress.set_message(format!("loss {mean:.4}"));
         }
+        if b == 0 && last > 0 {
+            steady.begin(device, seen);
+        }
         progress.inc(1);
     }
+    steady.end(device, seen);
     let train_seconds = start.elapsed().as_secs_f64();
     let train_loss = loss_sum.double_value(&[]) / seen.max(1) as f64;
     let train_acc = correct.int64_value(&[]) as f64 / seen.max(1) as f64;
@@ -416,8 +443,50 @@ fn train_epoch(
         val_top5: eval.top5,
         val_loss: eval.loss,
         seconds: start.elapsed().as_secs_f64(),
-        images_per_s: seen as f64 / train_seconds,
+        images_per_s: steady.images_per_s().unwrap_or(seen as f64 / train_seconds),
+        warmup_seconds: steady.warmup_seconds(train_seconds),
+        val_images_per_s: eval.images_per_s,
     })
+}
+
+/// The steady part of an epoch, between a device sync after its first batch and one before a
+/// smaller last batch (or its end): the images trained and the seconds taken.
+#[derive(Debug, Default)]
+struct SteadyState {
+    began: Option<(Instant, usize)>,
+    ended: Option<(f64, usize)>,
+}
+
+impl SteadyState {
+    fn begin(&mut self, device: tch::Device, seen: usize) {
+        synchronize(device);
+        self.began = Some((Instant::now(), seen));
+    }
+
+    /// The first call counts; later ones do nothing.
+    fn end(&mut self, device: tch::Device, seen: usize) {
+        if let (Some((t, images)), None) = (self.began, self.ended) {
+            synchronize(device);
+            self.ended = Some((t.elapsed().as_secs_f64(), seen - images));
+        }
+    }
+
+    /// (seconds, images) of a steady part that trained any images.
+    fn measured(&self) -> Option<(f64, usize)> {
+        self.ended
+            .filter(|&(seconds, images)| images > 0 && seconds > 0.0)
+    }
+
+    fn images_per_s(&self) -> Option<f64> {
+        self.measured()
+            .map(|(seconds, images)| images as f64 / seconds)
+    }
+
+    /// The epoch's training seconds outside the steady part.
+    fn warmup_seconds(&self, train_seconds: f64) -> f64 {
+        let steady = self.measured().map_or(0.0, |(seconds, _)| seconds);
+        (train_seconds - steady).max(0.0)
+    }
 }
 
 #[cfg(test)]
