@@ -28,12 +28,15 @@ def main():
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--precisions", default="fp32")
     p.add_argument("--cudnn-benchmark", type=int, default=1)
+    p.add_argument("--channels-last", type=int, default=0)
     a = p.parse_args()
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     torch.backends.cudnn.benchmark = bool(a.cudnn_benchmark)
     device = torch.device(a.device)
     model = resnet18_from_state(load_state(a.model), a.model).to(device)
+    if a.channels_last:  # the weights only, as tucker_nb: the first conv lays its output out NHWC
+        model = model.to(memory_format=torch.channels_last)
     classes = model.fc.out_features
     torch.manual_seed(0)
     x = torch.randn(a.batch, 3, a.size, a.size, device=device)

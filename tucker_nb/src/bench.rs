@@ -254,6 +254,10 @@ fn pytorch_model_rates(
             "--cudnn-benchmark",
             u8::from(config.cudnn_benchmark).to_string(),
         ),
+        (
+            "--channels-last",
+            u8::from(run.fine_tune.channels_last).to_string(),
+        ),
     ];
     let figures = python_json(python, "bench_model.py", &args)?;
     let mut rates = BTreeMap::new();
@@ -271,16 +275,21 @@ fn pytorch_model_rates(
 
 /// Model-only images/s of the original and the compressed model, ours and (with a python)
 /// PyTorch's, in fp32 and, on CUDA, bf16.
-fn model_rates(config: &BenchConfig, classes: i64) -> Result<Vec<ModelRate>> {
+/// The model-only figures, and each model's conv multiply-accumulates per image (original,
+/// compressed).
+fn model_rates(config: &BenchConfig, classes: i64) -> Result<(Vec<ModelRate>, [i64; 2])> {
     let run = &config.run;
     let size = run.image_size;
-    let original = ResNet18::new(classes, run.device);
+    let mut original = ResNet18::new(classes, run.device);
     let mut compressed = original.deep_copy();
     let policy = CompressionPolicy {
         input_size: [size, size],
         ..run.policy.clone()
     };
     compress_model(&mut compressed, &policy)?;
+    let macs = [&original, &compressed].map(|m| m.conv_macs([size, size]));
+    original.set_channels_last(run.fine_tune.channels_last);
+    compressed.set_channels_last(run.fine_tune.channels_last);
     let precisions: &[&str] = if run.device.is_cuda() {
         &["fp32", "bf16"]
     } else {
@@ -314,7 +323,7 @@ fn model_rates(config: &BenchConfig, classes: i64) -> Result<Vec<ModelRate>> {
             }
         }
     }
-    Ok(rows)
+    Ok((rows, macs))
 }
 
 /// Prints the model-only table: ours and PyTorch's per model, precision and mode, with ratios, and
@@ -350,14 +359,17 @@ pub fn run(config: &BenchConfig) -> Result<()> {
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let run = &config.run;
+    let on_off = |b: bool| if b { "on" } else { "off" };
     println!(
-        "device {:?}, image size {}, batch {}, {} repeats (medians), {} threads, cuDNN benchmark {}",
+        "device {:?}, image size {}, batch {}, {} repeats (medians), {} threads, cuDNN benchmark {}, \
+         channels-last {}",
         run.device,
         run.image_size,
         run.batch_size,
         config.repeats,
         tch::get_num_threads(),
-        if config.cudnn_benchmark { "on" } else { "off" }
+        on_off(config.cudnn_benchmark),
+        on_off(run.fine_tune.channels_last),
     );
     let folder = ImageFolder::scan(&run.data.join("train"))?;
     let (ours, dataset) = data_path(config, &folder)?;
@@ -371,7 +383,14 @@ pub fn run(config: &BenchConfig) -> Result<()> {
         "\n== model alone ({} batches of {}, {}) ==",
         config.model_batches, run.batch_size, run.policy.ranks
     );
-    let models = model_rates(config, dataset.classes.len() as i64)?;
+    let (models, [original_macs, compressed_macs]) =
+        model_rates(config, dataset.classes.len() as i64)?;
+    println!(
+        "conv MACs per image: original {:.3} G, compressed {:.3} G ({:.2}× fewer)",
+        original_macs as f64 / 1e9,
+        compressed_macs as f64 / 1e9,
+        original_macs as f64 / compressed_macs as f64
+    );
     print_model_rates(&models);
     if let Some(path) = &config.json {
         let data_path: BTreeMap<&str, f64> =
@@ -387,8 +406,10 @@ pub fn run(config: &BenchConfig) -> Result<()> {
             "repeats": config.repeats,
             "threads": tch::get_num_threads(),
             "cudnn_benchmark": config.cudnn_benchmark,
+            "channels_last": run.fine_tune.channels_last,
             "policy": run.policy.ranks.to_string(),
             "round_to": run.policy.round_to,
+            "conv_macs": { "original": original_macs, "compressed": compressed_macs },
             "data_path": { "tucker_nb": data_path, "torchvision": seed, "workers": workers },
             "model": models,
         });

@@ -205,9 +205,10 @@ impl TuckerConv {
     }
 }
 
-/// A kernel computed in f64 on the CPU, as a layer weight like `like` (dtype, device, contiguous).
+/// A kernel computed in f64 on the CPU, as a layer weight like `like`: its dtype, device and
+/// layout (channels-last or contiguous).
 fn to_layer(t: &Tensor, like: &Tensor) -> Tensor {
-    t.to_kind(like.kind()).to_device(like.device()).contiguous()
+    crate::model::laid_out_like(&t.to_kind(like.kind()).to_device(like.device()), like)
 }
 
 /// A conv as two layers, `nn.Sequential(first, last)`, one mode of the kernel factorised:

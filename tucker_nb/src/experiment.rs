@@ -235,13 +235,15 @@ pub fn calibration(config: &RunConfig, train: &Loader) -> Result<Loader> {
 }
 
 /// The starting model: the weights with a fresh `fc` for `num_classes` (as the seed), or random
-/// weights; seeded with the run's seed.
+/// weights; seeded with the run's seed, and laid out as the fine-tunes will train it.
 pub fn initial_model(config: &RunConfig) -> Result<ResNet18> {
     tch::manual_seed(config.seed as i64);
-    match &config.weights {
-        Some(w) => ResNet18::load(w, Some(config.num_classes), config.device),
-        None => Ok(ResNet18::new(config.num_classes, config.device)),
-    }
+    let mut model = match &config.weights {
+        Some(w) => ResNet18::load(w, Some(config.num_classes), config.device)?,
+        None => ResNet18::new(config.num_classes, config.device),
+    };
+    model.set_channels_last(config.fine_tune.channels_last);
+    Ok(model)
 }
 
 /// The epochs' metrics of several fine-tunes as one table, in order.
@@ -518,6 +520,7 @@ impl RunFingerprint {
             ("gamma", ft.gamma.to_string()),
             ("bn", format!("{:?}", ft.bn)),
             ("bf16", ft.bf16.to_string()),
+            ("channels_last", ft.channels_last.to_string()),
             ("distill", format!("{:?}", ft.distill)),
             ("max_batches", format!("{:?}", ft.max_batches)),
             ("recalibrate_bn", config.recalibrate_bn.to_string()),

@@ -47,6 +47,11 @@ pub struct FineTuneConfig {
     pub phase: String,
     /// bfloat16 autocast of the forward pass (CUDA only; ignored on CPU).
     pub bf16: bool,
+    /// Lay the conv weights out channels-last (NHWC) before training, so every layer runs NHWC
+    /// ([`crate::ResNet18::set_channels_last`]; the default, faster); `false` lays them out
+    /// contiguous (NCHW, as the seed). Checkpoints from before this setting read as `false`.
+    #[serde(default)]
+    pub channels_last: bool,
     /// Knowledge distillation from a teacher (the model before compression); `None`: plain
     /// cross-entropy, as the seed.
     #[serde(default)]
@@ -76,6 +81,7 @@ impl Default for FineTuneConfig {
             bn: BnMode::Statistics,
             phase: "original".into(),
             bf16: false,
+            channels_last: true,
             distill: None,
             max_batches: None,
             checkpoint_dir: None,

@@ -249,6 +249,7 @@ pub fn fine_tune_rows_with(
     if config.epochs == 0 {
         return Ok(Vec::new());
     }
+    model.set_channels_last(config.channels_last);
     let params = trainable_parameters(model, config.trainable, config.bn);
     if params.is_empty() {
         return Err(Error::value(

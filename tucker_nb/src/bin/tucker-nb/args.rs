@@ -190,6 +190,9 @@ pub struct TrainArgs {
     /// bfloat16 autocast (CUDA).
     #[arg(long)]
     pub bf16: bool,
+    /// Train and evaluate in the seed's NCHW layout instead of channels-last (NHWC, faster).
+    #[arg(long)]
+    pub no_channels_last: bool,
     /// Distil the compressed model's fine-tune from the model before compression: T,ALPHA (loss
     /// α·CE + (1−α)·T²·KL), e.g. 4,0.5.
     #[arg(long, value_name = "T,ALPHA")]
@@ -324,6 +327,9 @@ pub struct EvaluateArgs {
     /// bfloat16 autocast of the forward pass (CUDA; ignored on CPU).
     #[arg(long)]
     pub bf16: bool,
+    /// Evaluate in the seed's NCHW layout instead of channels-last (NHWC, faster).
+    #[arg(long)]
+    pub no_channels_last: bool,
     #[command(flatten)]
     pub device: DeviceArg,
 }
@@ -373,6 +379,9 @@ pub struct BenchArgs {
     /// Round the compressed model's ranks up to a multiple of N (8 suits tensor cores).
     #[arg(long)]
     pub round_to: Option<i64>,
+    /// Both models (ours and PyTorch's) in the seed's NCHW layout instead of channels-last.
+    #[arg(long)]
+    pub no_channels_last: bool,
     /// DataLoader workers for the seed's pipeline (the seed uses 4; default: this machine's cores).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -436,6 +445,7 @@ impl ExperimentArgs {
         ft.gamma = train.gamma;
         ft.bn = train.bn;
         ft.bf16 = train.bf16;
+        ft.channels_last = !train.no_channels_last;
         ft.distill = train.distill;
         ft.max_batches = train.max_batches;
         Ok(config)

@@ -187,7 +187,8 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
         check_output(p)?;
     }
     let dataset = DataSource::detect(&args.data)?.load(args.split, StorageOptions::default())?;
-    let net = experiment::load_for_evaluation(&args.model, args.num_classes, &dataset, device)?;
+    let mut net = experiment::load_for_evaluation(&args.model, args.num_classes, &dataset, device)?;
+    net.set_channels_last(!args.no_channels_last);
     let transform = Transform::Eval {
         size: args.image_size,
     };
@@ -250,6 +251,7 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
     config.repeats = args.repeats;
     config.model_batches = args.model_batches;
     config.run.policy.round_to = args.round_to;
+    config.run.fine_tune.channels_last = !args.no_channels_last;
     config.seed_python = args.seed_python;
     config.workers = args.workers;
     config.cudnn_benchmark = !args.device.no_cudnn_benchmark;
