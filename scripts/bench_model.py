@@ -3,7 +3,8 @@ ours: the same model (rebuilt from the file's keys), batch, image size, device a
 random resident data, warm-up excluded, one synchronisation per measurement, medians over repeats.
 Modes: eval (no grad, eval-mode BN); train_all (forward, cross-entropy, backward, SGD step with
 momentum 0.9 and weight decay 5e-4 over every parameter); train_seed (the same, over the
-seed's trainable set: fc, plus the factorised convs of a compressed model). Prints one JSON line."""
+seed's trainable set: fc, plus the factorised convs of a compressed model); --modes picks some.
+Prints one JSON line."""
 import argparse
 import json
 import os
@@ -27,6 +28,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--precisions", default="fp32")
+    p.add_argument("--modes", default="eval,train_all,train_seed")
     p.add_argument("--cudnn-benchmark", type=int, default=1)
     p.add_argument("--channels-last", type=int, default=0)
     a = p.parse_args()
@@ -75,8 +77,10 @@ def main():
             with torch.no_grad(), cast:
                 for _ in range(a.batches):
                     model(x)
-        results.append({"precision": precision, "mode": "eval", "img_s": rate(evaluate)})
-        for mode in ("train_all", "train_seed"):
+        modes = a.modes.split(",")
+        if "eval" in modes:
+            results.append({"precision": precision, "mode": "eval", "img_s": rate(evaluate)})
+        for mode in [m for m in ("train_all", "train_seed") if m in modes]:
             trainable = params(mode)
             for q in model.parameters():
                 q.requires_grad_(False)

@@ -176,7 +176,9 @@ fn print_data_path(ours: [f64; 4], seed: Option<&serde_json::Value>, n: usize, w
 /// size and thread count).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelRate {
-    /// `original` or `compressed`.
+    /// `original`, `compressed`, or `compressed-folded` (the compressed model with the BN after
+    /// each factorised conv folded into its last 1×1, as `compress --fold-bn` writes it for
+    /// inference; measured in `eval` only).
     pub model: &'static str,
     /// `fp32` or `bf16` (autocast; CUDA only).
     pub precision: &'static str,
@@ -187,16 +189,18 @@ pub struct ModelRate {
     pub pytorch: Option<f64>,
 }
 
-const MODES: [&str; 3] = ["eval", "train_all", "train_seed"];
+/// The modes a model trains in: all but `eval` ([`ModelRate::mode`]).
+const TRAIN_MODES: [&str; 2] = ["train_all", "train_seed"];
 
-/// Our images/s of `model` in each of [`MODES`]: resident random data, one warm-up call, then
-/// `repeats` timed calls of `model_batches` batches with one device sync each.
+/// Our images/s of `model` by mode: `eval`, and with the seed's trainable set also
+/// [`TRAIN_MODES`]. Resident random data, one warm-up call, then `repeats` timed calls of
+/// `model_batches` batches with one device sync each.
 fn our_model_rates(
     config: &BenchConfig,
     model: &ResNet18,
-    trainable_seed: Trainable,
+    trainable_seed: Option<Trainable>,
     bf16: bool,
-) -> Result<[f64; 3]> {
+) -> Result<Vec<(&'static str, f64)>> {
     let run = &config.run;
     let (device, batch, size) = (run.device, run.batch_size as i64, run.image_size);
     tch::manual_seed(0);
@@ -226,16 +230,28 @@ fn our_model_rates(
             Ok(())
         })
     };
-    Ok([eval, train(Trainable::All)?, train(trainable_seed)?])
+    let mut rates = vec![("eval", eval)];
+    if let Some(seed) = trainable_seed {
+        let [all, seed_set] = TRAIN_MODES;
+        rates.push((all, train(Trainable::All)?));
+        rates.push((seed_set, train(seed)?));
+    }
+    Ok(rates)
 }
 
-/// PyTorch's rates for the model in `file` (scripts/bench_model.py): precision → mode → images/s.
+/// PyTorch's rates for the model in `file` (scripts/bench_model.py), in `eval` and, when `train`,
+/// the [`TRAIN_MODES`]: precision → mode → images/s.
 fn pytorch_model_rates(
     python: &Path,
     config: &BenchConfig,
     file: &Path,
     precisions: &[&str],
+    train: bool,
 ) -> Result<BTreeMap<(String, String), f64>> {
+    let modes = match train {
+        true => format!("eval,{}", TRAIN_MODES.join(",")),
+        false => "eval".into(),
+    };
     let run = &config.run;
     let device = match run.device {
         Device::Cuda(i) => format!("cuda:{i}"),
@@ -250,6 +266,7 @@ fn pytorch_model_rates(
         ("--device", device),
         ("--threads", tch::get_num_threads().to_string()),
         ("--precisions", precisions.join(",")),
+        ("--modes", modes),
         (
             "--cudnn-benchmark",
             u8::from(config.cudnn_benchmark).to_string(),
@@ -273,10 +290,9 @@ fn pytorch_model_rates(
     Ok(rates)
 }
 
-/// Model-only images/s of the original and the compressed model, ours and (with a python)
-/// PyTorch's, in fp32 and, on CUDA, bf16.
-/// The model-only figures, and each model's conv multiply-accumulates per image (original,
-/// compressed).
+/// Model-only images/s of the original, the compressed and the folded compressed model
+/// ([`ModelRate::model`]), ours and (with a python) PyTorch's, in fp32 and, on CUDA, bf16; and
+/// the original's and the compressed model's conv multiply-accumulates per image.
 fn model_rates(config: &BenchConfig, classes: i64) -> Result<(Vec<ModelRate>, [i64; 2])> {
     let run = &config.run;
     let size = run.image_size;
@@ -290,6 +306,8 @@ fn model_rates(config: &BenchConfig, classes: i64) -> Result<(Vec<ModelRate>, [i
     let macs = [&original, &compressed].map(|m| m.conv_macs([size, size]));
     original.set_channels_last(run.fine_tune.channels_last);
     compressed.set_channels_last(run.fine_tune.channels_last);
+    let mut folded = compressed.deep_copy();
+    folded.fold_batch_norms();
     let precisions: &[&str] = if run.device.is_cuda() {
         &["fp32", "bf16"]
     } else {
@@ -298,20 +316,26 @@ fn model_rates(config: &BenchConfig, classes: i64) -> Result<(Vec<ModelRate>, [i
     let files = tempfile::tempdir().map_err(|e| Error::file(std::env::temp_dir(), e))?;
     let mut rows = Vec::new();
     for (name, model, seed_trainable) in [
-        ("original", &original, Trainable::Classifier),
-        ("compressed", &compressed, Trainable::TuckerAndClassifier),
+        ("original", &original, Some(Trainable::Classifier)),
+        (
+            "compressed",
+            &compressed,
+            Some(Trainable::TuckerAndClassifier),
+        ),
+        ("compressed-folded", &folded, None),
     ] {
         let theirs = match &config.seed_python {
             Some(python) => {
                 let file = files.path().join(format!("{name}.safetensors"));
                 model.save(&file)?;
-                pytorch_model_rates(python, config, &file, precisions)?
+                let train = seed_trainable.is_some();
+                pytorch_model_rates(python, config, &file, precisions, train)?
             }
             None => BTreeMap::new(),
         };
         for &precision in precisions {
             let ours = our_model_rates(config, model, seed_trainable, precision == "bf16")?;
-            for (mode, ours) in MODES.into_iter().zip(ours) {
+            for (mode, ours) in ours {
                 let key = (precision.to_string(), mode.to_string());
                 rows.push(ModelRate {
                     model: name,
@@ -327,10 +351,10 @@ fn model_rates(config: &BenchConfig, classes: i64) -> Result<(Vec<ModelRate>, [i
 }
 
 /// Prints the model-only table: ours and PyTorch's per model, precision and mode, with ratios, and
-/// compressed against original.
+/// each compressed model against the original.
 fn print_model_rates(rows: &[ModelRate]) {
     println!(
-        "{:<11} {:<5} {:<11} {:>12} {:>12} {:>8} {:>14}",
+        "{:<17} {:<5} {:<11} {:>12} {:>12} {:>8} {:>14}",
         "model", "prec", "mode", "tucker_nb", "pytorch", "ratio", "vs original"
     );
     for r in rows {
@@ -341,10 +365,10 @@ fn print_model_rates(rows: &[ModelRate]) {
         let versus = rows
             .iter()
             .find(|o| o.model == "original" && o.precision == r.precision && o.mode == r.mode)
-            .filter(|_| r.model == "compressed")
+            .filter(|_| r.model != "original")
             .map_or("".into(), |o| format!("{:.2}×", r.ours / o.ours));
         println!(
-            "{:<11} {:<5} {:<11} {:>12.1} {:>12} {:>8} {:>14}",
+            "{:<17} {:<5} {:<11} {:>12.1} {:>12} {:>8} {:>14}",
             r.model, r.precision, r.mode, r.ours, theirs, ratio, versus
         );
     }
