@@ -4,7 +4,8 @@ random resident data, warm-up excluded, one synchronisation per measurement, med
 Modes: eval (no grad, eval-mode BN); train_all (forward, cross-entropy, backward, SGD step with
 momentum 0.9 and weight decay 5e-4 over every parameter); train_seed (the same, over the
 seed's trainable set: fc, plus the factorised convs of a compressed model); --modes picks some.
-Prints one JSON line."""
+Prints one JSON line; with --serve, measures one call per request on stdin instead (tucker-nb bench
+takes turns with it, so both sides' figures come from the same moments of a noisy machine)."""
 import argparse
 import json
 import os
@@ -31,6 +32,7 @@ def main():
     p.add_argument("--modes", default="eval,train_all,train_seed")
     p.add_argument("--cudnn-benchmark", type=int, default=1)
     p.add_argument("--channels-last", type=int, default=0)
+    p.add_argument("--serve", action="store_true")
     a = p.parse_args()
     if a.threads > 0:
         torch.set_num_threads(a.threads)
@@ -49,16 +51,16 @@ def main():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def timed(f):
+        t = time.perf_counter()
+        f()
+        sync()
+        return a.batch * a.batches / (time.perf_counter() - t)
+
     def rate(f):
         f()  # warm-up: cuDNN autotuning, allocator, autocast caches
         sync()
-        rates = []
-        for _ in range(a.repeats):
-            t = time.perf_counter()
-            f()
-            sync()
-            rates.append(a.batch * a.batches / (time.perf_counter() - t))
-        return statistics.median(rates)
+        return statistics.median(timed(f) for _ in range(a.repeats))
 
     def params(mode):
         named = list(model.named_parameters())
@@ -67,37 +69,56 @@ def main():
                      if n.startswith("fc.") or any(n.startswith(s + ".") for s in slots)]
         return [q for _, q in named]
 
-    results = []
-    for precision in a.precisions.split(","):
+    def workload(precision, mode):
+        """The call to time for one precision and mode (`model_batches` batches)."""
         cast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16"
                 else torch.autocast("cuda", enabled=False))
-        model.eval()
+        if mode == "eval":
+            model.eval()
 
-        def evaluate():
-            with torch.no_grad(), cast:
-                for _ in range(a.batches):
-                    model(x)
-        modes = a.modes.split(",")
-        if "eval" in modes:
-            results.append({"precision": precision, "mode": "eval", "img_s": rate(evaluate)})
-        for mode in [m for m in ("train_all", "train_seed") if m in modes]:
-            trainable = params(mode)
-            for q in model.parameters():
-                q.requires_grad_(False)
-            for q in trainable:
-                q.requires_grad_(True)
-            sgd = torch.optim.SGD(trainable, lr=0.01, momentum=0.9, weight_decay=5e-4)
-            model.train()
+            def evaluate():
+                with torch.no_grad(), cast:
+                    for _ in range(a.batches):
+                        model(x)
+            return evaluate
+        trainable = params(mode)
+        for q in model.parameters():
+            q.requires_grad_(False)
+        for q in trainable:
+            q.requires_grad_(True)
+        sgd = torch.optim.SGD(trainable, lr=0.01, momentum=0.9, weight_decay=5e-4)
+        model.train()
 
-            def train():
-                for _ in range(a.batches):
-                    with cast:
-                        logits = model(x)
-                    loss = torch.nn.functional.cross_entropy(logits.float(), y)
-                    sgd.zero_grad()
-                    loss.backward()
-                    sgd.step()
-            results.append({"precision": precision, "mode": mode, "img_s": rate(train)})
+        def train():
+            for _ in range(a.batches):
+                with cast:
+                    logits = model(x)
+                loss = torch.nn.functional.cross_entropy(logits.float(), y)
+                sgd.zero_grad()
+                loss.backward()
+                sgd.step()
+        return train
+
+    if a.serve:
+        # One timed call per request line "PRECISION MODE", its images/s printed as one JSON line,
+        # so the caller can take turns with its own measurements (the first call of a workload is
+        # its warm-up; the caller discards it). An empty line or EOF ends.
+        print(json.dumps({"threads": torch.get_num_threads()}), flush=True)
+        current = None
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            key = tuple(line.split())
+            if key != current:
+                current, f = key, workload(*key)
+            print(json.dumps({"img_s": timed(f)}), flush=True)
+        return
+
+    results = []
+    for precision in a.precisions.split(","):
+        for mode in [m for m in ("eval", "train_all", "train_seed") if m in a.modes.split(",")]:
+            results.append({"precision": precision, "mode": mode,
+                            "img_s": rate(workload(precision, mode))})
     print(json.dumps({"threads": torch.get_num_threads(), "results": results}))
 
 

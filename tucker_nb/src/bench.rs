@@ -67,29 +67,62 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Median images/s of `f`, which processes `n` images per call: one untimed warm-up call (cuDNN
 /// autotuning, allocator, caches), then `repeats` timed calls, each ended by one device sync.
-fn rate(
+fn rate(repeats: usize, n: usize, device: Device, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    Ok(rates_in_turns(repeats, n, device, f, None)?.ours)
+}
+
+/// Our median images/s and, with PyTorch's side, its median and the median of the turns' ratios.
+struct Turns {
+    ours: f64,
+    theirs: Option<(f64, f64)>,
+}
+
+/// As [`rate`], and with `theirs` (PyTorch's server and the precision and mode to ask it for) one
+/// timed call of PyTorch's after each of ours, warm-ups included: both sides' figures come from
+/// the same moments of a noisy machine, and each turn gives a ratio.
+fn rates_in_turns(
     repeats: usize,
     n: usize,
     device: Device,
     mut f: impl FnMut() -> Result<()>,
-) -> Result<f64> {
+    mut theirs: Option<(&mut PyTorchModel, &str, &str)>,
+) -> Result<Turns> {
+    let mut their_turn = || -> Result<Option<f64>> {
+        match &mut theirs {
+            Some((model, precision, mode)) => model.timed(precision, mode).map(Some),
+            None => Ok(None),
+        }
+    };
     f()?;
     synchronize(device);
-    let mut rates = Vec::new();
+    their_turn()?;
+    let (mut ours, mut pytorch, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..repeats.max(1) {
         let t = Instant::now();
         f()?;
         synchronize(device);
-        rates.push(n as f64 / t.elapsed().as_secs_f64());
+        let mine = n as f64 / t.elapsed().as_secs_f64();
+        ours.push(mine);
+        if let Some(rate) = their_turn()? {
+            pytorch.push(rate);
+            ratios.push(mine / rate);
+        }
     }
-    Ok(median(rates))
+    let theirs = (!pytorch.is_empty()).then(|| (median(pytorch), median(ratios)));
+    Ok(Turns {
+        ours: median(ours),
+        theirs,
+    })
+}
+
+/// The project's `scripts/` folder.
+fn scripts_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts")
 }
 
 /// Runs `scripts/SCRIPT` with `python` and `args` and parses the last line it prints as JSON.
 fn python_json(python: &Path, script: &str, args: &[(&str, String)]) -> Result<serde_json::Value> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../scripts")
-        .join(script);
+    let script = scripts_dir().join(script);
     let out = Command::new(python)
         .arg(&script)
         .args(
@@ -187,27 +220,36 @@ pub struct ModelRate {
     pub mode: &'static str,
     pub ours: f64,
     pub pytorch: Option<f64>,
+    /// The median over the repeats of ours / PyTorch's, each pair timed in turn (robust to the
+    /// machine's drift during the run, which the ratio of the two medians is not).
+    pub ratio: Option<f64>,
 }
 
 /// The modes a model trains in: all but `eval` ([`ModelRate::mode`]).
 const TRAIN_MODES: [&str; 2] = ["train_all", "train_seed"];
 
-/// Our images/s of `model` by mode: `eval`, and with the seed's trainable set also
-/// [`TRAIN_MODES`]. Resident random data, one warm-up call, then `repeats` timed calls of
-/// `model_batches` batches with one device sync each.
+/// Our images/s of `model` by mode, with PyTorch's taken in turns when `theirs` is given: `eval`,
+/// and with the seed's trainable set also [`TRAIN_MODES`]. Resident random data, one warm-up
+/// call, then `repeats` timed calls of `model_batches` batches with one device sync each.
 fn our_model_rates(
     config: &BenchConfig,
     model: &ResNet18,
     trainable_seed: Option<Trainable>,
-    bf16: bool,
-) -> Result<Vec<(&'static str, f64)>> {
+    precision: &'static str,
+    mut theirs: Option<&mut PyTorchModel>,
+) -> Result<Vec<(&'static str, Turns)>> {
     let run = &config.run;
     let (device, batch, size) = (run.device, run.batch_size as i64, run.image_size);
+    let bf16 = precision == "bf16";
     tch::manual_seed(0);
     let x = Tensor::randn([batch, 3, size, size], (Kind::Float, device));
     let y = Tensor::randint(model.num_classes(), [batch], (Kind::Int64, device));
     let images = run.batch_size * config.model_batches;
-    let eval = rate(config.repeats, images, device, || {
+    let mut turns = |mode, f: &mut dyn FnMut() -> Result<()>| {
+        let theirs = theirs.as_deref_mut().map(|t| (t, precision, mode));
+        rates_in_turns(config.repeats, images, device, f, theirs)
+    };
+    let eval = turns("eval", &mut || {
         tch::no_grad(|| {
             for _ in 0..config.model_batches {
                 let _ = autocast_bf16(bf16, || model.forward(&x, false));
@@ -215,79 +257,129 @@ fn our_model_rates(
         });
         Ok(())
     })?;
-    let train = |trainable: Trainable| -> Result<f64> {
-        let copy = model.deep_copy();
-        let params = trainable_parameters(&copy, trainable, BnMode::Statistics);
-        let mut sgd = Sgd::new(params, 0.9, 5e-4)?;
-        sgd.parameters()
-            .iter()
-            .for_each(|p| drop(p.set_requires_grad(true)));
-        rate(config.repeats, images, device, || {
-            for _ in 0..config.model_batches {
-                let logits = autocast_bf16(bf16, || copy.forward(&x, true)).to_kind(Kind::Float);
-                sgd.backward_step(&logits.cross_entropy_for_logits(&y), 0.01)?;
-            }
-            Ok(())
-        })
-    };
     let mut rates = vec![("eval", eval)];
     if let Some(seed) = trainable_seed {
-        let [all, seed_set] = TRAIN_MODES;
-        rates.push((all, train(Trainable::All)?));
-        rates.push((seed_set, train(seed)?));
+        for (mode, trainable) in TRAIN_MODES.into_iter().zip([Trainable::All, seed]) {
+            let copy = model.deep_copy();
+            let params = trainable_parameters(&copy, trainable, BnMode::Statistics);
+            let mut sgd = Sgd::new(params, 0.9, 5e-4)?;
+            sgd.parameters()
+                .iter()
+                .for_each(|p| drop(p.set_requires_grad(true)));
+            let rate = turns(mode, &mut || {
+                for _ in 0..config.model_batches {
+                    let logits =
+                        autocast_bf16(bf16, || copy.forward(&x, true)).to_kind(Kind::Float);
+                    sgd.backward_step(&logits.cross_entropy_for_logits(&y), 0.01)?;
+                }
+                Ok(())
+            })?;
+            rates.push((mode, rate));
+        }
     }
     Ok(rates)
 }
 
-/// PyTorch's rates for the model in `file` (scripts/bench_model.py), in `eval` and, when `train`,
-/// the [`TRAIN_MODES`]: precision → mode → images/s.
-fn pytorch_model_rates(
-    python: &Path,
-    config: &BenchConfig,
-    file: &Path,
-    precisions: &[&str],
-    train: bool,
-) -> Result<BTreeMap<(String, String), f64>> {
-    let modes = match train {
-        true => format!("eval,{}", TRAIN_MODES.join(",")),
-        false => "eval".into(),
-    };
-    let run = &config.run;
-    let device = match run.device {
-        Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".into(),
-    };
-    let args = [
-        ("--model", file.to_string_lossy().into_owned()),
-        ("--size", run.image_size.to_string()),
-        ("--batch", run.batch_size.to_string()),
-        ("--batches", config.model_batches.to_string()),
-        ("--repeats", config.repeats.to_string()),
-        ("--device", device),
-        ("--threads", tch::get_num_threads().to_string()),
-        ("--precisions", precisions.join(",")),
-        ("--modes", modes),
-        (
-            "--cudnn-benchmark",
-            u8::from(config.cudnn_benchmark).to_string(),
-        ),
-        (
-            "--channels-last",
-            u8::from(run.fine_tune.channels_last).to_string(),
-        ),
-    ];
-    let figures = python_json(python, "bench_model.py", &args)?;
-    let mut rates = BTreeMap::new();
-    for r in figures["results"].as_array().into_iter().flatten() {
-        if let (Some(p), Some(m), Some(v)) = (
-            r["precision"].as_str(),
-            r["mode"].as_str(),
-            r["img_s"].as_f64(),
-        ) {
-            rates.insert((p.to_string(), m.to_string()), v);
+/// PyTorch's side of the model-only figures: `scripts/bench_model.py --serve` on one model file
+/// (the same model rebuilt from its keys, on the same libtorch, device, batch, size, thread count
+/// and layout), timing one call per request.
+struct PyTorchModel {
+    child: std::process::Child,
+    requests: std::process::ChildStdin,
+    replies: std::io::BufReader<std::process::ChildStdout>,
+    script: PathBuf,
+}
+
+impl PyTorchModel {
+    fn spawn(python: &Path, config: &BenchConfig, file: &Path) -> Result<Self> {
+        let run = &config.run;
+        let device = match run.device {
+            Device::Cuda(i) => format!("cuda:{i}"),
+            _ => "cpu".into(),
+        };
+        let args = [
+            ("--model", file.to_string_lossy().into_owned()),
+            ("--size", run.image_size.to_string()),
+            ("--batch", run.batch_size.to_string()),
+            ("--batches", config.model_batches.to_string()),
+            ("--device", device),
+            ("--threads", tch::get_num_threads().to_string()),
+            (
+                "--cudnn-benchmark",
+                u8::from(config.cudnn_benchmark).to_string(),
+            ),
+            (
+                "--channels-last",
+                u8::from(run.fine_tune.channels_last).to_string(),
+            ),
+        ];
+        let script = scripts_dir().join("bench_model.py");
+        let mut child = Command::new(python)
+            .arg(&script)
+            .arg("--serve")
+            .args(
+                args.iter()
+                    .flat_map(|(flag, value)| [*flag, value.as_str()]),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::file(python, e))?;
+        let requests = child.stdin.take().expect("piped");
+        let replies = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut server = Self {
+            child,
+            requests,
+            replies,
+            script,
+        };
+        server.reply()?; // its ready line, once the model is built
+        Ok(server)
+    }
+
+    /// Images/s of one timed call of `precision` and `mode` (the first of a workload warms it up).
+    fn timed(&mut self, precision: &str, mode: &str) -> Result<f64> {
+        use std::io::Write;
+        writeln!(self.requests, "{precision} {mode}")
+            .and_then(|()| self.requests.flush())
+            .map_err(|e| self.failed(e.to_string()))?;
+        let reply = self.reply()?;
+        reply["img_s"]
+            .as_f64()
+            .ok_or_else(|| Error::file(&self.script, format!("unexpected reply {reply}")))
+    }
+
+    /// The next JSON line it prints; its stderr in the error when it has ended.
+    fn reply(&mut self) -> Result<serde_json::Value> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        match self.replies.read_line(&mut line) {
+            Ok(0) => Err(self.failed("ended without a reply".into())),
+            Ok(_) => serde_json::from_str(&line)
+                .map_err(|e| Error::file(&self.script, format!("unexpected output {line:?}: {e}"))),
+            Err(e) => Err(self.failed(e.to_string())),
         }
     }
-    Ok(rates)
+
+    fn failed(&mut self, what: String) -> Error {
+        use std::io::Read;
+        let _ = self.child.kill();
+        let mut stderr = String::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            let _ = err.read_to_string(&mut stderr);
+        }
+        Error::file(&self.script, format!("{what}: {}", stderr.trim()))
+    }
+}
+
+impl Drop for PyTorchModel {
+    /// An empty request ends it.
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = writeln!(self.requests).and_then(|()| self.requests.flush());
+        let _ = self.child.wait();
+    }
 }
 
 /// Model-only images/s of the original, the compressed and the folded compressed model
@@ -324,25 +416,24 @@ fn model_rates(config: &BenchConfig, classes: i64) -> Result<(Vec<ModelRate>, [i
         ),
         ("compressed-folded", &folded, None),
     ] {
-        let theirs = match &config.seed_python {
+        let mut theirs = match &config.seed_python {
             Some(python) => {
                 let file = files.path().join(format!("{name}.safetensors"));
                 model.save(&file)?;
-                let train = seed_trainable.is_some();
-                pytorch_model_rates(python, config, &file, precisions, train)?
+                Some(PyTorchModel::spawn(python, config, &file)?)
             }
-            None => BTreeMap::new(),
+            None => None,
         };
         for &precision in precisions {
-            let ours = our_model_rates(config, model, seed_trainable, precision == "bf16")?;
-            for (mode, ours) in ours {
-                let key = (precision.to_string(), mode.to_string());
+            let rates = our_model_rates(config, model, seed_trainable, precision, theirs.as_mut())?;
+            for (mode, turns) in rates {
                 rows.push(ModelRate {
                     model: name,
                     precision,
                     mode,
-                    ours,
-                    pytorch: theirs.get(&key).copied(),
+                    ours: turns.ours,
+                    pytorch: turns.theirs.map(|(rate, _)| rate),
+                    ratio: turns.theirs.map(|(_, ratio)| ratio),
                 });
             }
         }
@@ -350,8 +441,8 @@ fn model_rates(config: &BenchConfig, classes: i64) -> Result<(Vec<ModelRate>, [i
     Ok((rows, macs))
 }
 
-/// Prints the model-only table: ours and PyTorch's per model, precision and mode, with ratios, and
-/// each compressed model against the original.
+/// Prints the model-only table: ours and PyTorch's per model, precision and mode, the median of
+/// the turns' ratios, and each compressed model against the original.
 fn print_model_rates(rows: &[ModelRate]) {
     println!(
         "{:<17} {:<5} {:<11} {:>12} {:>12} {:>8} {:>14}",
@@ -359,9 +450,7 @@ fn print_model_rates(rows: &[ModelRate]) {
     );
     for r in rows {
         let theirs = r.pytorch.map_or("-".into(), |t| format!("{t:.1}"));
-        let ratio = r
-            .pytorch
-            .map_or("-".into(), |t| format!("{:.2}×", r.ours / t));
+        let ratio = r.ratio.map_or("-".into(), |q| format!("{q:.2}×"));
         let versus = rows
             .iter()
             .find(|o| o.model == "original" && o.precision == r.precision && o.mode == r.mode)
