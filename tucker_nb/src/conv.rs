@@ -87,12 +87,50 @@ impl Conv2d {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let c = &self.config;
+        if self.is_strided_pointwise() && x.device() == tch::Device::Cpu {
+            return self.subsampled_pointwise(x);
+        }
         x.conv2d(
             &self.weight,
             self.bias.as_ref(),
             c.stride,
             c.padding,
             c.dilation,
+            c.groups,
+        )
+    }
+
+    /// A 1×1 kernel with a stride above 1 (a downsample, or the core of a factorised one).
+    fn is_strided_pointwise(&self) -> bool {
+        self.kernel() == [1, 1] && self.config.stride != [1, 1]
+    }
+
+    /// A strided 1×1 conv as what it computes: the input sampled every `stride` pixels (after
+    /// its zero padding), then a stride-1 1×1 conv. On the CPU, libtorch's own strided 1×1
+    /// runs oneDNN's `jit_avx512_common_1x1` backward-weights kernel, which writes past its
+    /// buffers (heap corruption, then SIGSEGV) for channels-last inputs with 8–13 input
+    /// channels, an odd batch of 25 or more and 2+ threads (oneDNN 3.10.2 in PyTorch 2.11:
+    /// `scripts/onednn_strided_1x1.py` reproduces it in plain PyTorch). Sampling first never
+    /// reaches that kernel; the values are the same sums.
+    fn subsampled_pointwise(&self, x: &Tensor) -> Tensor {
+        let c = &self.config;
+        let [ph, pw] = c.padding;
+        let padded = match ph == 0 && pw == 0 {
+            true => x.shallow_clone(),
+            false => x.constant_pad_nd([pw, pw, ph, ph]),
+        };
+        let [_, _, h, w] = padded.size()[..] else {
+            unreachable!("conv inputs are N×C×H×W")
+        };
+        let sampled = padded
+            .slice(2, 0, h, c.stride[0])
+            .slice(3, 0, w, c.stride[1]);
+        sampled.conv2d(
+            &self.weight,
+            self.bias.as_ref(),
+            [1, 1],
+            [0, 0],
+            [1, 1],
             c.groups,
         )
     }
@@ -605,5 +643,108 @@ mod tests {
             .0;
         assert_eq!(slot.macs([56, 56]).0, by_layer);
         assert_eq!(by_layer, tucker);
+    }
+
+    /// Values and gradients of `conv` on `x` against libtorch's strided conv in float64 NCHW
+    /// (no oneDNN), as the largest error relative to each reference's largest magnitude.
+    fn strided_conv_error(conv: &Conv2d, x: &Tensor) -> f64 {
+        let x = x.set_requires_grad(true);
+        let weight = conv.weight.shallow_clone().set_requires_grad(true);
+        let layer = Conv2d {
+            weight: weight.shallow_clone(),
+            bias: conv.bias.as_ref().map(|b| b.shallow_clone()),
+            config: conv.config,
+        };
+        let y = layer.forward(&x);
+        let grad = Tensor::randn(y.size(), (Kind::Float, Device::Cpu));
+        let (gx, gw) = match &Tensor::run_backward(
+            &[(&y * &grad).sum(Kind::Float)],
+            &[&x, &weight],
+            false,
+            false,
+        )[..]
+        {
+            [gx, gw] => (gx.shallow_clone(), gw.shallow_clone()),
+            _ => unreachable!("two inputs"),
+        };
+        let f64_of = |t: &Tensor| {
+            t.detach()
+                .to_kind(Kind::Double)
+                .contiguous()
+                .set_requires_grad(true)
+        };
+        let (xd, wd) = (f64_of(&x), f64_of(&weight));
+        let c = &conv.config;
+        let bias = conv.bias.as_ref().map(|b| b.to_kind(Kind::Double));
+        let yd = xd.conv2d(
+            &wd,
+            bias.as_ref(),
+            c.stride,
+            c.padding,
+            c.dilation,
+            c.groups,
+        );
+        let loss = (&yd * grad.to_kind(Kind::Double)).sum(Kind::Double);
+        let reference = Tensor::run_backward(&[loss], &[&xd, &wd], false, false);
+        let rel = |a: &Tensor, b: &Tensor| {
+            let b = b.detach();
+            (a.detach().to_kind(Kind::Double) - &b)
+                .abs()
+                .max()
+                .double_value(&[])
+                / b.abs().max().double_value(&[])
+        };
+        rel(&y, &yd)
+            .max(rel(&gx, &reference[0]))
+            .max(rel(&gw, &reference[1]))
+    }
+
+    #[test]
+    fn a_strided_pointwise_conv_trains_where_libtorchs_own_kernel_corrupts_the_heap() {
+        // A Tucker-2 downsample's 1×1 core at ratio 0.2 (12 → 25, stride 2) on an epoch's odd
+        // last batch, channels-last on 2+ CPU threads: libtorch 2.11's strided 1×1 backward
+        // writes past its buffers here (scripts/onednn_strided_1x1.py). The test binary
+        // crashing is this test failing.
+        tch::manual_seed(0);
+        let opts = (Kind::Float, Device::Cpu);
+        for (batch, c_in, c_out) in [
+            (25, 12, 25),
+            (29, 12, 25),
+            (33, 8, 51),
+            (25, 13, 12),
+            (64, 12, 25),
+        ] {
+            let conv = Conv2d {
+                weight: crate::model::to_channels_last(&Tensor::randn([c_out, c_in, 1, 1], opts)),
+                bias: None,
+                config: ConvConfig::new(2, 0),
+            };
+            let x = crate::model::to_channels_last(&Tensor::randn([batch, c_in, 16, 16], opts));
+            for _ in 0..3 {
+                let error = strided_conv_error(&conv, &x);
+                assert!(error < 1e-5, "batch {batch}, {c_in} → {c_out}: {error:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_sampled_pointwise_conv_equals_the_strided_one_with_padding_bias_and_odd_sides() {
+        tch::manual_seed(1);
+        let opts = (Kind::Float, Device::Cpu);
+        for (stride, padding, side) in [(2, 0, 15), (2, 1, 16), (3, 1, 17), (2, 0, 1)] {
+            let conv = Conv2d {
+                weight: Tensor::randn([6, 4, 1, 1], opts),
+                bias: Some(Tensor::randn([6], opts)),
+                config: ConvConfig::new(stride, padding),
+            };
+            let x = Tensor::randn([3, 4, side, side], opts);
+            let expected = conv.geometry().config.output([side, side], [1, 1]);
+            assert_eq!(conv.forward(&x).size()[2..], expected);
+            let error = strided_conv_error(&conv, &x);
+            assert!(
+                error < 1e-5,
+                "stride {stride}, padding {padding}, side {side}: {error:e}"
+            );
+        }
     }
 }

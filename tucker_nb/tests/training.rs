@@ -434,6 +434,56 @@ fn a_budget_sweep_gives_one_row_per_policy_and_leaves_the_model_alone() {
 }
 
 #[test]
+fn a_sweep_of_real_shaped_data_trains_every_policy_through_its_smaller_last_batch() {
+    // The shape of issue 26's crash (the digits at 64 px: a Tucker-2 downsample whose 1×1 core
+    // has 12 input channels, trained on an epoch's odd last batch, channels-last): 93 training
+    // images make batches of 64 and 29. Default settings otherwise, several epochs, two policies.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let spec = SyntheticSpec {
+        classes: 3,
+        train_per_class: 31,
+        val_per_class: 8,
+        size: 64,
+        seed: 2,
+    };
+    synthetic::generate(&data, spec, SyntheticFormat::ImageFolder).unwrap();
+    let out = dir.path().join("sweep");
+    let run = tucker_nb_ok(&[
+        "sweep",
+        "--data",
+        path_str(&data),
+        "--weights",
+        "none",
+        "--num-classes",
+        "3",
+        "--image-size",
+        "64",
+        "--policies",
+        "ratio:0.2,budget-macs:0.106",
+        "--epochs",
+        "3",
+        "--device",
+        "cpu",
+        "--seed",
+        "0",
+        "--out",
+        path_str(&out),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("budget-macs:0.106 epoch 3/3"), "{stderr}");
+    let csv = Csv::read(&out.join("sweep.csv"));
+    assert_eq!(
+        csv.column("policy"),
+        ["dense", "ratio:0.2", "budget-macs:0.106"]
+    );
+    for top1 in csv.column("top1") {
+        let top1: f64 = top1.parse().unwrap();
+        assert!((0.0..=1.0).contains(&top1), "top-1 {top1}");
+    }
+}
+
+#[test]
 fn the_sweep_command_writes_its_table_and_chart() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path(), 4, 8);
