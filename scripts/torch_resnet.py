@@ -1,9 +1,15 @@
-"""ResNet18 in PyTorch rebuilt from a tucker_nb model file's keys alone: each conv slot is dense
+"""ResNet18 in PyTorch rebuilt from a tucker_nb model file: each conv slot is dense
 (`name.weight`), the seed's Tucker-2 nn.Sequential(first 1×1, core k×k, last 1×1)
 (`name.{0,1,2}.weight`) or two layers (`name.{0,1}.weight`: a 1×1 conv's SVD, or a k×k conv's
 Tucker-1 with the k×k kernel first or last), with shapes, strides and biases from the file; the
 stride, padding and dilation go to the layer with the spatial kernel (the first of two 1×1s).
-Loaded strictly: a key that fits no slot is an error naming the file."""
+A safetensors file tucker_nb wrote says each slot's form in its metadata (`tucker_nb.forms`:
+{name: {"form": ..., "ranks": [r_out, r_in]}}), and the factors must agree with it; for other
+files the form is inferred from the keys. Loaded strictly: a key that fits no slot is an error
+naming the file."""
+import json
+import struct
+
 import torch
 import torch.nn as nn
 from torchvision import models
@@ -16,17 +22,55 @@ def load_state(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _slot(conv, state, name, path):
-    """The module for conv slot `name` (a torchvision nn.Conv2d) as the keys describe it."""
+# Layers of each factorised form, and which of them has the spatial kernel and the geometry.
+FORM_LAYERS = {"tucker2": (3, 1), "svd": (2, 0), "tucker1-out": (2, 0), "tucker1-in": (2, 1)}
+
+
+def load_forms(path):
+    """{slot name: {"form", "ranks"}} from a safetensors file's metadata; {} for other files
+    and files without it."""
+    if not str(path).endswith(".safetensors"):
+        return {}
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    forms = header.get("__metadata__", {}).get("tucker_nb.forms")
+    return json.loads(forms) if forms else {}
+
+
+def _ranks(form, shapes):
+    """(r_out, r_in) of a factorised slot's kernels, as tucker_nb's metadata records them."""
+    if form == "tucker2":
+        return [shapes[1][0], shapes[1][1]]
+    if form == "svd":
+        return [shapes[0][0], shapes[0][0]]
+    if form == "tucker1-out":
+        return [shapes[0][0], shapes[0][1]]
+    return [shapes[1][0], shapes[1][1]]
+
+
+def _slot(conv, state, name, path, said=None):
+    """The module for conv slot `name` (a torchvision nn.Conv2d): in the form `said` (a metadata
+    record) when given, else as the keys describe it."""
     has = lambda k: f"{name}.{k}" in state  # noqa: E731
-    if has("weight"):
+    form = said["form"] if said else None
+    if form == "dense" or (form is None and has("weight")):
         return conv
-    n = 3 if has("2.weight") else 2 if has("1.weight") else 0
-    if n == 0:
+    if form is None:
+        n = 3 if has("2.weight") else 2 if has("1.weight") else 0
+    elif form in FORM_LAYERS:
+        n = FORM_LAYERS[form][0]
+    else:
+        raise ValueError(f"{path}: metadata gives conv {name} the unknown form {form!r}")
+    if n == 0 or not all(has(f"{i}.weight") for i in range(n)):
         raise ValueError(f"{path}: no weights for conv {name} (neither {name}.weight nor its factors)")
     shapes = [state[f"{name}.{i}.weight"].shape for i in range(n)]
     _check_chain(conv, shapes, name, path)
     spatial = next((i for i, s in enumerate(shapes) if tuple(s[2:]) != (1, 1)), 0)
+    if form is not None:
+        if spatial != FORM_LAYERS[form][1] or list(said.get("ranks") or []) != _ranks(form, shapes):
+            raise ValueError(f"{path}: conv {name}'s factors {[list(s) for s in shapes]} are not "
+                             f"the {form} {said.get('ranks')} its metadata says")
     layers = []
     for i, s in enumerate(shapes):
         geometry = (dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
@@ -62,15 +106,20 @@ def _check_chain(conv, shapes, name, path):
 
 
 def resnet18_from_state(state, path="model"):
-    """torchvision's resnet18 with every conv slot shaped as `state` says, `state` loaded strictly."""
+    """torchvision's resnet18 with every conv slot shaped as `state` says (in the forms the file
+    at `path` records, when it does), `state` loaded strictly."""
     if "fc.weight" not in state or state["fc.weight"].dim() != 2:
         raise ValueError(f"{path}: fc.weight missing or not a matrix")
+    forms = load_forms(path) if str(path).endswith(".safetensors") else {}
     model = models.resnet18(weights=None, num_classes=state["fc.weight"].shape[0])
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    unknown = sorted(set(forms) - {n for n, _ in convs})
+    if unknown:
+        raise ValueError(f"{path}: metadata names {unknown[0]}, which is no conv of a ResNet18")
     for name, conv in convs:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _slot(conv, state, name, path))
+        setattr(parent, child, _slot(conv, state, name, path, forms.get(name)))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # PyTorch's message spans lines: one line, naming the keys

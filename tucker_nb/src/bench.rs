@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
@@ -18,6 +17,7 @@ use crate::experiment::{loader_pair, RunConfig};
 use crate::loader::Loader;
 use crate::model::ResNet18;
 use crate::runtime::{autocast_bf16, synchronize};
+use crate::timing::{median, timed};
 use crate::train::sgd::Sgd;
 use crate::train::{trainable_parameters, BnMode, Trainable};
 
@@ -60,11 +60,6 @@ impl BenchConfig {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// Median images/s of `f`, which processes `n` images per call: one untimed warm-up call (cuDNN
 /// autotuning, allocator, caches), then `repeats` timed calls, each ended by one device sync.
 fn rate(repeats: usize, n: usize, device: Device, f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -98,10 +93,9 @@ fn rates_in_turns(
     their_turn()?;
     let (mut ours, mut pytorch, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..repeats.max(1) {
-        let t = Instant::now();
-        f()?;
-        synchronize(device);
-        let mine = n as f64 / t.elapsed().as_secs_f64();
+        let (done, seconds) = timed(device, &mut f);
+        done?;
+        let mine = n as f64 / seconds;
         ours.push(mine);
         if let Some(rate) = their_turn()? {
             pytorch.push(rate);

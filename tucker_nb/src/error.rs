@@ -83,3 +83,12 @@ pub fn check_image_side(what: &str, side: i64) -> Result<()> {
 pub fn check_count(what: &str, n: usize) -> Result<()> {
     check(n >= 1, what, n, "≥ 1")
 }
+
+/// libtorch errors carry a C++ backtrace; the first line says what went wrong.
+pub(crate) fn first_line(message: &str) -> &str {
+    message
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(message)
+        .trim()
+}

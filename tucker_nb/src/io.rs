@@ -2,12 +2,13 @@
 //! file in the same folder, fsynced, renamed into place), alone or as a set of outputs committed
 //! together, so a failed command never leaves a half-written output or loses an existing one.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use tch::Tensor;
 
-use crate::error::{Error, Result};
+use crate::error::{first_line, Error, Result};
 
 /// Reads named tensors from `.safetensors`, or from a `torch.save` zip (`.pth`, `.pt`, `.bin`),
 /// such as torchvision's `resnet18-f37072fd.pth`.
@@ -45,9 +46,17 @@ pub fn csv_field(s: &str) -> String {
 
 /// Writes named tensors as safetensors, atomically.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    write_safetensors_with(path, tensors, &BTreeMap::new())
+}
+
+/// Writes named tensors and `metadata` (the header's `__metadata__`) as safetensors, atomically.
+pub fn write_safetensors_with(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     write_atomic_with(path, |tmp| {
-        Tensor::write_safetensors(tensors, tmp)
-            .map_err(|e| Error::file(path, first_line(&e.to_string())))
+        crate::tensor_file::write(path, tmp, tensors, metadata)
     })
 }
 
@@ -228,15 +237,6 @@ fn process_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-/// libtorch errors carry a C++ backtrace; the first line says what went wrong.
-pub(crate) fn first_line(message: &str) -> &str {
-    message
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or(message)
-        .trim()
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! - [`runtime`]: process set-up (libtorch's CUDA backend) and device choice; call
 //!   [`runtime::init`] first.
 //! - [`model`]: ResNet18 as a plain struct tree with torchvision's names and swappable conv slots.
-//! - [`conv`]: dense, Tucker-2 and two-layer SVD conv layers, and the one cost model.
+//! - [`conv`]: dense, Tucker-2 and two-layer conv layers (an SVD, or a Tucker-1 form), and the
+//!   one cost model.
 //! - [`compress`]: decompositions, rank policies, per-layer plans, budgets, `compress_model`.
 //! - [`report`]: the per-layer compression report.
 //! - [`data`]: ImageFolder and CIFAR-100 datasets, decoded once and cached.
@@ -25,12 +26,15 @@ pub mod cache;
 pub mod compress;
 pub mod conv;
 pub mod data;
+pub mod decompose;
 pub mod display;
 pub mod error;
 pub mod experiment;
 pub mod export;
+pub mod figures;
 pub(crate) mod frame;
 pub(crate) mod io;
+pub mod layout;
 pub mod loader;
 pub mod model;
 pub mod notebook;
@@ -40,16 +44,20 @@ pub mod report;
 pub mod runtime;
 pub mod sweep;
 pub mod synthetic;
+pub(crate) mod tensor_file;
+pub mod timing;
 pub mod torch_pickle;
 pub mod train;
 
-pub use compress::decompose::Method;
+pub use compress::cost::Cost;
 pub use compress::policy::{CompressionPolicy, Fit, Fraction, RankPolicy};
 pub use compress::{compress_model, factorise};
 pub use data::{DataSource, Dataset, Split, StorageOptions};
+pub use decompose::Method;
 pub use display::Html;
 pub use error::{Error, Result};
 pub use experiment::{Calibration, RunConfig, Stages};
+pub use figures::ModelFigures;
 pub use frame::write_frame_csv;
 pub use io::{read_state_dict, Outputs};
 pub use loader::{Loader, Transform};

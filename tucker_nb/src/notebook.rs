@@ -5,16 +5,17 @@
 //! original vs compressed. `TUCKER_NB_OUT` moves the output folder.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
-use crate::compress::decompose::Method;
-use crate::compress::policy::{CompressionPolicy, Fraction, RankPolicy};
+use crate::compress::cost::Cost;
+use crate::compress::policy::{CompressionPolicy, RankPolicy};
 use crate::data::DataSource;
+use crate::decompose::Method;
 use crate::display::{grid, Html};
 use crate::error::{Error, Result};
 use crate::experiment::{self, RunConfig};
+use crate::figures::ModelFigures;
 use crate::loader::Loader;
 use crate::model::ResNet18;
 use crate::runtime;
@@ -262,7 +263,7 @@ impl NotebookConfig {
 
     /// A budget of `fraction` of the dense model's conv MACs at the notebook's image size.
     pub fn budget_policy(&self, fraction: f64) -> Result<CompressionPolicy> {
-        let budget = RankPolicy::BudgetMacs(Fraction::new("budget-macs", fraction)?);
+        let budget = RankPolicy::budget(Cost::Macs, fraction)?;
         Ok(self.policy().with_ranks(budget))
     }
 
@@ -296,34 +297,11 @@ pub fn folded_copy(model: &ResNet18) -> (ResNet18, String) {
     (folded, format!("{} BNs folded", names.len()))
 }
 
-/// One model's line in the closing summary.
+/// One model's line in the closing summary: a label and the model's figures, latency measured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSummary {
     pub label: String,
-    pub top1: f64,
-    pub top5: f64,
-    pub params: i64,
-    pub conv_macs: i64,
-    /// Median batch-1 forward time in milliseconds.
-    pub latency_ms: f64,
-}
-
-/// Median time of a batch-1 forward pass at `size` px, in milliseconds (3 warm-ups, 20 runs).
-pub fn latency_ms(model: &ResNet18, size: i64) -> f64 {
-    let device = model.device();
-    let x = Tensor::randn([1, 3, size, size], (Kind::Float, device));
-    let mut times = Vec::new();
-    tch::no_grad(|| {
-        for i in 0..23 {
-            let t = Instant::now();
-            let _ = model.forward(&x, false).sum(Kind::Float).double_value(&[]);
-            if i >= 3 {
-                times.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-    });
-    times.sort_by(|a, b| a.total_cmp(b));
-    times[times.len() / 2]
+    pub figures: ModelFigures,
 }
 
 /// Accuracy, size, cost and latency of `model` as evaluated in `eval`.
@@ -335,40 +313,37 @@ pub fn summarize(
 ) -> ModelSummary {
     ModelSummary {
         label: label.into(),
-        top1: eval.top1,
-        top5: eval.top5,
-        params: model.num_params(),
-        conv_macs: model.conv_macs([image_size, image_size]),
-        latency_ms: latency_ms(model, image_size),
+        figures: ModelFigures::new(model, eval, image_size).with_latency(model, image_size),
     }
 }
 
 /// The closing table: one row per model, ratios against the first.
 pub fn summary_table(rows: &[&ModelSummary]) -> Html {
-    let base = rows.first();
+    let base = rows.first().map(|r| &r.figures);
     let ratio = |a: f64, b: Option<f64>| b.map_or(String::new(), |b| format!(" ({:.2}×)", a / b));
     let body: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
+            let f = &r.figures;
+            let latency = match f.latency_ms {
+                Some(ms) => format!("{ms:.2} ms{}", ratio(ms, base.and_then(|b| b.latency_ms))),
+                None => "not measured".into(),
+            };
             vec![
                 r.label.clone(),
-                format!("{:.2} %", r.top1 * 100.0),
-                format!("{:.2} %", r.top5 * 100.0),
+                format!("{:.2} %", f.top1 * 100.0),
+                format!("{:.2} %", f.top5 * 100.0),
                 format!(
                     "{:.2} M{}",
-                    r.params as f64 / 1e6,
-                    ratio(r.params as f64, base.map(|b| b.params as f64))
+                    f.params as f64 / 1e6,
+                    ratio(f.params as f64, base.map(|b| b.params as f64))
                 ),
                 format!(
                     "{:.1} M{}",
-                    r.conv_macs as f64 / 1e6,
-                    ratio(r.conv_macs as f64, base.map(|b| b.conv_macs as f64))
+                    f.conv_macs as f64 / 1e6,
+                    ratio(f.conv_macs as f64, base.map(|b| b.conv_macs as f64))
                 ),
-                format!(
-                    "{:.2} ms{}",
-                    r.latency_ms,
-                    ratio(r.latency_ms, base.map(|b| b.latency_ms))
-                ),
+                latency,
             ]
         })
         .collect();

@@ -15,9 +15,10 @@ pub struct LayerReport {
     /// C_out × C_in × kh × kw of the dense conv.
     pub shape: [i64; 4],
     pub stride: i64,
-    /// Dense, Tucker-2 or SVD, with the ranks.
+    /// Dense, Tucker-2, SVD or a Tucker-1 form, with the ranks.
     pub form: Form,
-    /// (r_out, r_in) when factorised (an SVD's rank is both), `None` when dense.
+    /// (r_out, r_in) when factorised (an SVD's rank is both; Tucker-1 keeps one mode whole),
+    /// `None` when dense.
     pub ranks: Option<(i64, i64)>,
     /// Input resolution [H, W] at which MACs are counted.
     pub input: [i64; 2],

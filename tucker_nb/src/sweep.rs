@@ -14,6 +14,13 @@ use crate::loader::Loader;
 use crate::model::ResNet18;
 use crate::train::{evaluate, fine_tune_rows_with, recalibrate_bn, FineTuneConfig, Trainable};
 
+/// The policies `tucker-nb sweep` compares unless told others.
+pub const DEFAULT_POLICIES: &str =
+    "budget-macs:0.5,budget-macs:0.33,budget-macs:0.2,budget-macs:0.1";
+
+/// Fine-tune epochs of each compressed model in `tucker-nb sweep`, unless told otherwise.
+pub const DEFAULT_EPOCHS: usize = 1;
+
 /// The sweep's columns, in order.
 pub const SWEEP_COLUMNS: [&str; 12] = [
     "policy",

@@ -364,7 +364,7 @@ fn a_multi_stage_run_compresses_further_after_a_short_fine_tune() {
 #[test]
 fn a_budget_sweep_gives_one_row_per_policy_and_leaves_the_model_alone() {
     use tucker_nb::sweep::{sweep, SWEEP_COLUMNS};
-    use tucker_nb::{CompressionPolicy, Fraction, RankPolicy};
+    use tucker_nb::{CompressionPolicy, Cost, RankPolicy};
     tucker_nb::runtime::init();
     tch::manual_seed(1);
     let dir = tempfile::tempdir().unwrap();
@@ -378,7 +378,7 @@ fn a_budget_sweep_gives_one_row_per_policy_and_leaves_the_model_alone() {
     let policies: Vec<CompressionPolicy> = [0.5, 0.25]
         .iter()
         .map(|b| CompressionPolicy {
-            ranks: RankPolicy::BudgetMacs(Fraction::new("budget", *b).unwrap()),
+            ranks: RankPolicy::budget(Cost::Macs, *b).unwrap(),
             input_size: [32, 32],
             method: Some(tucker_nb::Method::Hosvd),
             ..Default::default()

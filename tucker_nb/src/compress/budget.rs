@@ -1,5 +1,6 @@
 //! One budget for the whole model (`budget-macs:F`, `budget-params:F`): choose every conv's form and
-//! ranks to lose least subject to total cost ≤ F × the dense model's cost, by a Lagrangian search:
+//! ranks to lose least subject to total cost ≤ F × the dense model's cost (the cost model is a
+//! [`Cost`], `cost.rs` beside this file), by a Lagrangian search:
 //! for a price λ each layer independently takes the option (as it is, or a factorisation on a rank
 //! grid) minimising loss + λ·cost, and λ is bisected to meet the budget; a greedy fill then spends
 //! what the Lagrangian choice leaves.
@@ -15,19 +16,20 @@
 
 use std::collections::BTreeMap;
 
+use crate::compress::cost::Cost;
 use crate::compress::plan::{LayerFacts, LayerPlan};
 use crate::conv::Form;
 
-/// What a budget counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cost {
-    Macs,
-    Params,
+/// One candidate for a layer under a budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BudgetOption {
+    /// The factorisation, or `None` to keep the slot as it is.
+    form: Option<Form>,
+    /// Its price under the budget's cost model.
+    cost: f64,
+    /// −ln(1 − e) for its relative squared error e.
+    loss: f64,
 }
-
-/// One candidate for a layer under a budget: (form, or `None` to keep the slot as it is; cost;
-/// loss, −ln(1 − e) for its relative squared error e).
-type BudgetOption = (Option<Form>, i64, f64);
 
 /// The loss of an option with relative squared error `e`: −ln of the output energy share it keeps.
 fn loss(e: f64) -> f64 {
@@ -50,23 +52,9 @@ fn rank_grid(dim: i64, round_to: Option<i64>) -> Vec<i64> {
 }
 
 impl LayerFacts {
-    fn cost(&self, by: Cost, form: Form) -> i64 {
-        match by {
-            Cost::Macs => self.macs(form),
-            Cost::Params => self.params(form),
-        }
-    }
-
-    fn current_cost(&self, by: Cost) -> i64 {
-        match by {
-            Cost::Macs => self.current.0,
-            Cost::Params => self.current.1,
-        }
-    }
-
     /// Keeping the slot as it is, then every factorisation on the rank grid that costs less:
     /// Tucker-2 pairs and both Tucker-1 forms for a k×k conv, SVD ranks for a 1×1 one.
-    fn budget_options(&self, by: Cost, round_to: Option<i64>) -> Vec<BudgetOption> {
+    fn budget_options(&self, by: &Cost, round_to: Option<i64>) -> Vec<BudgetOption> {
         let [c_out, c_in, _, _] = self.shape();
         let forms: Vec<Form> = if self.takes_svd() {
             rank_grid(c_out.min(c_in), round_to)
@@ -92,24 +80,32 @@ impl LayerFacts {
             }
             forms
         };
-        let current = self.current_cost(by);
-        let mut options = vec![(None, current, 0.0)];
+        let current = by.of_current(self.current);
+        let mut options = vec![BudgetOption {
+            form: None,
+            cost: current,
+            loss: 0.0,
+        }];
         options.extend(
             forms
                 .into_iter()
-                .map(|form| (Some(form), self.cost(by, form), loss(self.error(form))))
-                .filter(|&(_, cost, _)| cost < current),
+                .map(|form| BudgetOption {
+                    form: Some(form),
+                    cost: by.of_form(&self.geometry, self.input, form),
+                    loss: loss(self.error(form)),
+                })
+                .filter(|o| o.cost < current),
         );
         options
     }
 }
 
 /// For each layer, the option minimising error + λ·cost/total.
-fn choose(options: &[Vec<BudgetOption>], lambda: f64, total: i64) -> Vec<usize> {
+fn choose(options: &[Vec<BudgetOption>], lambda: f64, total: f64) -> Vec<usize> {
     options
         .iter()
         .map(|opts| {
-            let score = |o: &BudgetOption| o.2 + lambda * o.1 as f64 / total as f64;
+            let score = |o: &BudgetOption| o.loss + lambda * o.cost / total;
             (0..opts.len())
                 .min_by(|&a, &b| score(&opts[a]).total_cmp(&score(&opts[b])))
                 .expect("every layer has the option to stay as it is")
@@ -117,23 +113,26 @@ fn choose(options: &[Vec<BudgetOption>], lambda: f64, total: i64) -> Vec<usize> 
         .collect()
 }
 
-fn cost_of(options: &[Vec<BudgetOption>], choice: &[usize]) -> i64 {
-    choice.iter().zip(options).map(|(&i, o)| o[i].1).sum()
+fn cost_of(options: &[Vec<BudgetOption>], choice: &[usize]) -> f64 {
+    choice.iter().zip(options).map(|(&i, o)| o[i].cost).sum()
 }
 
 /// The plan meeting `target` × the dense model's cost, by price search and greedy fill.
 pub fn plan_budget(
     facts: &[LayerFacts],
     target: f64,
-    by: Cost,
+    by: &Cost,
     round_to: Option<i64>,
 ) -> BTreeMap<String, LayerPlan> {
-    let total: i64 = facts.iter().map(|f| f.cost(by, Form::Dense)).sum();
+    let total: f64 = facts
+        .iter()
+        .map(|f| by.of_form(&f.geometry, f.input, Form::Dense))
+        .sum();
     let options: Vec<Vec<BudgetOption>> = facts
         .iter()
         .map(|f| f.budget_options(by, round_to))
         .collect();
-    let budget = (target * total as f64) as i64;
+    let budget = target * total;
     // Bisect log λ: a higher price buys cheaper layers.
     let (mut lo, mut hi) = (1e-9f64.ln(), 1e9f64.ln());
     for _ in 0..100 {
@@ -146,17 +145,14 @@ pub fn plan_budget(
     }
     let mut choice = choose(&options, hi.exp(), total);
     fill_budget(&options, &mut choice, budget);
-    let achieved = cost_of(&options, &choice) as f64 / total as f64;
-    let what = match by {
-        Cost::Macs => "MACs",
-        Cost::Params => "params",
-    };
+    let achieved = cost_of(&options, &choice) / total;
+    let what = by.label();
     facts
         .iter()
         .zip(&options)
         .zip(&choice)
         .map(|((f, opts), &i)| {
-            let (form, _, loss) = opts[i];
+            let BudgetOption { form, loss, .. } = opts[i];
             let error = 1.0 - (-loss).exp();
             let measured = if f.on_data {
                 "output error on calibration data"
@@ -179,37 +175,46 @@ pub fn plan_budget(
 /// spectra) it can stop well short of the target. Greedily, take the upgrade (a dearer option
 /// of one layer) with the largest error reduction per unit of cost that still fits, until none
 /// does.
-fn fill_budget(options: &[Vec<BudgetOption>], choice: &mut [usize], budget: i64) {
+fn fill_budget(options: &[Vec<BudgetOption>], choice: &mut [usize], budget: f64) {
+    /// A dearer option of one layer, and the error reduction it buys per unit of cost.
+    #[derive(Clone, Copy)]
+    struct Upgrade {
+        option: usize,
+        gain_per_cost: f64,
+    }
     let mut spent = cost_of(options, choice);
-    // A layer's best upgrade within `room`: (option, error reduction per unit of cost).
-    let best_upgrade = |layer: usize, current: usize, room: i64| -> Option<(usize, f64)> {
-        let (_, cost, error) = options[layer][current];
+    // A layer's best upgrade from its option `current` within `room`.
+    let best_upgrade = |layer: usize, current: usize, room: f64| -> Option<Upgrade> {
+        let now = options[layer][current];
         options[layer]
             .iter()
             .enumerate()
-            .filter(|(_, &(_, c, e))| c > cost && c - cost <= room && e < error)
-            .map(|(i, &(_, c, e))| (i, (error - e) / (c - cost) as f64))
-            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .filter(|(_, o)| o.cost > now.cost && o.cost - now.cost <= room && o.loss < now.loss)
+            .map(|(option, o)| Upgrade {
+                option,
+                gain_per_cost: (now.loss - o.loss) / (o.cost - now.cost),
+            })
+            .max_by(|a, b| a.gain_per_cost.total_cmp(&b.gain_per_cost))
     };
     // Cached per layer; the room only shrinks, so a cached upgrade that still fits is still the
     // layer's best, and one that no longer fits is recomputed.
-    let mut cached: Vec<Option<(usize, f64)>> = (0..options.len())
+    let mut cached: Vec<Option<Upgrade>> = (0..options.len())
         .map(|l| best_upgrade(l, choice[l], budget - spent))
         .collect();
-    while let Some((layer, (i, _))) = cached
+    while let Some((layer, upgrade)) = cached
         .iter()
         .enumerate()
-        .filter_map(|(l, c)| c.map(|c| (l, c)))
-        .max_by(|a, b| a.1 .1.total_cmp(&b.1 .1))
+        .filter_map(|(l, u)| u.map(|u| (l, u)))
+        .max_by(|a, b| a.1.gain_per_cost.total_cmp(&b.1.gain_per_cost))
     {
-        let extra = options[layer][i].1 - options[layer][choice[layer]].1;
+        let extra = options[layer][upgrade.option].cost - options[layer][choice[layer]].cost;
         if spent + extra > budget {
             cached[layer] = best_upgrade(layer, choice[layer], budget - spent);
             continue;
         }
         spent += extra;
-        choice[layer] = i;
-        cached[layer] = best_upgrade(layer, i, budget - spent);
+        choice[layer] = upgrade.option;
+        cached[layer] = best_upgrade(layer, upgrade.option, budget - spent);
     }
 }
 
@@ -228,18 +233,23 @@ mod tests {
 
     #[test]
     fn the_greedy_fill_spends_what_fits_by_error_reduction_per_cost() {
+        let option = |rank: Option<i64>, cost, loss| BudgetOption {
+            form: rank.map(|rank| Form::Svd { rank }),
+            cost,
+            loss,
+        };
         let options = vec![
-            vec![(None, 10, 0.0), (Some(Form::Svd { rank: 1 }), 2, 0.5)],
+            vec![option(None, 10.0, 0.0), option(Some(1), 2.0, 0.5)],
             vec![
-                (None, 10, 0.0),
-                (Some(Form::Svd { rank: 1 }), 2, 0.9),
-                (Some(Form::Svd { rank: 2 }), 4, 0.1),
+                option(None, 10.0, 0.0),
+                option(Some(1), 2.0, 0.9),
+                option(Some(2), 4.0, 0.1),
             ],
         ];
         let mut choice = vec![1, 1];
-        fill_budget(&options, &mut choice, 7);
+        fill_budget(&options, &mut choice, 7.0);
         // Layer 1's upgrade (0.8 less error for 2) fits; layer 0's (8 more) does not.
         assert_eq!(choice, vec![1, 2]);
-        assert_eq!(cost_of(&options, &choice), 6);
+        assert_eq!(cost_of(&options, &choice), 6.0);
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
-use crate::compress::decompose::ActivationMoments;
+use crate::decompose::ActivationMoments;
 use crate::error::{Error, Result};
 use crate::loader::Loader;
 use crate::model::ResNet18;

@@ -1,9 +1,10 @@
 //! Compression of a model's convolutions (the seed's `TuckerCompressor`, without its bugs):
 //!
-//! - [`decompose`]: the math on plain tensors (HOSVD, HOOI, SVD, mode products, errors);
+//! - [`decompose`] (`crate::decompose`, which the conv layers share): the math on plain tensors
+//!   (HOSVD, HOOI, SVD, mode products, errors);
 //! - [`policy`]: rank policies, parsed and validated once;
 //! - [`plan`]: per-layer facts and choices of the rule-based and spectral policies;
-//! - [`budget`]: one budget for the whole model;
+//! - [`budget`]: one budget for the whole model, priced by a [`cost`] model;
 //! - this module: [`plan_layers`] and [`compress_model`], which applies a plan in place.
 //!
 //! The conv becomes 1×1 (U1ᵀ) → kh×kw core (S, with the original stride, padding, dilation) → 1×1
@@ -12,24 +13,26 @@
 
 pub mod budget;
 pub mod calibrate;
-pub mod decompose;
+pub mod cost;
 pub mod plan;
 pub mod policy;
 pub(crate) mod spectra;
 
+pub use crate::decompose;
+
 use std::collections::BTreeMap;
 
-use crate::compress::budget::{plan_budget, Cost};
+use crate::compress::budget::plan_budget;
 use crate::compress::calibrate::Moments;
-use crate::compress::decompose::{
-    fit_tucker2, relative_error, relative_output_error, svd_factors, svd_factors_whitened,
-    tucker2_whitened, ActivationMoments, Method,
-};
 use crate::compress::plan::{
     check_ranks, plan_rule_based, plan_spectral, LayerFacts, LayerPlan, SlotAt,
 };
 use crate::compress::policy::{CompressionPolicy, Fit, RankPolicy};
-use crate::conv::{Conv2d, ConvSlot, Form, TuckerConv, TwoLayerConv};
+use crate::conv::{Conv2d, ConvConfig, ConvSlot, Form, TuckerConv, TwoLayerConv};
+use crate::decompose::{
+    fit_tucker2, relative_error, relative_output_error, svd_factors, svd_factors_whitened,
+    tucker2_whitened, ActivationMoments, Method,
+};
 use crate::error::{Error, Result};
 use crate::model::ResNet18;
 use crate::report::{CompressionReport, LayerReport};
@@ -57,14 +60,8 @@ pub fn plan_layers(
             (name, slot, input)
         })
         .collect();
-    if let Some((name, slot, _)) = slots.iter().find(|s| s.1.config().groups != 1) {
-        return Err(Error::layer(
-            name.clone(),
-            format!(
-                "grouped convolution (groups = {}) cannot be Tucker-2 compressed",
-                slot.config().groups
-            ),
-        ));
+    for (name, slot, _) in &slots {
+        check_ungrouped(name, &slot.config())?;
     }
     if policy.ranks.is_rule_based() {
         return plan_rule_based(&slots, &policy.ranks, policy.round_to);
@@ -73,15 +70,23 @@ pub fn plan_layers(
         .iter()
         .map(|slot| LayerFacts::new(slot, moments.and_then(|m| m.get(&slot.0))))
         .collect();
-    Ok(match policy.ranks {
-        RankPolicy::BudgetMacs(target) => {
-            plan_budget(&facts, target.get(), Cost::Macs, policy.round_to)
-        }
-        RankPolicy::BudgetParams(target) => {
-            plan_budget(&facts, target.get(), Cost::Params, policy.round_to)
+    Ok(match &policy.ranks {
+        RankPolicy::Budget { cost, fraction } => {
+            plan_budget(&facts, fraction.get(), cost, policy.round_to)
         }
         _ => plan_spectral(&facts, policy),
     })
+}
+
+/// Grouped convolutions have no Tucker-2 factorisation here; the error names `layer`.
+fn check_ungrouped(layer: &str, config: &ConvConfig) -> Result<()> {
+    match config.groups {
+        1 => Ok(()),
+        groups => Err(Error::layer(
+            layer,
+            format!("grouped convolution (groups = {groups}) cannot be Tucker-2 compressed"),
+        )),
+    }
 }
 
 /// Factorises the dense conv `conv` into `form`: Tucker-2 fitted by `method`, or the truncated SVD
@@ -120,15 +125,7 @@ pub fn factorise_fitted(
     moments: Option<&ActivationMoments>,
 ) -> Result<ConvSlot> {
     let [c_out, c_in, kh, kw] = conv.geometry().shape;
-    if conv.config.groups != 1 {
-        return Err(Error::layer(
-            layer,
-            format!(
-                "grouped convolution (groups = {}) cannot be Tucker-2 compressed",
-                conv.config.groups
-            ),
-        ));
-    }
+    check_ungrouped(layer, &conv.config)?;
     match form {
         Form::Dense => Ok(ConvSlot::Dense(Conv2d {
             weight: conv.weight.detach().copy(),
@@ -170,7 +167,7 @@ pub fn factorise_fitted(
                 None => fit_tucker2(&conv.weight, ranks, method),
             };
             Ok(ConvSlot::TwoLayer(TwoLayerConv::tucker1_from_factors(
-                &factors, conv, output,
+                &factors, conv, form,
             )))
         }
         Form::Svd { rank } => {
@@ -422,7 +419,7 @@ mod tests {
 
     #[test]
     fn tucker1_layers_are_exact_at_full_rank_and_lose_what_the_planner_says() {
-        use crate::compress::decompose::rank_pair_energy;
+        use crate::decompose::rank_pair_energy;
         let dense = conv(12, 8, 3, true); // stride 2, padding 1
         let x = Tensor::randn([2, 8, 9, 9], (Kind::Float, Device::Cpu));
         let energy = rank_pair_energy(&dense.weight, None);

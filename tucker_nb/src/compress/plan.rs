@@ -8,12 +8,13 @@ use std::collections::BTreeMap;
 
 use tch::Kind;
 
-use crate::compress::decompose::{
-    rank_pair_energy, singular_values, unfoldings, ActivationMoments, RankPairEnergy,
-};
+use crate::compress::cost::SlotCost;
 use crate::compress::policy::{CompressionPolicy, RankPolicy};
 use crate::compress::spectra::{energy_rank, evbmf_rank};
 use crate::conv::{ConvGeometry, ConvSlot, Form};
+use crate::decompose::{
+    rank_pair_energy, singular_values, unfoldings, ActivationMoments, RankPairEnergy,
+};
 use crate::error::{Error, Result};
 
 /// Convs reading at most this many channels (the image) keep their full input rank.
@@ -119,8 +120,8 @@ pub struct LayerFacts {
     energy: RankPairEnergy,
     /// Whether `energy` measures the output error on calibration data (else the kernel error).
     pub on_data: bool,
-    /// (MACs, params) of the slot as it is (dense, or factorised by an earlier stage).
-    pub current: (i64, i64),
+    /// What the slot costs as it is (dense, or factorised by an earlier stage).
+    pub current: SlotCost,
     is_dense: bool,
 }
 
@@ -139,7 +140,10 @@ impl LayerFacts {
             norm2: weight.square().sum(Kind::Double).double_value(&[]),
             energy: rank_pair_energy(&weight, moments),
             on_data: moments.is_some(),
-            current: (slot.macs(*input).0, slot.num_params()),
+            current: SlotCost {
+                macs: slot.macs(*input).0,
+                params: slot.num_params(),
+            },
             is_dense: slot.is_dense(),
         }
     }
@@ -205,7 +209,7 @@ impl LayerFacts {
 
     /// `form`, or the slot as it is (with a note saying why) when `form` would not cut its MACs.
     pub fn unless_not_cheaper(&self, form: Form, mut notes: Vec<String>) -> LayerPlan {
-        if self.macs(form) >= self.current.0 {
+        if self.macs(form) >= self.current.macs {
             let ranks = form.ranks().expect("a factorisation");
             notes.push(format!(
                 "{}: {} at {ranks:?} would not cut its MACs",

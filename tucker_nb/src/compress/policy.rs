@@ -5,11 +5,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 
-use crate::compress::decompose::Method;
+use crate::compress::cost::Cost;
+use crate::decompose::Method;
 use crate::error::{Error, Result};
 
 /// A number in (0, 1]: a ratio, an energy share or a budget. Only [`Fraction::new`] makes one.
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, serde::Serialize)]
+#[serde(transparent)]
 pub struct Fraction(f64);
 
 impl Fraction {
@@ -36,7 +38,8 @@ impl std::fmt::Display for Fraction {
 /// How the (r_out, r_in) of each conv are chosen. Build one with [`RankPolicy::ratio`],
 /// [`str::parse`] (`"budget-macs:0.2"`) or [`RankPolicy::from_ranks_file`]: the fractions inside
 /// are validated [`Fraction`]s.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RankPolicy {
     /// The seed's rule: `max(1, int(C · ratio))` for each mode, every conv compressed. One
     /// deliberate difference: a conv reading the RGB image keeps its full input rank; the seed
@@ -48,16 +51,24 @@ pub enum RankPolicy {
     Energy(Fraction),
     /// Per mode, the rank EVBMF estimates (Kim et al. 2016); at least 1.
     Vbmf,
-    /// One budget for the whole model: this fraction of its conv MACs (at the policy's input size).
-    BudgetMacs(Fraction),
-    /// One budget for the whole model: this fraction of its conv parameters.
-    BudgetParams(Fraction),
+    /// One budget for the whole model: this fraction of its convs' cost, as the cost model counts
+    /// it (MACs at the policy's input size, or parameters).
+    Budget { cost: Cost, fraction: Fraction },
 }
 
 impl RankPolicy {
     /// The seed's rule; `ratio` must lie in (0, 1].
     pub fn ratio(ratio: f64) -> Result<Self> {
         Ok(RankPolicy::Ratio(Fraction::new("ratio", ratio)?))
+    }
+
+    /// A budget of `fraction` of the model's `cost`; `fraction` must lie in (0, 1].
+    pub fn budget(cost: Cost, fraction: f64) -> Result<Self> {
+        let what = format!("budget-{}", cost.name());
+        Ok(RankPolicy::Budget {
+            fraction: Fraction::new(&what, fraction)?,
+            cost,
+        })
     }
 
     /// Reads a JSON object `{"layer1.0.conv1": [r_out, r_in], ...}`.
@@ -103,18 +114,30 @@ impl FromStr for RankPolicy {
             })?;
             Fraction::new(kind, number)
         };
+        let unknown = || {
+            let budgets: Vec<String> = Cost::ALL
+                .iter()
+                .map(|c| format!("budget-{}:F", c.name()))
+                .collect();
+            Error::value(
+                "policy",
+                format!(
+                    "`{spec}` (expected ratio:R, energy:E, vbmf, {})",
+                    budgets.join(" or ")
+                ),
+            )
+        };
         match kind {
             "ratio" => Ok(RankPolicy::Ratio(fraction()?)),
             "energy" => Ok(RankPolicy::Energy(fraction()?)),
             "vbmf" if value.is_empty() => Ok(RankPolicy::Vbmf),
-            "budget-macs" => Ok(RankPolicy::BudgetMacs(fraction()?)),
-            "budget-params" => Ok(RankPolicy::BudgetParams(fraction()?)),
-            _ => Err(Error::value(
-                "policy",
-                format!(
-                    "`{spec}` (expected ratio:R, energy:E, vbmf, budget-macs:F or budget-params:F)"
-                ),
-            )),
+            _ => match kind.strip_prefix("budget-").map(Cost::from_name) {
+                Some(Ok(cost)) => Ok(RankPolicy::Budget {
+                    cost,
+                    fraction: fraction()?,
+                }),
+                _ => Err(unknown()),
+            },
         }
     }
 }
@@ -127,14 +150,14 @@ impl std::fmt::Display for RankPolicy {
             RankPolicy::Explicit(_) => write!(f, "explicit"),
             RankPolicy::Energy(e) => write!(f, "energy:{e}"),
             RankPolicy::Vbmf => write!(f, "vbmf"),
-            RankPolicy::BudgetMacs(b) => write!(f, "budget-macs:{b}"),
-            RankPolicy::BudgetParams(b) => write!(f, "budget-params:{b}"),
+            RankPolicy::Budget { cost, fraction } => write!(f, "budget-{}:{fraction}", cost.name()),
         }
     }
 }
 
 /// What the factors are fitted to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Fit {
     /// The kernel: minimise ‖W − Ŵ‖ (the seed's HOSVD, or HOOI).
     Weights,
@@ -144,7 +167,7 @@ pub enum Fit {
 }
 
 /// What to compress and how; defaults mirror the seed (ratio 0.2, costs counted at 224 px).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct CompressionPolicy {
     pub ranks: RankPolicy,
     /// Image size [H, W] at which MACs are counted (and budgets measured).

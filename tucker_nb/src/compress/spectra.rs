@@ -112,7 +112,7 @@ pub fn evbmf_rank(rows: usize, cols: usize, singular: &[f64], frobenius2: f64) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::decompose::singular_values;
+    use crate::decompose::singular_values;
     use tch::{Device, Kind, Tensor};
 
     fn planted(rows: i64, cols: i64, rank: i64, noise: f64, seed: i64) -> Tensor {

@@ -20,6 +20,8 @@ use tch::{Device, Kind, Tensor};
 use crate::conv::{Conv2d, ConvConfig, ConvSlot};
 use crate::error::Result;
 use crate::io;
+use crate::layout::{is_channels_last, laid_out, laid_out_like};
+use crate::tensor_file;
 pub use layers::{is_buffer, BatchNorm, Linear};
 
 /// A module's place in the tree, as tch's `nn::Path`: every state_dict name is made by joining
@@ -397,9 +399,14 @@ impl ResNet18 {
             .into_iter()
             .map(|(n, t)| (n, t.detach().copy()))
             .collect();
-        let mut copy =
-            Self::from_state_dict(Path::new("<in memory>"), tensors, None, self.device())
-                .expect("a model's own tensors form a valid state_dict");
+        let mut copy = Self::build(
+            Path::new("<in memory>"),
+            tensors,
+            self.forms(),
+            None,
+            self.device(),
+        )
+        .expect("a model's own tensors form a valid state_dict");
         for (mine, theirs) in self.units().iter().zip(copy.units_mut()) {
             theirs.bn.folded = mine.bn.folded;
         }
@@ -421,17 +428,33 @@ impl ResNet18 {
     pub fn load(path: impl AsRef<Path>, num_classes: Option<i64>, device: Device) -> Result<Self> {
         let path = path.as_ref();
         let tensors = io::read_state_dict(path)?;
-        Self::from_state_dict(path, tensors, num_classes, device)
+        let forms = match path.extension().is_some_and(|e| e == "safetensors") {
+            true => state_dict::forms_from_metadata(path, &tensor_file::read_metadata(path))?,
+            false => BTreeMap::new(),
+        };
+        Self::build(path, tensors, forms, num_classes, device)
     }
 
-    /// Builds the model from named tensors; `path` only names the source in errors.
+    /// Builds the model from named tensors, each conv's form inferred from its keys and shapes;
+    /// `path` only names the source in errors.
     pub fn from_state_dict(
         path: &Path,
         tensors: Vec<(String, Tensor)>,
         num_classes: Option<i64>,
         device: Device,
     ) -> Result<Self> {
-        let mut dict = state_dict::StateDict::new(path, device, tensors);
+        Self::build(path, tensors, BTreeMap::new(), num_classes, device)
+    }
+
+    /// Builds the model from named tensors, the convs named in `forms` in those forms.
+    fn build(
+        path: &Path,
+        tensors: Vec<(String, Tensor)>,
+        forms: BTreeMap<String, crate::conv::Form>,
+        num_classes: Option<i64>,
+        device: Device,
+    ) -> Result<Self> {
+        let mut dict = state_dict::StateDict::new(path, device, tensors, forms);
         let mut model = Self::empty(0, device);
         for unit in model.units_mut() {
             *unit.conv = dict.conv(&unit.conv_name, unit.conv.geometry())?;
@@ -451,33 +474,17 @@ impl ResNet18 {
             .into_iter()
             .map(|(n, t)| (n, t.to_device(Device::Cpu).contiguous()))
             .collect();
-        io::write_safetensors(path.as_ref(), &tensors)
+        let metadata = state_dict::forms_metadata(self.forms());
+        io::write_safetensors_with(path.as_ref(), &tensors, &metadata)
     }
-}
 
-/// `t` (N × C × H × W) with NHWC strides: the same values, channels innermost.
-pub fn to_channels_last(t: &Tensor) -> Tensor {
-    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
-}
-
-/// Whether a 4-D tensor is laid out channels-last (and, with one channel or 1×1 pixels,
-/// ambiguous layouts count as both).
-pub fn is_channels_last(t: &Tensor) -> bool {
-    t.dim() == 4 && t.permute([0, 2, 3, 1]).is_contiguous()
-}
-
-/// `t` laid out channels-last or contiguous (itself when it already is).
-fn laid_out(t: &Tensor, channels_last: bool) -> Tensor {
-    match channels_last {
-        true if !is_channels_last(t) => to_channels_last(t),
-        true => t.shallow_clone(),
-        false => t.contiguous(),
+    /// Every conv slot's form, by name.
+    pub fn forms(&self) -> BTreeMap<String, crate::conv::Form> {
+        self.conv_slots()
+            .into_iter()
+            .map(|(name, slot)| (name, slot.form()))
+            .collect()
     }
-}
-
-/// A 4-D `t` laid out as `like` is: channels-last when `like` is, else contiguous.
-pub fn laid_out_like(t: &Tensor, like: &Tensor) -> Tensor {
-    laid_out(t, is_channels_last(like))
 }
 
 #[cfg(test)]
@@ -518,7 +525,7 @@ mod tests {
         let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
         let logits = |m: &ResNet18| tch::no_grad(|| m.forward(&x, false));
         let close = |a: &Tensor, b: &Tensor| {
-            let err = crate::compress::decompose::relative_error(a, b);
+            let err = crate::decompose::relative_error(a, b);
             assert!(err < 1e-5, "rel. error {err}");
         };
         let reference = logits(&model);

@@ -1,19 +1,86 @@
 //! Tensors read from a file, consumed key by key as the model is built: each layer takes its own
 //! keys (checking shapes and dtypes); whatever is left at the end is an unexpected key.
+//!
+//! Files tucker_nb writes say each conv's form in their safetensors metadata
+//! ([`FORMS_KEY`]); a conv is then read in that form and its tensors must agree. Files without it
+//! (torchvision's, tucker_nb's before the metadata, other tools') have each form inferred from
+//! the keys present and the kernels' shapes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::{BatchNorm, Linear, ParamPath};
-use crate::conv::{Conv2d, ConvGeometry, ConvSlot, TuckerConv, TwoLayerConv};
+use crate::conv::{Conv2d, ConvGeometry, ConvSlot, Form, TuckerConv, TwoLayerConv};
 use crate::error::{Error, Result};
+
+/// The metadata key whose value (JSON) maps each conv slot to its [`FormRecord`].
+pub const FORMS_KEY: &str = "tucker_nb.forms";
+
+/// A conv slot's form as the metadata records it: `{"form": "tucker2", "ranks": [r_out, r_in]}`
+/// ([`Form::name`], [`Form::ranks`]; no ranks when dense).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FormRecord {
+    pub form: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<(i64, i64)>,
+}
+
+/// The metadata that says every slot's form, for `slots` (name, form).
+pub fn forms_metadata(slots: impl IntoIterator<Item = (String, Form)>) -> BTreeMap<String, String> {
+    let records: BTreeMap<String, FormRecord> = slots
+        .into_iter()
+        .map(|(name, form)| {
+            let record = FormRecord {
+                form: form.name().into(),
+                ranks: form.ranks(),
+            };
+            (name, record)
+        })
+        .collect();
+    let json = serde_json::to_string(&records).expect("serialisable");
+    BTreeMap::from([(FORMS_KEY.to_string(), json)])
+}
+
+/// The forms `metadata` says (none when it has no [`FORMS_KEY`]); an unreadable record is an
+/// error naming `path` and the layer.
+pub fn forms_from_metadata(
+    path: &Path,
+    metadata: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, Form>> {
+    let Some(json) = metadata.get(FORMS_KEY) else {
+        return Ok(BTreeMap::new());
+    };
+    let records: BTreeMap<String, FormRecord> = serde_json::from_str(json).map_err(|e| {
+        Error::file(
+            path,
+            format!("metadata `{FORMS_KEY}` is not {{layer: {{form, ranks}}}}: {e}"),
+        )
+    })?;
+    records
+        .into_iter()
+        .map(|(layer, r)| match Form::from_name(&r.form, r.ranks) {
+            Some(form) => Ok((layer, form)),
+            None => Err(Error::file(
+                path,
+                format!(
+                    "metadata `{FORMS_KEY}` gives layer {layer} the form {:?} with ranks {:?}, \
+                     which is none of dense, tucker2, svd, tucker1-out, tucker1-in",
+                    r.form, r.ranks
+                ),
+            )),
+        })
+        .collect()
+}
 
 pub(super) struct StateDict<'a> {
     path: &'a Path,
     device: Device,
     tensors: BTreeMap<String, Tensor>,
+    /// The forms the file says; a slot not named here has its form inferred.
+    forms: BTreeMap<String, Form>,
 }
 
 fn key(layer: &str, tensor: impl std::fmt::Display) -> String {
@@ -21,11 +88,17 @@ fn key(layer: &str, tensor: impl std::fmt::Display) -> String {
 }
 
 impl<'a> StateDict<'a> {
-    pub(super) fn new(path: &'a Path, device: Device, tensors: Vec<(String, Tensor)>) -> Self {
+    pub(super) fn new(
+        path: &'a Path,
+        device: Device,
+        tensors: Vec<(String, Tensor)>,
+        forms: BTreeMap<String, Form>,
+    ) -> Self {
         Self {
             path,
             device,
             tensors: tensors.into_iter().collect(),
+            forms,
         }
     }
 
@@ -147,8 +220,14 @@ impl<'a> StateDict<'a> {
         }
     }
 
-    /// Fails on the first key no layer took.
+    /// Fails on the first key no layer took, or a form recorded for no conv of the model.
     pub(super) fn finish(self) -> Result<()> {
+        if let Some(layer) = self.forms.into_keys().next() {
+            return Err(Error::file(
+                self.path,
+                format!("metadata `{FORMS_KEY}` names {layer}, which is no conv of a ResNet18"),
+            ));
+        }
         match self.tensors.into_keys().next() {
             Some(key) => Err(Error::UnexpectedKey {
                 path: self.path.to_path_buf(),
@@ -159,18 +238,41 @@ impl<'a> StateDict<'a> {
     }
 
     /// A conv slot of `geometry`: dense (`NAME.weight`), Tucker-2 (`NAME.{0,1,2}.weight`) or two
-    /// layers (`NAME.{0,1}.weight`: a 1×1 conv's SVD or a k×k conv's Tucker-1), told apart by the
-    /// keys present and their shapes.
+    /// layers (`NAME.{0,1}.weight`: a 1×1 conv's SVD or a k×k conv's Tucker-1). Read in the form
+    /// the file's metadata says, which its tensors must have; else told apart by the keys present
+    /// and their shapes.
     pub(super) fn conv(&mut self, name: &str, geometry: ConvGeometry) -> Result<ConvSlot> {
-        let [c_out, _, _, _] = geometry.shape;
+        let Some(said) = self.forms.remove(name) else {
+            return self.inferred_conv(name, geometry);
+        };
+        let slot = match said {
+            Form::Dense => self.dense_conv(name, geometry),
+            Form::Tucker2 { .. } => self.tucker_conv(name, geometry),
+            Form::Svd { .. } => self.svd_conv(name, geometry),
+            Form::Tucker1Out { .. } => self.tucker1_conv(name, geometry, true),
+            Form::Tucker1In { .. } => self.tucker1_conv(name, geometry, false),
+        }?;
+        let found = slot.form();
+        if found != said {
+            return Err(Error::layer(
+                name,
+                format!(
+                    "{}: the metadata says {} {:?}, the tensors are {} {:?}",
+                    self.path.display(),
+                    said.name(),
+                    said.ranks(),
+                    found.name(),
+                    found.ranks()
+                ),
+            ));
+        }
+        Ok(slot)
+    }
+
+    /// A conv slot whose form the keys present and their shapes tell.
+    fn inferred_conv(&mut self, name: &str, geometry: ConvGeometry) -> Result<ConvSlot> {
         if self.tensors.contains_key(&key(name, "weight")) {
-            let weight = self.take(&key(name, "weight"), Some(&geometry.shape))?;
-            let bias = self.take_optional(&key(name, "bias"), &[c_out])?;
-            return Ok(ConvSlot::Dense(Conv2d {
-                weight,
-                bias,
-                config: geometry.config,
-            }));
+            return self.dense_conv(name, geometry);
         }
         if !self.tensors.contains_key(&key(name, "1.weight")) {
             return Err(self.missing(key(name, "weight")));
@@ -179,6 +281,17 @@ impl<'a> StateDict<'a> {
             return self.two_layer_conv(name, geometry);
         }
         self.tucker_conv(name, geometry)
+    }
+
+    fn dense_conv(&mut self, name: &str, geometry: ConvGeometry) -> Result<ConvSlot> {
+        let [c_out, _, _, _] = geometry.shape;
+        let weight = self.take(&key(name, "weight"), Some(&geometry.shape))?;
+        let bias = self.take_optional(&key(name, "bias"), &[c_out])?;
+        Ok(ConvSlot::Dense(Conv2d {
+            weight,
+            bias,
+            config: geometry.config,
+        }))
     }
 
     /// The layer `NAME.INDEX` that produces a factorisation's output: its C_out × rank × 1 × 1
@@ -220,15 +333,27 @@ impl<'a> StateDict<'a> {
     /// k×k conv's Tucker-1, on the output mode when the first layer has the k×k kernel, else on the
     /// input mode; the rank comes from the first layer's shape.
     fn two_layer_conv(&mut self, name: &str, geometry: ConvGeometry) -> Result<ConvSlot> {
-        let [c_out, c_in, kh, kw] = geometry.shape;
+        let [_, _, kh, kw] = geometry.shape;
         if geometry.is_pointwise() {
             return self.svd_conv(name, geometry);
         }
-        let first_key = key(name, "0.weight");
         let spatial_first = self
             .tensors
-            .get(&first_key)
+            .get(&key(name, "0.weight"))
             .is_some_and(|t| t.dim() == 4 && t.size()[2..] == [kh, kw]);
+        self.tucker1_conv(name, geometry, spatial_first)
+    }
+
+    /// A k×k conv's Tucker-1: on the output mode (`spatial_first`: `.0` has the k×k kernel) or
+    /// the input mode (`.1` has it).
+    fn tucker1_conv(
+        &mut self,
+        name: &str,
+        geometry: ConvGeometry,
+        spatial_first: bool,
+    ) -> Result<ConvSlot> {
+        let [c_out, c_in, kh, kw] = geometry.shape;
+        let first_key = key(name, "0.weight");
         let conv = if spatial_first {
             let first = self.take_kernel(
                 &first_key,

@@ -4,6 +4,7 @@
 
 mod checkpoint;
 mod config;
+mod evaluate;
 pub(crate) mod sgd;
 
 use std::time::Instant;
@@ -20,144 +21,8 @@ use checkpoint::{load_checkpoint, save_checkpoint, CheckpointIndex};
 pub use config::{
     metrics_frame, BnMode, Distillation, EpochMetrics, FineTuneConfig, Trainable, METRICS_COLUMNS,
 };
+pub use evaluate::{evaluate, evaluate_with, recalibrate_bn, EvalOptions, EvalResult};
 use sgd::Sgd;
-
-/// What `evaluate` measures.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EvalResult {
-    pub top1: f64,
-    pub top5: f64,
-    /// Mean cross-entropy.
-    pub loss: f64,
-    pub images: usize,
-    pub seconds: f64,
-    pub images_per_s: f64,
-    /// Predicted class per image, in loader order, when asked for.
-    pub predictions: Option<Vec<i64>>,
-}
-
-impl EvalResult {
-    /// The validation an epoch recorded, of `images` images.
-    pub fn of_epoch(row: &EpochMetrics, images: usize) -> Self {
-        let seconds = match row.val_images_per_s > 0.0 {
-            true => images as f64 / row.val_images_per_s,
-            false => 0.0,
-        };
-        Self {
-            top1: row.val_top1,
-            top5: row.val_top5,
-            loss: row.val_loss,
-            images,
-            seconds,
-            images_per_s: row.val_images_per_s,
-            predictions: None,
-        }
-    }
-}
-
-/// Top-1/top-5 accuracy, mean loss and throughput of `model` (eval mode) over `loader`.
-pub fn evaluate(model: &ResNet18, loader: &Loader) -> Result<EvalResult> {
-    evaluate_with(model, loader, false, false)
-}
-
-/// [`evaluate`], optionally keeping every prediction and running the forward pass in bf16.
-pub fn evaluate_with(
-    model: &ResNet18,
-    loader: &Loader,
-    keep_predictions: bool,
-    bf16: bool,
-) -> Result<EvalResult> {
-    let start = Instant::now();
-    let device = loader.device;
-    let k = model.num_classes().min(5);
-    let (mut loss_sum, mut top1, mut top5) = (
-        Tensor::zeros([], (Kind::Double, device)),
-        Tensor::zeros([], (Kind::Int64, device)),
-        Tensor::zeros([], (Kind::Int64, device)),
-    );
-    let mut predictions = Vec::new();
-    let progress = Progress::new(loader.num_batches(), "evaluate");
-    tch::no_grad(|| {
-        for batch in loader.epoch(0) {
-            let logits =
-                autocast_bf16(bf16, || model.forward(&batch.images, false)).to_kind(Kind::Float);
-            let loss = logits.cross_entropy_loss::<Tensor>(
-                &batch.labels,
-                None,
-                tch::Reduction::Sum,
-                -100,
-                0.0,
-            );
-            loss_sum += loss.to_kind(Kind::Double);
-            let (_, best) = logits.topk(k, 1, true, true);
-            let hits = best.eq_tensor(&batch.labels.unsqueeze(1));
-            top1 += hits.narrow(1, 0, 1).sum(Kind::Int64);
-            top5 += hits.sum(Kind::Int64);
-            if keep_predictions {
-                predictions.extend(
-                    Vec::<i64>::try_from(best.select(1, 0).to_device(tch::Device::Cpu)).unwrap(),
-                );
-            }
-            progress.inc(1);
-        }
-    });
-    let n = loader.len();
-    let loss = loss_sum.double_value(&[]) / n.max(1) as f64;
-    let seconds = start.elapsed().as_secs_f64();
-    let result = EvalResult {
-        top1: top1.int64_value(&[]) as f64 / n.max(1) as f64,
-        top5: top5.int64_value(&[]) as f64 / n.max(1) as f64,
-        loss,
-        images: n,
-        seconds,
-        images_per_s: n as f64 / seconds,
-        predictions: keep_predictions.then_some(predictions),
-    };
-    progress.finish(format!(
-        "top-1 {:.4}  top-5 {:.4}  loss {:.4}",
-        result.top1, result.top5, result.loss
-    ));
-    Ok(result)
-}
-
-/// BN recalibration, for a model whose convs have just been replaced: every BN's running
-/// statistics are reset and re-estimated from `calibration` in train mode without gradients, as
-/// the equal-weight average over its batches (PyTorch's `momentum=None`); affine parameters and
-/// weights are untouched. Returns the number of images seen. Refuses a model with folded BNs
-/// (fold after recalibrating) and non-finite statistics (naming the BN).
-pub fn recalibrate_bn(model: &mut ResNet18, calibration: &Loader) -> Result<usize> {
-    if calibration.is_empty() {
-        return Err(Error::value("calibration set", "no images"));
-    }
-    if let Some(unit) = model.units().into_iter().find(|u| u.bn.folded) {
-        return Err(Error::layer(
-            unit.bn_name,
-            "is folded into its conv: recalibrate BNs before folding them",
-        ));
-    }
-    let momentum = model.bn1.momentum;
-    model.reset_bn_statistics();
-    let mut seen = 0;
-    tch::no_grad(|| {
-        for (k, batch) in calibration.epoch(0).enumerate() {
-            model.set_bn_momentum(1.0 / (k + 1) as f64);
-            let _ = model.forward(&batch.images, true);
-            seen += batch.labels.size()[0] as usize;
-        }
-    });
-    model.set_bn_momentum(momentum);
-    for unit in model.units() {
-        let stats = Tensor::cat(&[&unit.bn.running_mean, &unit.bn.running_var], 0);
-        if stats.isfinite().logical_not().any().int64_value(&[]) != 0 {
-            return Err(Error::layer(
-                unit.bn_name,
-                "non-finite running statistics after recalibration: the calibration activations \
-                 are not finite",
-            ));
-        }
-    }
-    Ok(seen)
-}
 
 /// The tensors `trainable` selects, by state_dict name (shallow clones: updating them updates
 /// the model).
@@ -172,13 +37,18 @@ pub fn trainable_parameters(
         .filter(|(_, s)| !s.is_dense())
         .map(|(n, _)| format!("{n}."))
         .collect();
+    let bns: Vec<String> = model
+        .units()
+        .into_iter()
+        .map(|u| format!("{}.", u.bn_name))
+        .collect();
     model
         .named_tensors()
         .into_iter()
         .filter(|(n, _)| !is_buffer(n))
         .filter(|(n, _)| {
             let is_fc = n.starts_with("fc.");
-            let is_bn = n.starts_with("bn") || n.contains(".bn") || n.contains("downsample.1.");
+            let is_bn = bns.iter().any(|p| n.starts_with(p.as_str()));
             let selected = match trainable {
                 Trainable::Classifier => is_fc,
                 Trainable::TuckerAndClassifier => {
@@ -433,7 +303,11 @@ fn train_epoch(
     progress.finish(format!(
         "loss {train_loss:.4}  acc {train_acc:.4}  lr {lr:.0e}"
     ));
-    let eval = evaluate_with(model, val, false, config.bf16)?;
+    let options = EvalOptions {
+        bf16: config.bf16,
+        ..EvalOptions::default()
+    };
+    let eval = evaluate_with(model, val, options)?;
     Ok(EpochMetrics {
         phase: config.phase.clone(),
         epoch: epoch as u32 + 1,
@@ -545,10 +419,10 @@ mod tests {
             }
         });
         let scrambled = tch::no_grad(|| model.forward(&x, false));
-        assert!(crate::compress::decompose::relative_error(&reference, &scrambled) > 0.1);
+        assert!(crate::decompose::relative_error(&reference, &scrambled) > 0.1);
         recalibrate_bn(&mut model, &calibration).unwrap();
         let restored = tch::no_grad(|| model.forward(&x, false));
-        let err = crate::compress::decompose::relative_error(&reference, &restored);
+        let err = crate::decompose::relative_error(&reference, &restored);
         assert!(err < 1e-5, "rel. error {err}");
         model.fold_batch_norms(); // nothing factorised: nothing folded, still recalibratable
         assert!(recalibrate_bn(&mut model, &calibration).is_ok());

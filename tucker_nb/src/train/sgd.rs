@@ -341,7 +341,7 @@ mod tests {
 
     #[test]
     fn channels_last_parameters_keep_their_layout_and_step_as_contiguous_ones() {
-        use crate::model::{is_channels_last, to_channels_last};
+        use crate::layout::{is_channels_last, to_channels_last};
         let opts = (Kind::Float, Device::Cpu);
         // Drawn once, then copied: other tests draw from the same global generator.
         let (w, b) = (Tensor::randn([4, 3, 3, 3], opts), Tensor::randn([4], opts));

@@ -4,14 +4,56 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use clap::{Args, Parser, Subcommand};
+use std::fmt::Display;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tch::Device;
+use tucker_nb::bench::BenchConfig;
 use tucker_nb::data::Split;
 use tucker_nb::experiment::RunConfig;
-use tucker_nb::export::ExportFormat;
-use tucker_nb::synthetic::SyntheticFormat;
+use tucker_nb::export::{ExportConfig, ExportFormat};
+use tucker_nb::synthetic::{SyntheticFormat, SyntheticSpec};
 use tucker_nb::train::{BnMode, Distillation};
-use tucker_nb::{runtime, CompressionPolicy, Fit, Method, RankPolicy};
+use tucker_nb::{runtime, sweep, CompressionPolicy, FineTuneConfig, Fit, Method, RankPolicy};
+
+// Defaults live in the library's configs; a flag left out keeps the library's value, and the
+// help shows it from there.
+
+/// The library's run settings, as `RunConfig::new` makes them.
+fn run_defaults() -> RunConfig {
+    RunConfig::new("", "", Device::Cpu)
+}
+
+/// The library's benchmark settings.
+fn bench_defaults() -> BenchConfig {
+    BenchConfig::new("", Device::Cpu)
+}
+
+/// The library's fine-tune settings.
+fn fine_tune_defaults() -> FineTuneConfig {
+    FineTuneConfig::default()
+}
+
+/// How a flag spells `value`.
+fn value_name(value: impl ValueEnum) -> String {
+    let value = value.to_possible_value().expect("no variant is skipped");
+    value.get_name().to_string()
+}
+
+/// `about`, then the default as clap shows one.
+fn with_default(about: &str, default: impl Display) -> String {
+    match about {
+        "" => format!("[default: {default}]"),
+        _ => format!("{about} [default: {default}]"),
+    }
+}
+
+/// Sets `field` to `value` when the flag was given.
+pub fn set<T>(field: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *field = value;
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -64,12 +106,16 @@ pub struct ExportArgs {
     /// The exported file (.onnx, or .pt for TorchScript).
     #[arg(long)]
     pub out: PathBuf,
-    /// Side of the images the export is checked at (it accepts any size the model does).
-    #[arg(long, default_value_t = 224)]
-    pub image_size: i64,
-    /// Largest |difference| allowed between the export's logits and tucker-nb's.
-    #[arg(long, default_value_t = 1e-4)]
-    pub tolerance: f64,
+    #[arg(long, help = with_default(
+        "Side of the images the export is checked at (it accepts any size the model does).",
+        ExportConfig::new("", ExportFormat::Onnx, "").image_size,
+    ))]
+    pub image_size: Option<i64>,
+    #[arg(long, help = with_default(
+        "Largest |difference| allowed between the export's logits and tucker-nb's.",
+        ExportConfig::new("", ExportFormat::Onnx, "").tolerance,
+    ))]
+    pub tolerance: Option<f64>,
     /// The Python that exports (default: TUCKER_NB_PYTHON, else the project's .venv).
     #[arg(long)]
     pub python: Option<PathBuf>,
@@ -152,10 +198,10 @@ pub struct DataArgs {
     /// torchvision .pth or .safetensors weights, or `none` for random initialisation.
     #[arg(long)]
     pub weights: Weights,
-    #[arg(long, default_value_t = 100)]
-    pub num_classes: i64,
-    #[arg(long, default_value_t = 224)]
-    pub image_size: i64,
+    #[arg(long, help = with_default("", run_defaults().num_classes))]
+    pub num_classes: Option<i64>,
+    #[arg(long, help = with_default("", run_defaults().image_size))]
+    pub image_size: Option<i64>,
     /// Use only the first N training images.
     #[arg(long)]
     pub train_limit: Option<usize>,
@@ -170,23 +216,28 @@ pub struct DataArgs {
 /// The fine-tune recipe (the seed's by default).
 #[derive(Args)]
 pub struct TrainArgs {
-    #[arg(long, default_value_t = 64)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 256)]
-    pub eval_batch_size: usize,
-    #[arg(long, default_value_t = 0.01)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 0.9)]
-    pub momentum: f64,
-    #[arg(long, default_value_t = 5e-4)]
-    pub weight_decay: f64,
-    #[arg(long, default_value_t = 2)]
-    pub step_size: usize,
-    #[arg(long, default_value_t = 0.1)]
-    pub gamma: f64,
-    /// BN while training: frozen, statistics (the seed: batch statistics, affine fixed) or train.
-    #[arg(long, value_enum, default_value = "stats")]
-    pub bn: BnMode,
+    #[arg(long, help = with_default("", run_defaults().batch_size))]
+    pub batch_size: Option<usize>,
+    #[arg(long, help = with_default("", run_defaults().eval_batch_size))]
+    pub eval_batch_size: Option<usize>,
+    #[arg(long, help = with_default("", fine_tune_defaults().lr))]
+    pub lr: Option<f64>,
+    #[arg(long, help = with_default("", fine_tune_defaults().momentum))]
+    pub momentum: Option<f64>,
+    #[arg(long, help = with_default("", fine_tune_defaults().weight_decay))]
+    pub weight_decay: Option<f64>,
+    #[arg(long, help = with_default(
+        "StepLR: the learning rate is multiplied by --gamma every N epochs.",
+        fine_tune_defaults().step_size,
+    ))]
+    pub step_size: Option<usize>,
+    #[arg(long, help = with_default("", fine_tune_defaults().gamma))]
+    pub gamma: Option<f64>,
+    #[arg(long, value_enum, help = with_default(
+        "BN while training: frozen, statistics (the seed: batch statistics, affine fixed) or train.",
+        value_name(fine_tune_defaults().bn),
+    ))]
+    pub bn: Option<BnMode>,
     /// bfloat16 autocast (CUDA).
     #[arg(long)]
     pub bf16: bool,
@@ -197,8 +248,8 @@ pub struct TrainArgs {
     /// α·CE + (1−α)·T²·KL), e.g. 4,0.5.
     #[arg(long, value_name = "T,ALPHA")]
     pub distill: Option<Distillation>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[arg(long, help = with_default("", run_defaults().seed))]
+    pub seed: Option<u64>,
     /// Train on at most N batches per epoch (spread over the data by the shuffle).
     #[arg(long, value_name = "N")]
     pub max_batches: Option<usize>,
@@ -222,9 +273,11 @@ pub struct CompressArgs {
     /// Per-layer report as CSV.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// Image size at which the report counts MACs.
-    #[arg(long, default_value_t = 224)]
-    pub image_size: i64,
+    #[arg(long, help = with_default(
+        "Image size at which the report counts MACs.",
+        CompressionPolicy::default().input_size[0],
+    ))]
+    pub image_size: Option<i64>,
     /// Fold each BN after a factorised conv into its last 1×1 (inference; same eval outputs).
     #[arg(long)]
     pub fold_bn: bool,
@@ -232,9 +285,11 @@ pub struct CompressArgs {
     /// data-driven policies to each layer's outputs.
     #[arg(long)]
     pub calib_data: Option<PathBuf>,
-    /// Training images of --calib-data to use (seeded shuffle, eval transform).
-    #[arg(long, default_value_t = 1024)]
-    pub calib_images: usize,
+    #[arg(long, help = with_default(
+        "Training images of --calib-data to use (seeded shuffle, eval transform).",
+        run_defaults().calib_images,
+    ))]
+    pub calib_images: Option<usize>,
     #[command(flatten)]
     pub device: DeviceArg,
 }
@@ -250,9 +305,11 @@ pub struct ExperimentArgs {
     pub device: DeviceArg,
     #[arg(long)]
     pub out: PathBuf,
-    /// Training images (seeded shuffle, eval transform) the BN recalibration after compression sees.
-    #[arg(long, default_value_t = 1024)]
-    pub calib_images: usize,
+    #[arg(long, help = with_default(
+        "Training images (seeded shuffle, eval transform) the BN recalibration after compression sees.",
+        run_defaults().calib_images,
+    ))]
+    pub calib_images: Option<usize>,
     /// Skip the BN recalibration after compression (the seed's flow).
     #[arg(long)]
     pub no_bn_recalibration: bool,
@@ -262,9 +319,11 @@ pub struct ExperimentArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub experiment: ExperimentArgs,
-    /// Epochs of each fine-tune (original, then compressed).
-    #[arg(long, default_value_t = 5)]
-    pub epochs: usize,
+    #[arg(long, help = with_default(
+        "Epochs of each fine-tune (original, then compressed).",
+        fine_tune_defaults().epochs,
+    ))]
+    pub epochs: Option<usize>,
     /// Epochs of the compressed model's fine-tune, when different.
     #[arg(long)]
     pub compressed_epochs: Option<usize>,
@@ -276,9 +335,11 @@ pub struct RunArgs {
     /// compress further with this policy (repeatable, e.g. --stage budget-macs:0.2).
     #[arg(long = "stage", value_name = "POLICY")]
     pub stages: Vec<RankPolicy>,
-    /// Epochs of fine-tuning before each further stage.
-    #[arg(long, default_value_t = 1)]
-    pub stage_epochs: usize,
+    #[arg(long, help = with_default(
+        "Epochs of fine-tuning before each further stage.",
+        run_defaults().stage_epochs,
+    ))]
+    pub stage_epochs: Option<usize>,
     /// Continue each phase from its checkpoint in OUT (the same run: OUT/run.json must match).
     #[arg(long, conflicts_with = "force")]
     pub resume: bool,
@@ -292,16 +353,12 @@ pub struct SweepArgs {
     #[command(flatten)]
     pub experiment: ExperimentArgs,
     /// Policies to compare, comma-separated.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "budget-macs:0.5,budget-macs:0.33,budget-macs:0.2,budget-macs:0.1"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = sweep::DEFAULT_POLICIES)]
     pub policies: Vec<RankPolicy>,
     #[command(flatten)]
     pub fit: FitArgs,
     /// Fine-tune epochs of each compressed model.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = sweep::DEFAULT_EPOCHS)]
     pub epochs: usize,
 }
 
@@ -317,10 +374,10 @@ pub struct EvaluateArgs {
     pub data: PathBuf,
     #[arg(long, value_enum, default_value = "val")]
     pub split: Split,
-    #[arg(long, default_value_t = 224)]
-    pub image_size: i64,
-    #[arg(long, default_value_t = 256)]
-    pub batch_size: usize,
+    #[arg(long, help = with_default("", run_defaults().image_size))]
+    pub image_size: Option<i64>,
+    #[arg(long, help = with_default("", run_defaults().eval_batch_size))]
+    pub batch_size: Option<usize>,
     /// Write `path,true,predicted` per image.
     #[arg(long)]
     pub predictions: Option<PathBuf>,
@@ -338,16 +395,16 @@ pub struct EvaluateArgs {
 pub struct GenDataArgs {
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 10)]
-    pub classes: usize,
-    #[arg(long, default_value_t = 20)]
-    pub train_per_class: usize,
-    #[arg(long, default_value_t = 10)]
-    pub val_per_class: usize,
-    #[arg(long, default_value_t = 32)]
-    pub size: u32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[arg(long, help = with_default("", SyntheticSpec::default().classes))]
+    pub classes: Option<usize>,
+    #[arg(long, help = with_default("", SyntheticSpec::default().train_per_class))]
+    pub train_per_class: Option<usize>,
+    #[arg(long, help = with_default("", SyntheticSpec::default().val_per_class))]
+    pub val_per_class: Option<usize>,
+    #[arg(long, help = with_default("Square image side.", SyntheticSpec::default().size))]
+    pub size: Option<u32>,
+    #[arg(long, help = with_default("", SyntheticSpec::default().seed))]
+    pub seed: Option<u64>,
     /// The seed's PNG tree, or the CIFAR-100 binary release format.
     #[arg(long, value_enum, default_value = "image-folder")]
     pub format: SyntheticFormat,
@@ -358,15 +415,17 @@ pub struct BenchArgs {
     /// ImageFolder root with train/ (e.g. from `tucker-nb gen-data`).
     #[arg(long)]
     pub data: PathBuf,
-    #[arg(long, default_value_t = 32)]
-    pub image_size: i64,
-    #[arg(long, default_value_t = 64)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 3)]
-    pub repeats: usize,
-    /// Batches per model throughput measurement.
-    #[arg(long, default_value_t = 5)]
-    pub model_batches: usize,
+    #[arg(long, help = with_default("", bench_defaults().run.image_size))]
+    pub image_size: Option<i64>,
+    #[arg(long, help = with_default("", bench_defaults().run.batch_size))]
+    pub batch_size: Option<usize>,
+    #[arg(long, help = with_default("", bench_defaults().repeats))]
+    pub repeats: Option<usize>,
+    #[arg(long, help = with_default(
+        "Batches per model throughput measurement.",
+        bench_defaults().model_batches,
+    ))]
+    pub model_batches: Option<usize>,
     #[command(flatten)]
     pub device: DeviceArg,
     /// A python with torch (e.g. .venv/bin/python): also time the seed's torchvision pipeline and
@@ -385,9 +444,11 @@ pub struct BenchArgs {
     /// DataLoader workers for the seed's pipeline (the seed uses 4; default: this machine's cores).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Compression ratio for the compressed model.
-    #[arg(long, default_value_t = 0.2)]
-    pub ratio: f64,
+    #[arg(long, help = with_default(
+        "Compression ratio for the compressed model.",
+        bench_defaults().run.policy.ranks,
+    ))]
+    pub ratio: Option<f64>,
 }
 
 // Each argument group converts to the library's types, which validate.
@@ -427,23 +488,23 @@ impl ExperimentArgs {
         let (data, train) = (&self.data, &self.train);
         let mut config = RunConfig::new(&data.data, &self.out, self.device.device()?);
         config.weights = data.weights.0.clone();
-        config.num_classes = data.num_classes;
-        config.image_size = data.image_size;
+        set(&mut config.num_classes, data.num_classes);
+        set(&mut config.image_size, data.image_size);
         config.train_limit = data.train_limit;
         config.val_limit = data.val_limit;
         config.storage.size = data.storage_size;
-        config.batch_size = train.batch_size;
-        config.eval_batch_size = train.eval_batch_size;
-        config.seed = train.seed;
-        config.calib_images = self.calib_images;
+        set(&mut config.batch_size, train.batch_size);
+        set(&mut config.eval_batch_size, train.eval_batch_size);
+        set(&mut config.seed, train.seed);
+        set(&mut config.calib_images, self.calib_images);
         config.recalibrate_bn = !self.no_bn_recalibration;
         let ft = &mut config.fine_tune;
-        ft.lr = train.lr;
-        ft.momentum = train.momentum;
-        ft.weight_decay = train.weight_decay;
-        ft.step_size = train.step_size;
-        ft.gamma = train.gamma;
-        ft.bn = train.bn;
+        set(&mut ft.lr, train.lr);
+        set(&mut ft.momentum, train.momentum);
+        set(&mut ft.weight_decay, train.weight_decay);
+        set(&mut ft.step_size, train.step_size);
+        set(&mut ft.gamma, train.gamma);
+        set(&mut ft.bn, train.bn);
         ft.bf16 = train.bf16;
         ft.channels_last = !train.no_channels_last;
         ft.distill = train.distill;
@@ -455,15 +516,19 @@ impl ExperimentArgs {
 impl RunArgs {
     pub fn config(&self) -> tucker_nb::Result<RunConfig> {
         let mut config = self.experiment.config()?;
-        config.fine_tune.epochs = self.epochs;
-        config.compressed_epochs = self.compressed_epochs.unwrap_or(self.epochs);
+        set(&mut config.fine_tune.epochs, self.epochs);
+        // The compressed model's epochs follow --epochs unless given apart.
+        config.compressed_epochs = self
+            .compressed_epochs
+            .or(self.epochs)
+            .unwrap_or(config.compressed_epochs);
         config.policy = self.fit.policy(self.ranks.ranks()?, config.image_size);
         config.stages = self
             .stages
             .iter()
             .map(|ranks| config.policy.with_ranks(ranks.clone()))
             .collect();
-        config.stage_epochs = self.stage_epochs;
+        set(&mut config.stage_epochs, self.stage_epochs);
         config.resume = self.resume;
         config.force = self.force;
         Ok(config)

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use args::*;
 use clap::Parser;
+use tch::Device;
 use tucker_nb::bench::{self, BenchConfig};
 use tucker_nb::compress::calibrate::{activation_moments, Moments};
 use tucker_nb::compress::compress_model_fitted;
@@ -79,7 +80,10 @@ fn check_output(path: &Path) -> anyhow::Result<()> {
 
 fn compress(args: CompressArgs) -> anyhow::Result<()> {
     let device = args.device.device()?;
-    let policy = args.fit.policy(args.ranks.ranks()?, args.image_size);
+    let image_size = args
+        .image_size
+        .unwrap_or(CompressionPolicy::default().input_size[0]);
+    let policy = args.fit.policy(args.ranks.ranks()?, image_size);
     policy.validate()?;
     if args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
         anyhow::bail!(
@@ -120,8 +124,8 @@ fn calibration_moments(
     args: &CompressArgs,
 ) -> anyhow::Result<Moments> {
     let mut config = RunConfig::new(dir, "", model.device());
-    config.image_size = args.image_size;
-    config.calib_images = args.calib_images;
+    set(&mut config.image_size, args.image_size);
+    set(&mut config.calib_images, args.calib_images);
     config.validate()?;
     let train = DataSource::detect(dir)?.load(Split::Train, StorageOptions::default())?;
     let (train, _) = experiment::loader_pair(&config, &train, &train);
@@ -133,12 +137,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let result = experiment::run(&args.config()?)?;
     let s = &result.summary;
     println!("{}", result.metrics);
-    println!("{}", result.report.summary());
-    for (i, report) in result.stage_reports.iter().enumerate() {
-        println!("stage {}: {}", i + 2, report.summary());
+    for (i, stage) in result.stages.0.iter().enumerate() {
+        match i {
+            0 => println!("{}", stage.report.summary()),
+            _ => println!("stage {}: {}", i + 1, stage.report.summary()),
+        }
     }
-    let recalibrated = |c: Option<&experiment::Checkpoint>| {
-        c.map_or(String::new(), |c| {
+    let recalibrated = |stage: &experiment::StageFigures| {
+        stage.recalibrated.as_ref().map_or(String::new(), |c| {
             format!(", BN recalibrated {:.4}", c.top1)
         })
     };
@@ -146,17 +152,23 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .stages
         .iter()
         .enumerate()
-        .map(|(i, c)| {
-            let after = recalibrated(s.stages_recalibrated.get(i));
-            format!(" | stage {} {:.4}{after}", i + 2, c.top1)
+        .map(|(i, stage)| match i {
+            0 => format!(
+                " | compressed {:.4}{}",
+                stage.compressed.top1,
+                recalibrated(stage)
+            ),
+            _ => format!(
+                " | stage {} {:.4}{}",
+                i + 1,
+                stage.compressed.top1,
+                recalibrated(stage)
+            ),
         })
         .collect();
     println!(
-        "top-1: original {:.4} | compressed {:.4}{}{stages} | compressed + fine-tuned {:.4}",
-        s.original.top1,
-        s.compressed.top1,
-        recalibrated(s.recalibrated.as_ref()),
-        s.fine_tuned.top1
+        "top-1: original {:.4}{stages} | compressed + fine-tuned {:.4}",
+        s.original.top1, s.fine_tuned.top1
     );
     println!(
         "wrote {}/{{metrics.csv,layers.csv,summary.json,original.safetensors,compressed.safetensors}}",
@@ -180,8 +192,11 @@ fn sweep(args: SweepArgs) -> anyhow::Result<()> {
 }
 
 fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
-    tucker_nb::error::check_image_side("image size", args.image_size)?;
-    tucker_nb::error::check_count("batch size", args.batch_size)?;
+    let defaults = RunConfig::new("", "", Device::Cpu);
+    let image_size = args.image_size.unwrap_or(defaults.image_size);
+    let batch_size = args.batch_size.unwrap_or(defaults.eval_batch_size);
+    tucker_nb::error::check_image_side("image size", image_size)?;
+    tucker_nb::error::check_count("batch size", batch_size)?;
     let device = args.device.device()?;
     if let Some(p) = &args.predictions {
         check_output(p)?;
@@ -189,11 +204,13 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
     let dataset = DataSource::detect(&args.data)?.load(args.split, StorageOptions::default())?;
     let mut net = experiment::load_for_evaluation(&args.model, args.num_classes, &dataset, device)?;
     net.set_channels_last(!args.no_channels_last);
-    let transform = Transform::Eval {
-        size: args.image_size,
+    let transform = Transform::Eval { size: image_size };
+    let loader = Loader::new(&dataset, batch_size, transform, device, true);
+    let options = train::EvalOptions {
+        keep_predictions: args.predictions.is_some(),
+        bf16: args.bf16,
     };
-    let loader = Loader::new(&dataset, args.batch_size, transform, device, true);
-    let result = train::evaluate_with(&net, &loader, args.predictions.is_some(), args.bf16)?;
+    let result = train::evaluate_with(&net, &loader, options)?;
     if let (Some(path), Some(pred)) = (&args.predictions, &result.predictions) {
         let labels = Vec::<i64>::try_from(&dataset.labels)?;
         experiment::write_predictions(path, &dataset.names, &labels, pred)?;
@@ -208,8 +225,8 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
 fn export(args: ExportArgs) -> anyhow::Result<()> {
     check_output(&args.out)?;
     let mut config = ExportConfig::new(&args.model, args.format, &args.out);
-    config.image_size = args.image_size;
-    config.tolerance = args.tolerance;
+    set(&mut config.image_size, args.image_size);
+    set(&mut config.tolerance, args.tolerance);
     if let Some(python) = args.python {
         config.python = python;
     }
@@ -224,13 +241,12 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
 }
 
 fn gen_data(args: GenDataArgs) -> anyhow::Result<()> {
-    let spec = SyntheticSpec {
-        classes: args.classes,
-        train_per_class: args.train_per_class,
-        val_per_class: args.val_per_class,
-        size: args.size,
-        seed: args.seed,
-    };
+    let mut spec = SyntheticSpec::default();
+    set(&mut spec.classes, args.classes);
+    set(&mut spec.train_per_class, args.train_per_class);
+    set(&mut spec.val_per_class, args.val_per_class);
+    set(&mut spec.size, args.size);
+    set(&mut spec.seed, args.seed);
     let n = synthetic::generate(&args.out, spec, args.format)?;
     println!("wrote {n} images to {}", args.out.display());
     Ok(())
@@ -244,12 +260,14 @@ fn convert_cifar(cifar: &Path, out: &Path) -> anyhow::Result<()> {
 
 fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
     let mut config = BenchConfig::new(&args.data, args.device.device()?);
-    config.run.image_size = args.image_size;
-    config.run.batch_size = args.batch_size;
-    config.run.eval_batch_size = args.batch_size;
-    config.run.policy.ranks = RankPolicy::ratio(args.ratio)?;
-    config.repeats = args.repeats;
-    config.model_batches = args.model_batches;
+    set(&mut config.run.image_size, args.image_size);
+    set(&mut config.run.batch_size, args.batch_size);
+    config.run.eval_batch_size = config.run.batch_size;
+    if let Some(ratio) = args.ratio {
+        config.run.policy.ranks = RankPolicy::ratio(ratio)?;
+    }
+    set(&mut config.repeats, args.repeats);
+    set(&mut config.model_batches, args.model_batches);
     config.run.policy.round_to = args.round_to;
     config.run.fine_tune.channels_last = !args.no_channels_last;
     config.seed_python = args.seed_python;

@@ -1,11 +1,18 @@
 //! Convolution layers as plain tensors: a dense [`Conv2d`], a [`TuckerConv`] (1×1 → k×k core →
-//! 1×1), a [`TwoLayerConv`] (1×1 → 1×1), and the [`ConvSlot`] a model holds, which is any of them and can
-//! be swapped in place. [`Form::macs`] is the one cost model: layers, reports and the planner all
+//! 1×1), a [`TwoLayerConv`] (two layers: an SVD's 1×1 → 1×1, or a Tucker-1 form, k×k → 1×1 or
+//! 1×1 → k×k), and the [`ConvSlot`] a model holds, which is any of them and can be swapped in
+//! place. [`Form::macs`] (`form.rs`) is the one cost model: layers, reports and the planner all
 //! count multiply-accumulates through it.
+
+mod form;
+#[cfg(test)]
+mod tests;
+
+pub use form::Form;
 
 use tch::{Kind, Tensor};
 
-use crate::compress::decompose::{mode_products, Tucker2Factors};
+use crate::decompose::{mode_products, Tucker2Factors};
 
 /// Geometry of a convolution, as in `torch.nn.Conv2d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,7 +253,7 @@ impl TuckerConv {
 /// A kernel computed in f64 on the CPU, as a layer weight like `like`: its dtype, device and
 /// layout (channels-last or contiguous).
 fn to_layer(t: &Tensor, like: &Tensor) -> Tensor {
-    crate::model::laid_out_like(&t.to_kind(like.kind()).to_device(like.device()), like)
+    crate::layout::laid_out_like(&t.to_kind(like.kind()).to_device(like.device()), like)
 }
 
 /// A conv as two layers, `nn.Sequential(first, last)`, one mode of the kernel factorised:
@@ -289,13 +296,22 @@ impl TwoLayerConv {
         Self::new(first, last, output_bias(dense), dense.config)
     }
 
-    /// Tucker-1 layers from fitted Tucker-2 `factors` of the k×k conv `dense` whose other mode is
-    /// at full rank: `output` (true) keeps U0 and folds U1 into the core, else the reverse.
-    pub fn tucker1_from_factors(factors: &Tucker2Factors, dense: &Conv2d, output: bool) -> Self {
+    /// Tucker-1 layers in `form` from fitted Tucker-2 `factors` of the k×k conv `dense` whose
+    /// other mode is at full rank: [`Form::Tucker1Out`] keeps U0 and folds U1 into the core,
+    /// [`Form::Tucker1In`] the reverse.
+    ///
+    /// # Panics
+    /// For any other form (the callers have matched it).
+    pub fn tucker1_from_factors(factors: &Tucker2Factors, dense: &Conv2d, form: Form) -> Self {
         let to_model = |t: &Tensor| to_layer(t, &dense.weight);
         let eye = |n: i64| Tensor::eye(n, (factors.core.kind(), factors.core.device()));
         let [r_out, r_in, _, _] = factors.core.size()[..] else {
             unreachable!("core is 4-way")
+        };
+        let output = match form {
+            Form::Tucker1Out { .. } => true,
+            Form::Tucker1In { .. } => false,
+            other => panic!("{} is not a Tucker-1 form", other.name()),
         };
         if output {
             let core = mode_products(&factors.core, &eye(r_out), &factors.u1);
@@ -374,93 +390,6 @@ impl TwoLayerConv {
             last.flatten(1, 3)
                 .matmul(&first.reshape([self.rank(), -1]))
                 .reshape([c_out, c_in, kh, kw])
-        }
-    }
-}
-
-/// How a conv slot is factorised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Form {
-    Dense,
-    /// 1×1 → k×k core → 1×1, ranks (r_out, r_in).
-    Tucker2 {
-        r_out: i64,
-        r_in: i64,
-    },
-    /// 1×1 → 1×1 (1×1 convs only), rank r.
-    Svd {
-        rank: i64,
-    },
-    /// k×k to r_out channels → 1×1: Tucker-1 on the output mode (the input kept whole, C_in).
-    Tucker1Out {
-        r_out: i64,
-        c_in: i64,
-    },
-    /// 1×1 to r_in channels → k×k: Tucker-1 on the input mode (the output kept whole, C_out).
-    Tucker1In {
-        c_out: i64,
-        r_in: i64,
-    },
-}
-
-impl Form {
-    /// `dense`, `tucker2`, `svd`, `tucker1-out` or `tucker1-in`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Form::Dense => "dense",
-            Form::Tucker2 { .. } => "tucker2",
-            Form::Svd { .. } => "svd",
-            Form::Tucker1Out { .. } => "tucker1-out",
-            Form::Tucker1In { .. } => "tucker1-in",
-        }
-    }
-
-    /// (r_out, r_in); an SVD's single rank is both, and Tucker-1 keeps one mode whole.
-    pub fn ranks(&self) -> Option<(i64, i64)> {
-        match *self {
-            Form::Dense => None,
-            Form::Tucker2 { r_out, r_in } => Some((r_out, r_in)),
-            Form::Svd { rank } => Some((rank, rank)),
-            Form::Tucker1Out { r_out, c_in } => Some((r_out, c_in)),
-            Form::Tucker1In { c_out, r_in } => Some((c_out, r_in)),
-        }
-    }
-
-    /// (multiply-accumulates for one image, output [H, W]) of a conv of `geometry` in this form,
-    /// for an input of [H, W]; each layer counted at the resolution it reads:
-    ///
-    /// - dense: C_out·(C_in/groups)·kh·kw·H_out·W_out;
-    /// - Tucker-2: C_in·r_in·H_in·W_in + (r_out·r_in·kh·kw + C_out·r_out)·H_out·W_out;
-    /// - SVD: (C_in + C_out)·r·H_out·W_out (a strided 1×1 samples first);
-    /// - Tucker-1, output mode: (C_in·r_out·kh·kw + C_out·r_out)·H_out·W_out;
-    /// - Tucker-1, input mode: C_in·r_in·H_in·W_in + C_out·r_in·kh·kw·H_out·W_out.
-    pub fn macs(&self, geometry: &ConvGeometry, input: [i64; 2]) -> (i64, [i64; 2]) {
-        let [o, i, kh, kw] = geometry.shape;
-        let output = geometry.config.output(input, geometry.kernel());
-        let out = output[0] * output[1];
-        let macs = match *self {
-            Form::Dense => o * (i / geometry.config.groups) * kh * kw * out,
-            Form::Tucker2 { r_out, r_in } => {
-                i * r_in * input[0] * input[1] + (r_out * r_in * kh * kw + o * r_out) * out
-            }
-            Form::Svd { rank } => (i + o) * rank * out,
-            Form::Tucker1Out { r_out, .. } => (i * r_out * kh * kw + o * r_out) * out,
-            Form::Tucker1In { r_in, .. } => {
-                i * r_in * input[0] * input[1] + o * r_in * kh * kw * out
-            }
-        };
-        (macs, output)
-    }
-
-    /// Parameters of a conv of dense shape `shape` in this form: the kernels, plus the last
-    /// layer's bias for a factorisation (which always carries one).
-    pub fn params(&self, [o, i, kh, kw]: [i64; 4]) -> i64 {
-        match *self {
-            Form::Dense => o * i * kh * kw,
-            Form::Tucker2 { r_out, r_in } => i * r_in + r_out * r_in * kh * kw + o * r_out + o,
-            Form::Svd { rank } => (i + o) * rank + o,
-            Form::Tucker1Out { r_out, .. } => i * r_out * kh * kw + o * r_out + o,
-            Form::Tucker1In { r_in, .. } => i * r_in + o * r_in * kh * kw + o,
         }
     }
 }
@@ -598,153 +527,5 @@ impl ConvSlot {
                 })
             })
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tch::Device;
-
-    #[test]
-    fn the_cost_model_counts_each_layer_at_the_resolution_it_reads() {
-        let geometry = ConvGeometry {
-            shape: [128, 64, 3, 3],
-            config: ConvConfig::new(2, 1),
-        };
-        let (dense, out) = Form::Dense.macs(&geometry, [56, 56]);
-        assert_eq!(out, [28, 28]);
-        assert_eq!(dense, 128 * 64 * 9 * 28 * 28);
-        let (tucker, _) = Form::Tucker2 {
-            r_out: 25,
-            r_in: 12,
-        }
-        .macs(&geometry, [56, 56]);
-        assert_eq!(
-            tucker,
-            64 * 12 * 56 * 56 + (25 * 12 * 9 + 128 * 25) * 28 * 28
-        );
-        // A slot's MACs are its layers' own, each at its input's resolution.
-        let opts = (Kind::Float, Device::Cpu);
-        let slot = ConvSlot::Tucker(TuckerConv::new(
-            Tensor::zeros([12, 64, 1, 1], opts),
-            Tensor::zeros([25, 12, 3, 3], opts),
-            Tensor::zeros([128, 25, 1, 1], opts),
-            None,
-            ConvConfig::new(2, 1),
-        ));
-        let by_layer: i64 = slot
-            .parts()
-            .iter()
-            .fold((0, [56, 56]), |(total, size), c| {
-                let (macs, out) = Form::Dense.macs(&c.geometry(), size);
-                (total + macs, out)
-            })
-            .0;
-        assert_eq!(slot.macs([56, 56]).0, by_layer);
-        assert_eq!(by_layer, tucker);
-    }
-
-    /// Values and gradients of `conv` on `x` against libtorch's strided conv in float64 NCHW
-    /// (no oneDNN), as the largest error relative to each reference's largest magnitude.
-    fn strided_conv_error(conv: &Conv2d, x: &Tensor) -> f64 {
-        let x = x.set_requires_grad(true);
-        let weight = conv.weight.shallow_clone().set_requires_grad(true);
-        let layer = Conv2d {
-            weight: weight.shallow_clone(),
-            bias: conv.bias.as_ref().map(|b| b.shallow_clone()),
-            config: conv.config,
-        };
-        let y = layer.forward(&x);
-        let grad = Tensor::randn(y.size(), (Kind::Float, Device::Cpu));
-        let (gx, gw) = match &Tensor::run_backward(
-            &[(&y * &grad).sum(Kind::Float)],
-            &[&x, &weight],
-            false,
-            false,
-        )[..]
-        {
-            [gx, gw] => (gx.shallow_clone(), gw.shallow_clone()),
-            _ => unreachable!("two inputs"),
-        };
-        let f64_of = |t: &Tensor| {
-            t.detach()
-                .to_kind(Kind::Double)
-                .contiguous()
-                .set_requires_grad(true)
-        };
-        let (xd, wd) = (f64_of(&x), f64_of(&weight));
-        let c = &conv.config;
-        let bias = conv.bias.as_ref().map(|b| b.to_kind(Kind::Double));
-        let yd = xd.conv2d(
-            &wd,
-            bias.as_ref(),
-            c.stride,
-            c.padding,
-            c.dilation,
-            c.groups,
-        );
-        let loss = (&yd * grad.to_kind(Kind::Double)).sum(Kind::Double);
-        let reference = Tensor::run_backward(&[loss], &[&xd, &wd], false, false);
-        let rel = |a: &Tensor, b: &Tensor| {
-            let b = b.detach();
-            (a.detach().to_kind(Kind::Double) - &b)
-                .abs()
-                .max()
-                .double_value(&[])
-                / b.abs().max().double_value(&[])
-        };
-        rel(&y, &yd)
-            .max(rel(&gx, &reference[0]))
-            .max(rel(&gw, &reference[1]))
-    }
-
-    #[test]
-    fn a_strided_pointwise_conv_trains_where_libtorchs_own_kernel_corrupts_the_heap() {
-        // A Tucker-2 downsample's 1×1 core at ratio 0.2 (12 → 25, stride 2) on an epoch's odd
-        // last batch, channels-last on 2+ CPU threads: libtorch 2.11's strided 1×1 backward
-        // writes past its buffers here (scripts/onednn_strided_1x1.py). The test binary
-        // crashing is this test failing.
-        tch::manual_seed(0);
-        let opts = (Kind::Float, Device::Cpu);
-        for (batch, c_in, c_out) in [
-            (25, 12, 25),
-            (29, 12, 25),
-            (33, 8, 51),
-            (25, 13, 12),
-            (64, 12, 25),
-        ] {
-            let conv = Conv2d {
-                weight: crate::model::to_channels_last(&Tensor::randn([c_out, c_in, 1, 1], opts)),
-                bias: None,
-                config: ConvConfig::new(2, 0),
-            };
-            let x = crate::model::to_channels_last(&Tensor::randn([batch, c_in, 16, 16], opts));
-            for _ in 0..3 {
-                let error = strided_conv_error(&conv, &x);
-                assert!(error < 1e-5, "batch {batch}, {c_in} → {c_out}: {error:e}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_sampled_pointwise_conv_equals_the_strided_one_with_padding_bias_and_odd_sides() {
-        tch::manual_seed(1);
-        let opts = (Kind::Float, Device::Cpu);
-        for (stride, padding, side) in [(2, 0, 15), (2, 1, 16), (3, 1, 17), (2, 0, 1)] {
-            let conv = Conv2d {
-                weight: Tensor::randn([6, 4, 1, 1], opts),
-                bias: Some(Tensor::randn([6], opts)),
-                config: ConvConfig::new(stride, padding),
-            };
-            let x = Tensor::randn([3, 4, side, side], opts);
-            let expected = conv.geometry().config.output([side, side], [1, 1]);
-            assert_eq!(conv.forward(&x).size()[2..], expected);
-            let error = strided_conv_error(&conv, &x);
-            assert!(
-                error < 1e-5,
-                "stride {stride}, padding {padding}, side {side}: {error:e}"
-            );
-        }
     }
 }

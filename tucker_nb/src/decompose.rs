@@ -13,7 +13,8 @@
 use tch::{Device, Kind, Tensor};
 
 /// How Tucker-2 factors are fitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// Truncated HOSVD, the seed's: one SVD per mode.
     Hosvd,
