@@ -68,7 +68,9 @@ def _slot(conv, state, name, path, said=None):
     _check_chain(conv, shapes, name, path)
     spatial = next((i for i, s in enumerate(shapes) if tuple(s[2:]) != (1, 1)), 0)
     if form is not None:
-        if spatial != FORM_LAYERS[form][1] or list(said.get("ranks") or []) != _ranks(form, shapes):
+        has_kernel = any(tuple(s[2:]) != (1, 1) for s in shapes)
+        misplaced = has_kernel and spatial != FORM_LAYERS[form][1]
+        if misplaced or list(said.get("ranks") or []) != _ranks(form, shapes):
             raise ValueError(f"{path}: conv {name}'s factors {[list(s) for s in shapes]} are not "
                              f"the {form} {said.get('ranks')} its metadata says")
     layers = []

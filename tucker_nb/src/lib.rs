@@ -67,5 +67,6 @@ pub use plots::Chart;
 pub use polars::prelude::DataFrame;
 pub use report::CompressionReport;
 pub use train::{
-    evaluate, fine_tune, recalibrate_bn, BnMode, EvalResult, FineTuneConfig, Trainable,
+    evaluate, fine_tune, recalibrate_bn, BnMode, EvalResult, FineTune, FineTuneConfig, History,
+    Trainable,
 };

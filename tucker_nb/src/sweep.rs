@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::frame::{column, frame_of};
 use crate::loader::Loader;
 use crate::model::ResNet18;
-use crate::train::{evaluate, fine_tune_rows_with, recalibrate_bn, FineTuneConfig, Trainable};
+use crate::train::{evaluate, recalibrate_bn, FineTune, FineTuneConfig, Trainable};
 
 /// The policies `tucker-nb sweep` compares unless told others.
 pub const DEFAULT_POLICIES: &str =
@@ -125,7 +125,11 @@ fn sweep_point(
         ..fine_tune.clone()
     };
     let teacher = config.distill.map(|_| model);
-    fine_tune_rows_with(&mut compressed, teacher, train, val, &config)?;
+    let run = FineTune {
+        config: &config,
+        teacher,
+    };
+    crate::train::fine_tune(&mut compressed, train, val, run)?;
     let after = evaluate(&compressed, val)?;
     let errors: Vec<f64> = report
         .layers

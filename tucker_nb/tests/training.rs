@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use tch::{Device, Kind, Tensor};
 use tucker_nb::synthetic::{self, SyntheticFormat, SyntheticSpec};
-use tucker_nb::train::{fine_tune_rows, METRICS_COLUMNS};
+use tucker_nb::train::METRICS_COLUMNS;
 use tucker_nb::{
     evaluate, fine_tune, BnMode, FineTuneConfig, Loader, ResNet18, RunConfig, Trainable,
 };
@@ -52,7 +52,9 @@ fn fine_tune_learns_a_generated_dataset() {
         step_size: 3,
         ..Default::default()
     };
-    let frame = fine_tune(&mut model, &train, &val, &config).unwrap();
+    let frame = fine_tune(&mut model, &train, &val, &config)
+        .unwrap()
+        .frame();
     assert_eq!(
         frame
             .get_column_names()
@@ -118,7 +120,7 @@ fn channels_last_training_follows_the_nchw_one() {
             channels_last,
             ..Default::default()
         };
-        let rows = fine_tune_rows(&mut model, &train, &val, &config).unwrap();
+        let rows = fine_tune(&mut model, &train, &val, &config).unwrap().0;
         assert_eq!(model.is_channels_last(), channels_last);
         (model, rows[0].train_loss)
     };
@@ -161,7 +163,7 @@ fn a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
         checkpoint_dir: Some(ckpt.clone()),
         ..Default::default()
     };
-    fine_tune_rows(&mut model, &train, &val, &good).unwrap();
+    fine_tune(&mut model, &train, &val, &good).unwrap();
     let index = std::fs::read_to_string(ckpt.join("checkpoint.json")).unwrap();
     let weights = std::fs::read(ckpt.join("checkpoint-e1.safetensors")).unwrap();
 
@@ -169,7 +171,7 @@ fn a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     tch::no_grad(|| {
         let _ = model.fc.weight.get(0).get(0).fill_(f64::NAN);
     });
-    let e = fine_tune_rows(&mut model, &train, &val, &good)
+    let e = fine_tune(&mut model, &train, &val, &good)
         .unwrap_err()
         .to_string();
     assert!(

@@ -28,8 +28,8 @@ use crate::io;
 use crate::loader::{Loader, Transform};
 use crate::model::ResNet18;
 use crate::train::{
-    evaluate, fine_tune_rows, fine_tune_rows_with, metrics_frame, EpochMetrics, EvalResult,
-    FineTuneConfig, Trainable,
+    evaluate, fine_tune, metrics_frame, EpochMetrics, EvalResult, FineTune, FineTuneConfig,
+    Trainable,
 };
 
 /// The run's training and validation loaders (train: the seed's augmentation, shuffled with the
@@ -200,7 +200,7 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
 
     // 1) fine-tune the original: the seed trains fc only; 2) evaluate it.
     let original_phase = config.original_phase();
-    let mut rows = fine_tune_rows(&mut model, &train, &val, &original_phase)?;
+    let mut rows = fine_tune(&mut model, &train, &val, &original_phase)?.0;
     outputs.write_with(&out.join("original.safetensors"), |tmp| model.save(tmp))?;
     let original = ModelFigures::new(
         &model,
@@ -215,13 +215,11 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
 
     // 5) fine-tune the compressed model: factorised convs and fc; 6) evaluate.
     let compressed_phase = config.compressed_phase();
-    let taught = fine_tune_rows_with(
-        &mut model,
-        teacher.as_ref(),
-        &train,
-        &val,
-        &compressed_phase,
-    )?;
+    let run = FineTune {
+        config: &compressed_phase,
+        teacher: teacher.as_ref(),
+    };
+    let taught = fine_tune(&mut model, &train, &val, run)?.0;
     let fine_tuned = evaluated(&taught, &compressed_phase, &model, &val)?;
     let fine_tuned = ModelFigures::new(&model, &fine_tuned, size);
     rows.extend(taught);

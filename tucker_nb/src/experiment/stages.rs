@@ -12,8 +12,8 @@ use crate::loader::Loader;
 use crate::model::ResNet18;
 use crate::report::CompressionReport;
 use crate::train::{
-    evaluate, fine_tune_rows, metrics_frame, recalibrate_bn, EpochMetrics, EvalResult,
-    FineTuneConfig, Trainable,
+    evaluate, fine_tune, metrics_frame, recalibrate_bn, EpochMetrics, EvalResult, FineTuneConfig,
+    Trainable,
 };
 
 /// The calibration set a compression uses (for fitting to data), and whether the BN statistics
@@ -130,7 +130,7 @@ pub fn compress_in_stages(
                     trainable: Trainable::TuckerAndClassifier,
                     ..between.clone()
                 };
-                fine_tune_rows(model, train, val, &config)?
+                fine_tune(model, train, val, &config)?.0
             }
         };
         let moments = match (policy.fit(), calibration) {

@@ -140,34 +140,47 @@ pub struct Unit<C, B> {
     pub conv: C,
     pub bn_name: String,
     pub bn: B,
+    /// The resolution [H, W] the conv reads, for the image size the walk was given.
+    pub input: [i64; 2],
 }
 
 /// The one walk of the tree, written once for shared and for mutable borrows: the stem, then per
 /// block conv1/bn1, conv2/bn2 and the projection shortcut, in torchvision's state_dict order.
+/// The one walk of the tree, written once for shared and for mutable borrows: the stem, then per
+/// block conv1/bn1, conv2/bn2 and the projection shortcut, in torchvision's state_dict order,
+/// following the data from an image of `image` = [H, W] to give each conv its input size.
 macro_rules! walk_units {
     ($method:ident $(, $mut:tt)?) => {
         /// Every conv slot with the BN after it, under their state_dict names, in state_dict
-        /// order (the one walk of the architecture).
-        pub fn $method(&$($mut)? self) -> Vec<Unit<&$($mut)? ConvSlot, &$($mut)? BatchNorm>> {
+        /// order, and the resolution each conv reads for an image of `image` = [H, W] (the one
+        /// walk of the architecture).
+        pub fn $method(
+            &$($mut)? self,
+            image: [i64; 2],
+        ) -> Vec<Unit<&$($mut)? ConvSlot, &$($mut)? BatchNorm>> {
             let unit = |path: &ParamPath, conv: &str, bn: &str| (path.join(conv), path.join(bn));
             let root = ParamPath::root();
             let (c, b) = unit(&root, "conv1", "bn1");
+            let mut x = MAX_POOL.output(self.conv1.macs(image).1, [3, 3]);
             let mut units = vec![Unit {
                 conv_name: c.0,
                 conv: &$($mut)? self.conv1,
                 bn_name: b.0,
                 bn: &$($mut)? self.bn1,
+                input: image,
             }];
             for (stage, blocks) in (&$($mut)? self.layers).into_iter().enumerate() {
                 let layer = root.join(format!("layer{}", stage + 1));
                 for (index, block) in blocks.into_iter().enumerate() {
                     let path = layer.join(index);
-                    for (conv, bn, c, b) in [
-                        (&$($mut)? block.conv1, &$($mut)? block.bn1, "conv1", "bn1"),
-                        (&$($mut)? block.conv2, &$($mut)? block.bn2, "conv2", "bn2"),
+                    let mid = block.conv1.macs(x).1;
+                    let out = block.conv2.macs(mid).1;
+                    for (conv, bn, c, b, input) in [
+                        (&$($mut)? block.conv1, &$($mut)? block.bn1, "conv1", "bn1", x),
+                        (&$($mut)? block.conv2, &$($mut)? block.bn2, "conv2", "bn2", mid),
                     ] {
                         let (c, b) = unit(&path, c, b);
-                        units.push(Unit { conv_name: c.0, conv, bn_name: b.0, bn });
+                        units.push(Unit { conv_name: c.0, conv, bn_name: b.0, bn, input });
                     }
                     if let Some(d) = &$($mut)? block.downsample {
                         let (c, b) = unit(&path.join("downsample"), "0", "1");
@@ -176,8 +189,10 @@ macro_rules! walk_units {
                             conv: &$($mut)? d.conv,
                             bn_name: b.0,
                             bn: &$($mut)? d.bn,
+                            input: x,
                         });
                     }
+                    x = out;
                 }
             }
             units
@@ -185,9 +200,22 @@ macro_rules! walk_units {
     };
 }
 
+/// The image size the plain walks ([`ResNet18::units`]) report input sizes for: the seed's.
+const WALK_IMAGE: [i64; 2] = [224, 224];
+
 impl ResNet18 {
-    walk_units!(units);
-    walk_units!(units_mut, mut);
+    walk_units!(units_for);
+    walk_units!(units_for_mut, mut);
+
+    /// [`Self::units_for`] the seed's 224 px images.
+    pub fn units(&self) -> Vec<Unit<&ConvSlot, &BatchNorm>> {
+        self.units_for(WALK_IMAGE)
+    }
+
+    /// [`Self::units_for_mut`] the seed's 224 px images.
+    pub fn units_mut(&mut self) -> Vec<Unit<&mut ConvSlot, &mut BatchNorm>> {
+        self.units_for_mut(WALK_IMAGE)
+    }
 
     /// The layers with uninitialised convs and classifier, BNs at PyTorch's initial state.
     fn empty(num_classes: i64, device: Device) -> Self {
@@ -276,19 +304,10 @@ impl ResNet18 {
 
     /// The input resolution [H, W] each conv sees for an image of `image` = [H, W], by name.
     pub fn conv_input_sizes(&self, image: [i64; 2]) -> BTreeMap<String, [i64; 2]> {
-        // The data flow, in the order of `units`: per block conv1, conv2, then the shortcut.
-        let mut sizes = vec![image];
-        let mut x = MAX_POOL.output(self.conv1.macs(image).1, [3, 3]);
-        for block in self.layers.iter().flatten() {
-            let mid = block.conv1.macs(x).1;
-            sizes.extend([x, mid]);
-            if block.downsample.is_some() {
-                sizes.push(x);
-            }
-            x = block.conv2.macs(mid).1;
-        }
-        let names = self.units().into_iter().map(|u| u.conv_name);
-        names.zip(sizes).collect()
+        self.units_for(image)
+            .into_iter()
+            .map(|u| (u.conv_name, u.input))
+            .collect()
     }
 
     /// Multiply-accumulates of all convs for one image of `image` = [H, W] (factorised layers at

@@ -61,61 +61,87 @@ pub fn trainable_parameters(
         .collect()
 }
 
-/// Fine-tunes `model` in place, evaluating on `val` after every epoch; returns the metrics
-/// (one row per epoch, [`METRICS_COLUMNS`]). With `config.checkpoint_dir`, a checkpoint is
-/// written atomically after every epoch, and `config.resume` continues from it.
-pub fn fine_tune(
-    model: &mut ResNet18,
-    train: &Loader,
-    val: &Loader,
-    config: &FineTuneConfig,
-) -> Result<DataFrame> {
-    let rows = fine_tune_rows(model, train, val, config)?;
-    Ok(metrics_frame(&rows))
+/// A fine-tune's settings and, to distil, its teacher: what [`fine_tune`] is given. A plain
+/// `&FineTuneConfig` converts into one without a teacher.
+#[derive(Debug, Clone, Copy)]
+pub struct FineTune<'a> {
+    pub config: &'a FineTuneConfig,
+    /// The model to distil from (the model before compression), `config.distill` saying how
+    /// (the default [`Distillation`] when it is `None`); `None`: plain cross-entropy, as the
+    /// seed, and `config.distill` must be `None` too.
+    pub teacher: Option<&'a ResNet18>,
 }
 
-/// [`fine_tune`] with knowledge distillation from `teacher` (`config.distill` says how; the
-/// default [`Distillation`] when it is `None`).
-pub fn fine_tune_distilled(
+impl<'a> FineTune<'a> {
+    /// `config`, distilled from `teacher`.
+    pub fn distilled(config: &'a FineTuneConfig, teacher: &'a ResNet18) -> Self {
+        Self {
+            config,
+            teacher: Some(teacher),
+        }
+    }
+}
+
+impl<'a> From<&'a FineTuneConfig> for FineTune<'a> {
+    fn from(config: &'a FineTuneConfig) -> Self {
+        Self {
+            config,
+            teacher: None,
+        }
+    }
+}
+
+/// The epochs a fine-tune ran, one row each.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct History(pub Vec<EpochMetrics>);
+
+impl History {
+    /// The epochs as a table ([`METRICS_COLUMNS`]).
+    pub fn frame(&self) -> DataFrame {
+        metrics_frame(&self.0)
+    }
+
+    pub fn rows(&self) -> &[EpochMetrics] {
+        &self.0
+    }
+}
+
+/// Fine-tunes `model` in place as `run` says, evaluating on `val` after every epoch; returns
+/// the epochs' metrics. With `config.checkpoint_dir`, a checkpoint is written atomically after
+/// every epoch, and `config.resume` continues from it.
+pub fn fine_tune<'a>(
     model: &mut ResNet18,
-    teacher: &ResNet18,
     train: &Loader,
     val: &Loader,
-    config: &FineTuneConfig,
-) -> Result<DataFrame> {
-    let config = FineTuneConfig {
-        distill: Some(config.distill.unwrap_or_default()),
-        ..config.clone()
+    run: impl Into<FineTune<'a>>,
+) -> Result<History> {
+    let FineTune { config, teacher } = run.into();
+    let distilled;
+    let config = match (teacher, config.distill) {
+        (None, Some(_)) => {
+            let why = "distillation needs a teacher (the model before compression)";
+            return Err(Error::value("distillation", why));
+        }
+        (Some(_), None) => {
+            distilled = FineTuneConfig {
+                distill: Some(Distillation::default()),
+                ..config.clone()
+            };
+            &distilled
+        }
+        _ => config,
     };
-    let rows = fine_tune_rows_with(model, Some(teacher), train, val, &config)?;
-    Ok(metrics_frame(&rows))
+    fine_tune_epochs(model, teacher, train, val, config).map(History)
 }
 
-/// [`fine_tune`], returning the rows themselves.
-pub fn fine_tune_rows(
-    model: &mut ResNet18,
-    train: &Loader,
-    val: &Loader,
-    config: &FineTuneConfig,
-) -> Result<Vec<EpochMetrics>> {
-    fine_tune_rows_with(model, None, train, val, config)
-}
-
-/// [`fine_tune_rows`] with an optional teacher; `config.distill` and the teacher go together.
-pub fn fine_tune_rows_with(
+/// [`fine_tune`]'s loop; `config.distill` and `teacher` go together.
+fn fine_tune_epochs(
     model: &mut ResNet18,
     teacher: Option<&ResNet18>,
     train: &Loader,
     val: &Loader,
     config: &FineTuneConfig,
 ) -> Result<Vec<EpochMetrics>> {
-    if config.distill.is_some() != teacher.is_some() {
-        let why = match teacher {
-            None => "distillation needs a teacher (the model before compression)",
-            Some(_) => "a teacher was given without distillation settings",
-        };
-        return Err(Error::value("distillation", why));
-    }
     if config.epochs == 0 {
         return Ok(Vec::new());
     }
@@ -238,7 +264,7 @@ fn stop_unless_finite(
     ))
 }
 
-/// One epoch: what [`fine_tune_rows`] repeats.
+/// One epoch: what [`fine_tune`] repeats.
 struct Epoch<'a> {
     train: &'a Loader,
     val: &'a Loader,
