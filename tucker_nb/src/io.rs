@@ -60,6 +60,34 @@ pub fn write_safetensors_with(
     })
 }
 
+/// A failed write as the user sees it: the output asked for, what failed in words, and that the
+/// earlier file (if any) is unchanged; never the temporary's name or a debug-formatted error.
+fn write_failed(path: &Path, tmp: &Path, e: Error) -> Error {
+    let text = e.to_string();
+    let os_error = [
+        libc::ENOSPC,
+        libc::EROFS,
+        libc::EACCES,
+        libc::EPERM,
+        libc::EDQUOT,
+    ]
+    .into_iter()
+    .find(|code| {
+        text.contains(&format!("os error {code})")) || text.contains(&format!("code: {code},"))
+    });
+    let reason = match os_error {
+        Some(code) => crate::lock::io_reason(&std::io::Error::from_raw_os_error(code)),
+        None => {
+            let line =
+                first_line(&text).replace(&tmp.display().to_string(), &path.display().to_string());
+            let own = format!("{}: ", path.display());
+            line.strip_prefix(&own).unwrap_or(&line).to_string()
+        }
+    };
+    let earlier = crate::lock::earlier(path);
+    Error::file(path, format!("cannot write it: {reason}; {earlier}"))
+}
+
 /// Writes `contents` to `path` atomically.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let mut outputs = Outputs::new();
@@ -104,7 +132,7 @@ impl Outputs {
         let written = write(&tmp).and_then(|()| sync_path(&tmp).map_err(|e| Error::file(path, e)));
         if let Err(e) = written {
             remove_any(&tmp);
-            return Err(e);
+            return Err(write_failed(path, &tmp, e));
         }
         self.staged.push((tmp, path.to_path_buf()));
         Ok(())
@@ -150,16 +178,18 @@ impl Drop for Outputs {
 }
 
 /// Builds a folder atomically: `build` fills a temporary sibling of `path`, which is then renamed
-/// into place; on failure the temporary folder is removed. `path` must not exist yet.
+/// into place; on failure the temporary folder is removed. `path` must not exist yet; it is
+/// locked while it is built (another writer is refused).
 pub fn create_dir_atomic<T>(path: &Path, build: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let parent = parent_of(path);
+    fs::create_dir_all(&parent).map_err(|e| Error::file(&parent, e))?;
+    let _lock = crate::lock::OutputLock::acquire(path)?;
     if path.exists() {
         return Err(Error::file(
             path,
             "already exists; remove it or choose another output folder",
         ));
     }
-    let parent = parent_of(path);
-    fs::create_dir_all(&parent).map_err(|e| Error::file(&parent, e))?;
     let tmp = temporary_sibling(path)?;
     let result = build(&tmp).and_then(|v| {
         fs::rename(&tmp, path)

@@ -36,6 +36,7 @@ pub(crate) mod frame;
 pub(crate) mod io;
 pub mod layout;
 pub mod loader;
+pub mod lock;
 pub mod model;
 pub mod notebook;
 pub mod plots;

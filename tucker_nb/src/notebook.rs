@@ -188,10 +188,12 @@ impl NotebookConfig {
     }
 
     /// Train and validation loaders (decoded once; later calls read the cache); makes the
-    /// output folder.
+    /// output folder and locks it for this kernel (another writer is refused).
     pub fn loaders(&self) -> Result<(Loader, Loader)> {
         let out = &self.run.out;
         std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
+        // The kernel writes into it from later cells: it keeps the lock while it lives.
+        crate::lock::hold_for_process(out)?;
         experiment::loaders(&self.run)
     }
 

@@ -455,11 +455,17 @@ pub fn decode_cached(
     if let Some((images, mapped)) = cached {
         return Ok(dataset(images, Some(mapped)));
     }
-    let written = fs::create_dir_all(&cache_dir)
+    let locked = fs::create_dir_all(&cache_dir)
         .map_err(|e| Error::file(&cache_dir, e))
-        .and_then(|()| {
+        .and_then(|()| crate::lock::OutputLock::try_acquire(&cache));
+    // One writer per cache file: while another process writes it, decode into memory.
+    let written = match locked {
+        Ok(None) => return Ok(dataset(decode_images(folder, storage.size)?, None)),
+        Ok(Some(_lock)) => {
             io::write_atomic_with(&cache, |tmp| decode_into_cache(folder, storage.size, tmp))
-        });
+        }
+        Err(e) => Err(e),
+    };
     match written.and_then(|()| cache::map_images(&cache)) {
         Ok((images, mapped)) => {
             remove_other_caches(&cache_dir, &split, &cache);

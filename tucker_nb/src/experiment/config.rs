@@ -11,6 +11,7 @@ use crate::compress::policy::CompressionPolicy;
 use crate::data::{Dataset, StorageOptions};
 use crate::error::{check, check_count, check_image_side, Error, Result};
 use crate::io;
+use crate::lock::OutputLock;
 use crate::train::{FineTuneConfig, Trainable};
 
 /// Settings of a run; defaults mirror the seed (224 px, 5 + 5 epochs, batch 64, ratio 0.2).
@@ -259,11 +260,13 @@ fn flatten(prefix: &str, value: &serde_json::Value, into: &mut BTreeMap<String, 
     }
 }
 
-/// Makes `out` ready for a run: created when missing; a non-empty one is refused unless the run
-/// resumes (or is forced to start afresh over it).
-pub fn prepare_run_folder(config: &RunConfig) -> Result<()> {
+/// Makes `out` ready for a run: created when missing and locked for this run (a second writer
+/// is refused at once); a non-empty one is refused unless the run resumes (or is forced to start
+/// afresh over it). The lock lasts as long as the returned guard.
+pub fn prepare_run_folder(config: &RunConfig) -> Result<OutputLock> {
     let out = &config.out;
     std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
+    let lock = OutputLock::acquire(out)?;
     let used = std::fs::read_dir(out)
         .map_err(|e| Error::file(out, e))?
         .flatten()
@@ -275,7 +278,7 @@ pub fn prepare_run_folder(config: &RunConfig) -> Result<()> {
              over it, or choose another --out",
         ));
     }
-    Ok(())
+    Ok(lock)
 }
 
 /// Records `fingerprint` in `out`; with `resume`, first checks it against the one there.

@@ -26,6 +26,7 @@ use crate::figures::ModelFigures;
 use crate::frame::write_frame_csv;
 use crate::io;
 use crate::loader::{Loader, Transform};
+use crate::lock::OutputLock;
 use crate::model::ResNet18;
 use crate::train::{
     evaluate, fine_tune, metrics_frame, EpochMetrics, EvalResult, FineTune, FineTuneConfig,
@@ -186,7 +187,7 @@ fn evaluated(
 /// The run's results (models, metrics, reports, summary) are committed together at the end.
 pub fn run(config: &RunConfig) -> Result<RunResult> {
     config.validate()?;
-    prepare_run_folder(config)?;
+    let _lock = prepare_run_folder(config)?;
     let out = &config.out;
     let (train_data, val_data) = datasets(config)?;
     check_fingerprint(
@@ -266,6 +267,7 @@ pub fn run_sweep(config: &RunConfig, policies: &[CompressionPolicy]) -> Result<D
     }
     let out = &config.out;
     std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
+    let _lock = OutputLock::acquire(out)?;
     let (train, val) = loaders(config)?;
     let calibration = calibration(config, &train)?;
     let model = initial_model(config)?;

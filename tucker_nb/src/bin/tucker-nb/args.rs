@@ -48,6 +48,31 @@ fn with_default(about: &str, default: impl Display) -> String {
     }
 }
 
+/// A count or size: parsed as a whole number, so a negative one is refused with the flag's name
+/// and range (clap prefixes `invalid value '-1' for '--epochs <EPOCHS>'`).
+fn non_negative<T: TryFrom<i64>>(text: &str) -> Result<T, String> {
+    let n: i64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number"))?;
+    if n < 0 {
+        return Err(format!("{n} is negative (must be ≥ 0)"));
+    }
+    T::try_from(n).map_err(|_| format!("{n} is too large"))
+}
+
+/// The command line's parser, with negative numbers taken as values (so `--epochs -1` reaches
+/// the flag's own check instead of reading as an unknown flag).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command().mut_subcommands(|sub| {
+        sub.mut_args(|arg| match arg.get_action().takes_values() {
+            true => arg.allow_negative_numbers(true),
+            false => arg,
+        })
+    })
+}
+
 /// Sets `field` to `value` when the flag was given.
 pub fn set<T>(field: &mut T, value: Option<T>) {
     if let Some(value) = value {
@@ -127,7 +152,7 @@ pub struct DecodeArgs {
     #[arg(long)]
     pub data: PathBuf,
     /// Square size images are stored at (default: their own size when they share one, else 256).
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative::<u32>)]
     pub storage_size: Option<u32>,
     /// One split only (default: both).
     #[arg(long, value_enum)]
@@ -203,22 +228,22 @@ pub struct DataArgs {
     #[arg(long, help = with_default("", run_defaults().image_size))]
     pub image_size: Option<i64>,
     /// Use only the first N training images.
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative::<usize>)]
     pub train_limit: Option<usize>,
     /// Use only the first N validation images.
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative::<usize>)]
     pub val_limit: Option<usize>,
     /// Square size decoded images are stored at when their sizes differ.
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative::<u32>)]
     pub storage_size: Option<u32>,
 }
 
 /// The fine-tune recipe (the seed's by default).
 #[derive(Args)]
 pub struct TrainArgs {
-    #[arg(long, help = with_default("", run_defaults().batch_size))]
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default("", run_defaults().batch_size))]
     pub batch_size: Option<usize>,
-    #[arg(long, help = with_default("", run_defaults().eval_batch_size))]
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default("", run_defaults().eval_batch_size))]
     pub eval_batch_size: Option<usize>,
     #[arg(long, help = with_default("", fine_tune_defaults().lr))]
     pub lr: Option<f64>,
@@ -226,7 +251,7 @@ pub struct TrainArgs {
     pub momentum: Option<f64>,
     #[arg(long, help = with_default("", fine_tune_defaults().weight_decay))]
     pub weight_decay: Option<f64>,
-    #[arg(long, help = with_default(
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default(
         "StepLR: the learning rate is multiplied by --gamma every N epochs.",
         fine_tune_defaults().step_size,
     ))]
@@ -248,10 +273,10 @@ pub struct TrainArgs {
     /// α·CE + (1−α)·T²·KL), e.g. 4,0.5.
     #[arg(long, value_name = "T,ALPHA")]
     pub distill: Option<Distillation>,
-    #[arg(long, help = with_default("", run_defaults().seed))]
+    #[arg(long, value_parser = non_negative::<u64>, help = with_default("", run_defaults().seed))]
     pub seed: Option<u64>,
     /// Train on at most N batches per epoch (spread over the data by the shuffle).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_parser = non_negative::<usize>, value_name = "N")]
     pub max_batches: Option<usize>,
 }
 
@@ -285,7 +310,7 @@ pub struct CompressArgs {
     /// data-driven policies to each layer's outputs.
     #[arg(long)]
     pub calib_data: Option<PathBuf>,
-    #[arg(long, help = with_default(
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default(
         "Training images of --calib-data to use (seeded shuffle, eval transform).",
         run_defaults().calib_images,
     ))]
@@ -305,7 +330,7 @@ pub struct ExperimentArgs {
     pub device: DeviceArg,
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, help = with_default(
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default(
         "Training images (seeded shuffle, eval transform) the BN recalibration after compression sees.",
         run_defaults().calib_images,
     ))]
@@ -319,13 +344,13 @@ pub struct ExperimentArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub experiment: ExperimentArgs,
-    #[arg(long, help = with_default(
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default(
         "Epochs of each fine-tune (original, then compressed).",
         fine_tune_defaults().epochs,
     ))]
     pub epochs: Option<usize>,
     /// Epochs of the compressed model's fine-tune, when different.
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative::<usize>)]
     pub compressed_epochs: Option<usize>,
     #[command(flatten)]
     pub ranks: RankArgs,
@@ -335,7 +360,7 @@ pub struct RunArgs {
     /// compress further with this policy (repeatable, e.g. --stage budget-macs:0.2).
     #[arg(long = "stage", value_name = "POLICY")]
     pub stages: Vec<RankPolicy>,
-    #[arg(long, help = with_default(
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default(
         "Epochs of fine-tuning before each further stage.",
         run_defaults().stage_epochs,
     ))]
@@ -358,7 +383,7 @@ pub struct SweepArgs {
     #[command(flatten)]
     pub fit: FitArgs,
     /// Fine-tune epochs of each compressed model.
-    #[arg(long, default_value_t = sweep::DEFAULT_EPOCHS)]
+    #[arg(long, value_parser = non_negative::<usize>, default_value_t = sweep::DEFAULT_EPOCHS)]
     pub epochs: usize,
 }
 
@@ -376,7 +401,7 @@ pub struct EvaluateArgs {
     pub split: Split,
     #[arg(long, help = with_default("", run_defaults().image_size))]
     pub image_size: Option<i64>,
-    #[arg(long, help = with_default("", run_defaults().eval_batch_size))]
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default("", run_defaults().eval_batch_size))]
     pub batch_size: Option<usize>,
     /// Write `path,true,predicted` per image.
     #[arg(long)]
@@ -395,15 +420,15 @@ pub struct EvaluateArgs {
 pub struct GenDataArgs {
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, help = with_default("", SyntheticSpec::default().classes))]
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default("", SyntheticSpec::default().classes))]
     pub classes: Option<usize>,
-    #[arg(long, help = with_default("", SyntheticSpec::default().train_per_class))]
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default("", SyntheticSpec::default().train_per_class))]
     pub train_per_class: Option<usize>,
-    #[arg(long, help = with_default("", SyntheticSpec::default().val_per_class))]
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default("", SyntheticSpec::default().val_per_class))]
     pub val_per_class: Option<usize>,
-    #[arg(long, help = with_default("Square image side.", SyntheticSpec::default().size))]
+    #[arg(long, value_parser = non_negative::<u32>, help = with_default("Square image side.", SyntheticSpec::default().size))]
     pub size: Option<u32>,
-    #[arg(long, help = with_default("", SyntheticSpec::default().seed))]
+    #[arg(long, value_parser = non_negative::<u64>, help = with_default("", SyntheticSpec::default().seed))]
     pub seed: Option<u64>,
     /// The seed's PNG tree, or the CIFAR-100 binary release format.
     #[arg(long, value_enum, default_value = "image-folder")]
@@ -417,11 +442,11 @@ pub struct BenchArgs {
     pub data: PathBuf,
     #[arg(long, help = with_default("", bench_defaults().run.image_size))]
     pub image_size: Option<i64>,
-    #[arg(long, help = with_default("", bench_defaults().run.batch_size))]
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default("", bench_defaults().run.batch_size))]
     pub batch_size: Option<usize>,
-    #[arg(long, help = with_default("", bench_defaults().repeats))]
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default("", bench_defaults().repeats))]
     pub repeats: Option<usize>,
-    #[arg(long, help = with_default(
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default(
         "Batches per model throughput measurement.",
         bench_defaults().model_batches,
     ))]
@@ -442,7 +467,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub no_channels_last: bool,
     /// DataLoader workers for the seed's pipeline (the seed uses 4; default: this machine's cores).
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative::<usize>)]
     pub workers: Option<usize>,
     #[arg(long, help = with_default(
         "Compression ratio for the compressed model.",

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use args::*;
-use clap::Parser;
 use tch::Device;
 use tucker_nb::bench::{self, BenchConfig};
 use tucker_nb::compress::calibrate::{activation_moments, Moments};
@@ -15,6 +14,7 @@ use tucker_nb::compress::compress_model_fitted;
 use tucker_nb::data::{self, Split};
 use tucker_nb::experiment::{self, RunConfig};
 use tucker_nb::export::{self, ExportConfig};
+use tucker_nb::lock::OutputLock;
 use tucker_nb::synthetic::{self, SyntheticSpec};
 use tucker_nb::train;
 use tucker_nb::{
@@ -23,7 +23,10 @@ use tucker_nb::{
 };
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = args::command()
+        .try_get_matches()
+        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
@@ -92,9 +95,14 @@ fn compress(args: CompressArgs) -> anyhow::Result<()> {
         );
     }
     check_output(&args.out)?;
-    if let Some(r) = &args.report {
-        check_output(r)?;
-    }
+    let _lock = OutputLock::acquire(&args.out)?;
+    let _report_lock = match &args.report {
+        Some(r) => {
+            check_output(r)?;
+            Some(OutputLock::acquire(r)?)
+        }
+        None => None,
+    };
     let mut model = ResNet18::load(&args.weights, args.num_classes, device)?;
     let moments = match (&args.calib_data, policy.fit()) {
         (Some(dir), Fit::Data) => Some(calibration_moments(&model, dir, &args)?),
@@ -224,6 +232,7 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
 
 fn export(args: ExportArgs) -> anyhow::Result<()> {
     check_output(&args.out)?;
+    let _lock = OutputLock::acquire(&args.out)?;
     let mut config = ExportConfig::new(&args.model, args.format, &args.out);
     set(&mut config.image_size, args.image_size);
     set(&mut config.tolerance, args.tolerance);
