@@ -1,13 +1,14 @@
 //! One writer per output: an exclusive advisory lock (`flock`) on the folder or file a command
 //! writes, held for as long as it writes. A second writer is refused at once, naming the
 //! output and the PID that holds it. The kernel drops a `flock` lock when its process dies, so a
-//! killed writer leaves no stale lock; the lock file itself stays (it is hidden, and empty of
-//! meaning once unlocked). Readers take no lock.
+//! killed writer leaves no stale lock (its lock file stays, and the next writer reuses it); a
+//! writer that ends removes its lock file. Readers take no lock.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -20,7 +21,17 @@ pub const FOLDER_LOCK: &str = ".tucker_nb.lock";
 #[derive(Debug)]
 pub struct OutputLock {
     _file: fs::File,
+    /// The lock file, removed on release (a killed holder leaves it; the next writer reuses it).
+    path: PathBuf,
     target: PathBuf,
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Unlink while still holding the lock, then unlock by closing: a writer that opened the
+        // old file meanwhile sees it is no longer at the path and takes a fresh one.
+        let _ = fs::remove_file(&self.path);
+    }
 }
 
 impl OutputLock {
@@ -50,34 +61,45 @@ impl OutputLock {
     /// As [`Self::acquire`], but `None` when another process holds the lock.
     pub fn try_acquire(target: &Path) -> Result<Option<Self>> {
         let lock_path = lock_path(target)?;
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(|e| cannot_write(target, &e))?;
-        // SAFETY: flock on the descriptor `file` owns and keeps open; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(Error::file(
-                    target,
-                    format!("cannot lock it: {}", io_reason(&e)),
-                ));
+        loop {
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&lock_path)
+                .map_err(|e| cannot_write(target, &e))?;
+            // SAFETY: flock on the descriptor `file` owns and keeps open; no memory is involved.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                    let why = format!("cannot lock it: {}", io_reason(&e));
+                    return Err(Error::file(target, why));
+                }
+                return Ok(None);
             }
-            return Ok(None);
+            // The holder before us may have removed the file between our open and our lock
+            // (it unlinks, then unlocks): then we hold a lock on a file no one else can find.
+            // Locked and still the file at that path, it is ours.
+            let same = match (file.metadata(), fs::metadata(&lock_path)) {
+                (Ok(ours), Ok(theirs)) => ours.ino() == theirs.ino() && ours.dev() == theirs.dev(),
+                _ => false,
+            };
+            if !same {
+                continue;
+            }
+            // Say who holds it (for the next writer's message).
+            let said = file
+                .set_len(0)
+                .and_then(|()| (&file).write_all(std::process::id().to_string().as_bytes()));
+            said.map_err(|e| Error::file(target, format!("cannot lock it: {}", io_reason(&e))))?;
+            return Ok(Some(Self {
+                _file: file,
+                path: lock_path,
+                target: target.to_path_buf(),
+            }));
         }
-        // Ours now: say who holds it (for the next writer's message).
-        let said = file
-            .set_len(0)
-            .and_then(|()| (&file).write_all(std::process::id().to_string().as_bytes()));
-        said.map_err(|e| Error::file(target, format!("cannot lock it: {}", io_reason(&e))))?;
-        Ok(Some(Self {
-            _file: file,
-            target: target.to_path_buf(),
-        }))
     }
 
     /// The output this lock covers.

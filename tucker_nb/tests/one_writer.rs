@@ -223,6 +223,10 @@ fn a_killed_writer_leaves_no_lock_and_its_run_resumes() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.contains("top-1:"), "{stdout}");
     assert!(out.join("summary.json").exists());
+    assert!(
+        !out.join(tucker_nb::lock::FOLDER_LOCK).exists(),
+        "a run that ends unlocks"
+    );
 }
 
 /// A small tmpfs mounted for a test, unmounted when dropped.
