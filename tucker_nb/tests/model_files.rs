@@ -73,6 +73,23 @@ fn replaced(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
     out
 }
 
+/// The loaded model holds bit-for-bit the tensors saved, and computes the same logits: to
+/// rounding, because a factor that was a strided view when saved loads contiguous, and libtorch
+/// may pick another kernel for it.
+fn assert_same_model(loaded: &ResNet18, model: &ResNet18) {
+    let saved: std::collections::BTreeMap<_, _> = model.named_tensors().into_iter().collect();
+    let read: std::collections::BTreeMap<_, _> = loaded.named_tensors().into_iter().collect();
+    assert_eq!(
+        read.keys().collect::<Vec<_>>(),
+        saved.keys().collect::<Vec<_>>()
+    );
+    for (name, t) in &saved {
+        assert!(read[name].equal(t), "{name} differs after the round trip");
+    }
+    let diff = rel_err(&logits(loaded), &logits(model));
+    assert!(diff < 1e-6, "logits differ by {diff:e}");
+}
+
 fn logits(model: &ResNet18) -> Tensor {
     tch::manual_seed(5);
     let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
@@ -105,7 +122,7 @@ fn a_saved_model_says_every_convs_form_and_loads_in_it() {
     );
     let loaded = ResNet18::load(&file, None, Device::Cpu).unwrap();
     assert_eq!(loaded.forms(), model.forms());
-    assert!(logits(&loaded).equal(&logits(&model)));
+    assert_same_model(&loaded, &model);
 }
 
 #[test]
@@ -117,7 +134,7 @@ fn a_file_from_before_the_metadata_loads_in_the_same_forms() {
     assert!(header(&old).get("__metadata__").is_none());
     let loaded = ResNet18::load(&old, None, Device::Cpu).unwrap();
     assert_eq!(loaded.forms(), model.forms());
-    assert!(logits(&loaded).equal(&logits(&model)));
+    assert_same_model(&loaded, &model);
 }
 
 #[test]
