@@ -1,7 +1,9 @@
 //! `tucker-nb bench`: throughput figures, printed as medians over repeats with ratios measured side
 //! by side in the same run: the data path (decode, cache load, loader + transforms) against the
-//! seed's torchvision pipeline on the same files and cores, and training / evaluation images/s of
-//! the original and the compressed model.
+//! seed's torchvision pipeline on the same files and cores (when there is data), and training /
+//! evaluation images/s of the original (dense) model against a compressed one: compressed here with
+//! any policy, or any model file `tucker-nb` wrote (folded or not); and the two models' eval
+//! forward times timed in alternating turns, the speedup a user gets.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +12,7 @@ use std::process::Command;
 use tch::{Device, Kind, Tensor};
 
 use crate::compress::compress_model;
+use crate::compress::latency::{measure_side_by_side, MeasuredSpeed, TimingSettings};
 use crate::compress::policy::CompressionPolicy;
 use crate::data::{decode_cached, Dataset, ImageFolder, StorageOptions};
 use crate::error::{Error, Result};
@@ -24,9 +27,15 @@ use crate::train::{trainable_parameters, BnMode, Trainable};
 /// What to measure; the defaults are `tucker-nb bench`'s.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
-    /// The data (an ImageFolder root with train/, e.g. from `tucker-nb gen-data`), image size,
-    /// batch size, device, and the compressed model's policy (the seed's ratio 0.2).
+    /// The data (an ImageFolder root with train/, e.g. from `tucker-nb gen-data`; empty: no
+    /// data-path figures), image size, batch size, device, classes, and the compressed model's
+    /// policy (the seed's ratio 0.2).
     pub run: RunConfig,
+    /// A model file to bench against the dense model instead of one compressed with the policy.
+    pub model: Option<PathBuf>,
+    /// The dense model's weights (random without: timings do not depend on them, a budget's
+    /// plan does).
+    pub weights: Option<PathBuf>,
     pub repeats: usize,
     /// Batches per model throughput measurement.
     pub model_batches: usize,
@@ -50,6 +59,8 @@ impl BenchConfig {
         run.eval_batch_size = run.batch_size;
         Self {
             run,
+            model: None,
+            weights: None,
             repeats: 3,
             model_batches: 5,
             seed_python: None,
@@ -376,40 +387,103 @@ impl Drop for PyTorchModel {
     }
 }
 
-/// Model-only images/s of the original, the compressed and the folded compressed model
-/// ([`ModelRate::model`]), ours and (with a python) PyTorch's, in fp32 and, on CUDA, bf16; and
-/// the original's and the compressed model's conv multiply-accumulates per image.
-fn model_rates(config: &BenchConfig, classes: i64) -> Result<(Vec<ModelRate>, [i64; 2])> {
-    let run = &config.run;
-    let size = run.image_size;
-    let mut original = ResNet18::new(classes, run.device);
-    let mut compressed = original.deep_copy();
-    let policy = CompressionPolicy {
-        input_size: [size, size],
-        ..run.policy.clone()
-    };
-    compress_model(&mut compressed, &policy)?;
-    let macs = [&original, &compressed].map(|m| m.conv_macs([size, size]));
-    original.set_channels_last(run.fine_tune.channels_last);
-    compressed.set_channels_last(run.fine_tune.channels_last);
-    let mut folded = compressed.deep_copy();
-    folded.fold_batch_norms();
-    let precisions: &[&str] = if run.device.is_cuda() {
+/// The models a bench compares, in the run's layout: the dense original, and the compressed
+/// model unfolded (absent when it came folded from a file) and folded.
+struct Contenders {
+    original: ResNet18,
+    compressed: Option<ResNet18>,
+    folded: ResNet18,
+    /// What the compressed model is: its policy, or its file.
+    what: String,
+}
+
+impl Contenders {
+    /// The original from `config.weights` (random without), and the compressed model from
+    /// `config.model`, or the original compressed with the policy (a latency budget timed at the
+    /// bench's batch size and layout).
+    fn new(config: &BenchConfig, classes: i64) -> Result<Self> {
+        let run = &config.run;
+        let size = run.image_size;
+        let layout = |mut m: ResNet18| {
+            m.set_channels_last(run.fine_tune.channels_last);
+            m
+        };
+        let loaded = match &config.model {
+            Some(file) => Some(ResNet18::load(file, None, run.device)?),
+            None => None,
+        };
+        let classes = loaded.as_ref().map_or(classes, ResNet18::num_classes);
+        let original = layout(match &config.weights {
+            Some(file) => ResNet18::load(file, Some(classes), run.device)?,
+            None => ResNet18::new(classes, run.device),
+        });
+        let (compressed, what) = match (loaded, &config.model) {
+            (Some(model), Some(file)) => (layout(model), file.display().to_string()),
+            _ => {
+                let mut model = original.deep_copy();
+                let policy = run.timed(&CompressionPolicy {
+                    input_size: [size, size],
+                    ..run.policy.clone()
+                });
+                compress_model(&mut model, &policy)?;
+                (layout(model), run.policy.ranks.to_string())
+            }
+        };
+        Ok(if compressed.has_folded_bn() {
+            Self {
+                original,
+                compressed: None,
+                folded: compressed,
+                what,
+            }
+        } else {
+            let mut folded = compressed.deep_copy();
+            folded.fold_batch_norms();
+            Self {
+                original,
+                compressed: Some(compressed),
+                folded,
+                what,
+            }
+        })
+    }
+
+    /// Each model by its [`ModelRate::model`] name, with the trainable set of the seed's
+    /// training where it trains.
+    fn each(&self) -> Vec<(&'static str, &ResNet18, Option<Trainable>)> {
+        let mut models = vec![("original", &self.original, Some(Trainable::Classifier))];
+        if let Some(compressed) = &self.compressed {
+            models.push((
+                "compressed",
+                compressed,
+                Some(Trainable::TuckerAndClassifier),
+            ));
+        }
+        models.push(("compressed-folded", &self.folded, None));
+        models
+    }
+
+    /// Conv multiply-accumulates per image of the original and the compressed model.
+    fn macs(&self, size: i64) -> [i64; 2] {
+        [&self.original, &self.folded].map(|m| m.conv_macs([size, size]))
+    }
+}
+
+/// The precisions timed on `device`: fp32, and bf16 autocast on CUDA.
+fn precisions(device: Device) -> &'static [&'static str] {
+    if device.is_cuda() {
         &["fp32", "bf16"]
     } else {
         &["fp32"]
-    };
+    }
+}
+
+/// Model-only images/s of the [`Contenders`] ([`ModelRate::model`]), ours and (with a python)
+/// PyTorch's, in each of [`precisions`].
+fn model_rates(config: &BenchConfig, models: &Contenders) -> Result<Vec<ModelRate>> {
     let files = tempfile::tempdir().map_err(|e| Error::file(std::env::temp_dir(), e))?;
     let mut rows = Vec::new();
-    for (name, model, seed_trainable) in [
-        ("original", &original, Some(Trainable::Classifier)),
-        (
-            "compressed",
-            &compressed,
-            Some(Trainable::TuckerAndClassifier),
-        ),
-        ("compressed-folded", &folded, None),
-    ] {
+    for (name, model, seed_trainable) in models.each() {
         let mut theirs = match &config.seed_python {
             Some(python) => {
                 let file = files.path().join(format!("{name}.safetensors"));
@@ -418,7 +492,7 @@ fn model_rates(config: &BenchConfig, classes: i64) -> Result<(Vec<ModelRate>, [i
             }
             None => None,
         };
-        for &precision in precisions {
+        for &precision in precisions(config.run.device) {
             let rates = our_model_rates(config, model, seed_trainable, precision, theirs.as_mut())?;
             for (mode, turns) in rates {
                 rows.push(ModelRate {
@@ -432,7 +506,60 @@ fn model_rates(config: &BenchConfig, classes: i64) -> Result<(Vec<ModelRate>, [i
             }
         }
     }
-    Ok((rows, macs))
+    Ok(rows)
+}
+
+/// One compressed model's eval forward time against the original's, timed in alternating turns.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SideBySide {
+    pub model: &'static str,
+    pub precision: &'static str,
+    #[serde(flatten)]
+    pub speed: MeasuredSpeed,
+    pub speedup: f64,
+}
+
+/// The eval forward time of each compressed model against the original, one batch per call,
+/// `repeats × model_batches` turns each.
+fn side_by_side(config: &BenchConfig, models: &Contenders) -> Vec<SideBySide> {
+    let run = &config.run;
+    let size = run.image_size;
+    let turns = config.repeats * config.model_batches;
+    let mut rows = Vec::new();
+    for (model, contender, _) in models.each().into_iter().skip(1) {
+        for &precision in precisions(run.device) {
+            let settings = TimingSettings {
+                batch_size: run.batch_size as i64,
+                bf16: precision == "bf16",
+                ..TimingSettings::default()
+            };
+            let speed =
+                measure_side_by_side(&models.original, contender, [size, size], &settings, turns);
+            rows.push(SideBySide {
+                model,
+                precision,
+                speed,
+                speedup: speed.speedup(),
+            });
+        }
+    }
+    rows
+}
+
+fn print_side_by_side(rows: &[SideBySide], batch: usize, turns: usize) {
+    println!(
+        "\n== eval forward, side by side (batch {batch}, {turns} alternating turns, medians) =="
+    );
+    println!(
+        "{:<17} {:<5} {:>12} {:>12} {:>9}",
+        "model", "prec", "original ms", "model ms", "speedup"
+    );
+    for r in rows {
+        println!(
+            "{:<17} {:<5} {:>12.2} {:>12.2} {:>8.2}×",
+            r.model, r.precision, r.speed.before_ms, r.speed.after_ms, r.speedup
+        );
+    }
 }
 
 /// Prints the model-only table: ours and PyTorch's per model, precision and mode, the median of
@@ -478,33 +605,46 @@ pub fn run(config: &BenchConfig) -> Result<()> {
         on_off(config.cudnn_benchmark),
         on_off(run.fine_tune.channels_last),
     );
-    let folder = ImageFolder::scan(&run.data.join("train"))?;
-    let (ours, dataset) = data_path(config, &folder)?;
-    let seed = match &config.seed_python {
-        Some(python) => Some(seed_pipeline(python, config, workers)?),
-        None => None,
+    let has_data = !run.data.as_os_str().is_empty();
+    let (data_path, classes) = if has_data {
+        let folder = ImageFolder::scan(&run.data.join("train"))?;
+        let (ours, dataset) = data_path(config, &folder)?;
+        let seed = match &config.seed_python {
+            Some(python) => Some(seed_pipeline(python, config, workers)?),
+            None => None,
+        };
+        print_data_path(ours, seed.as_ref(), folder.samples.len(), workers);
+        let ours: BTreeMap<&str, f64> = ["decode", "cached_load", "train_loader", "eval_loader"]
+            .into_iter()
+            .zip(ours)
+            .collect();
+        let doc = serde_json::json!({ "tucker_nb": ours, "torchvision": seed, "workers": workers });
+        (Some(doc), dataset.classes.len() as i64)
+    } else {
+        (None, run.num_classes)
     };
-    print_data_path(ours, seed.as_ref(), folder.samples.len(), workers);
 
+    let models = Contenders::new(config, classes)?;
     println!(
         "\n== model alone ({} batches of {}, {}) ==",
-        config.model_batches, run.batch_size, run.policy.ranks
+        config.model_batches, run.batch_size, models.what
     );
-    let (models, [original_macs, compressed_macs]) =
-        model_rates(config, dataset.classes.len() as i64)?;
+    let rates = model_rates(config, &models)?;
+    let [original_macs, compressed_macs] = models.macs(run.image_size);
     println!(
         "conv MACs per image: original {:.3} G, compressed {:.3} G ({:.2}× fewer)",
         original_macs as f64 / 1e9,
         compressed_macs as f64 / 1e9,
         original_macs as f64 / compressed_macs as f64
     );
-    print_model_rates(&models);
+    print_model_rates(&rates);
+    let speeds = side_by_side(config, &models);
+    print_side_by_side(
+        &speeds,
+        run.batch_size,
+        config.repeats * config.model_batches,
+    );
     if let Some(path) = &config.json {
-        let data_path: BTreeMap<&str, f64> =
-            ["decode", "cached_load", "train_loader", "eval_loader"]
-                .into_iter()
-                .zip(ours)
-                .collect();
         let doc = serde_json::json!({
             "device": format!("{:?}", run.device),
             "image_size": run.image_size,
@@ -514,11 +654,13 @@ pub fn run(config: &BenchConfig) -> Result<()> {
             "threads": tch::get_num_threads(),
             "cudnn_benchmark": config.cudnn_benchmark,
             "channels_last": run.fine_tune.channels_last,
-            "policy": run.policy.ranks.to_string(),
+            "compressed": models.what,
+            "policy": config.model.is_none().then(|| run.policy.ranks.to_string()),
             "round_to": run.policy.round_to,
             "conv_macs": { "original": original_macs, "compressed": compressed_macs },
-            "data_path": { "tucker_nb": data_path, "torchvision": seed, "workers": workers },
-            "model": models,
+            "data_path": data_path,
+            "model": rates,
+            "side_by_side": speeds,
         });
         let text = serde_json::to_vec_pretty(&doc).expect("serialisable");
         crate::io::write_atomic(path, &text)?;

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::compress::latency::LatencyForecast;
 use crate::conv::{ConvSlot, Form};
 use crate::error::Result;
 use crate::io;
@@ -30,6 +31,10 @@ pub struct LayerReport {
     /// an earlier stage's), Ŵ the new factorisation's; when fitted to data, the relative output
     /// error on the calibration data instead; 0 for a layer left as it was.
     pub rel_error: f64,
+    /// Under a latency budget, the slot's predicted ms (at the plan's batch) as it was and as
+    /// planned.
+    pub ms_before: Option<f64>,
+    pub ms_after: Option<f64>,
     /// Why the planner chose this (stem kept, left dense, VBMF fallback, budget), if anything.
     pub note: String,
 }
@@ -56,6 +61,8 @@ impl LayerReport {
             macs_before,
             macs_after: slot.macs(input).0,
             rel_error,
+            ms_before: None,
+            ms_after: None,
             note: String::new(),
         }
     }
@@ -66,11 +73,13 @@ impl LayerReport {
 pub struct CompressionReport {
     pub layers: Vec<LayerReport>,
     pub input_size: [i64; 2],
+    /// A latency budget's forecast of the whole model, and its measurement once checked.
+    pub latency: Option<LatencyForecast>,
 }
 
 /// CSV header of [`CompressionReport::to_csv`].
 pub const CSV_HEADER: &str = "layer,c_out,c_in,kh,kw,stride,form,r_out,r_in,input_h,input_w,\
-params_before,params_after,macs_before,macs_after,rel_error,note";
+params_before,params_after,macs_before,macs_after,rel_error,ms_before,ms_after,note";
 
 impl CompressionReport {
     pub fn conv_params(&self) -> (i64, i64) {
@@ -91,9 +100,10 @@ impl CompressionReport {
             let (r_out, r_in) = l.ranks.map_or((String::new(), String::new()), |(a, b)| {
                 (a.to_string(), b.to_string())
             });
+            let ms = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
             let _ = writeln!(
                 s,
-                "{},{c_out},{c_in},{kh},{kw},{},{},{r_out},{r_in},{},{},{},{},{},{},{:.6e},{}",
+                "{},{c_out},{c_in},{kh},{kw},{},{},{r_out},{r_in},{},{},{},{},{},{},{:.6e},{},{},{}",
                 l.layer,
                 l.stride,
                 l.form.name(),
@@ -104,6 +114,8 @@ impl CompressionReport {
                 l.macs_before,
                 l.macs_after,
                 l.rel_error,
+                ms(l.ms_before),
+                ms(l.ms_after),
                 io::csv_field(&l.note)
             );
         }
@@ -121,7 +133,7 @@ impl CompressionReport {
         let (mb, ma) = self.conv_macs();
         let compressed = self.layers.iter().filter(|l| l.ranks.is_some()).count();
         let worst = self.layers.iter().map(|l| l.rel_error).fold(0.0, f64::max);
-        format!(
+        let line = format!(
             "{compressed}/{} convs compressed; conv params {pb} → {pa} ({:.2}×); conv MACs at {}×{} {:.3} G → {:.3} G ({:.2}×); worst rel. error {worst:.4}",
             self.layers.len(),
             pb as f64 / pa as f64,
@@ -130,6 +142,10 @@ impl CompressionReport {
             mb as f64 / 1e9,
             ma as f64 / 1e9,
             mb as f64 / ma as f64,
-        )
+        );
+        match &self.latency {
+            Some(l) => format!("{line}\n{}", l.summary()),
+            None => line,
+        }
     }
 }

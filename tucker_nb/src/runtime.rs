@@ -82,8 +82,17 @@ pub fn prepare_device(choice: Option<&str>, cudnn_benchmark: bool) -> Result<Dev
     let device = select_device(choice)?;
     if device.is_cuda() {
         tch::Cuda::cudnn_set_benchmark(cudnn_benchmark);
+        CUDNN_BENCHMARK.store(cudnn_benchmark, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(device)
+}
+
+/// libtorch's default (off) until [`prepare_device`] sets it.
+static CUDNN_BENCHMARK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether cuDNN's autotuner is on, as [`prepare_device`] last set it.
+pub fn cudnn_benchmark() -> bool {
+    CUDNN_BENCHMARK.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Waits for `device`'s queued work (CPU work is already done when its calls return).

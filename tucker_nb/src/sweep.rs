@@ -7,6 +7,7 @@ use polars::prelude::DataFrame;
 
 use crate::compress::calibrate::{activation_moments, Moments};
 use crate::compress::compress_model_fitted;
+use crate::compress::latency::check_forecast;
 use crate::compress::policy::{CompressionPolicy, Fit};
 use crate::error::Result;
 use crate::frame::{column, frame_of};
@@ -114,7 +115,8 @@ fn sweep_point(
 ) -> Result<SweepPoint> {
     let spec = policy.ranks.to_string();
     let mut compressed = model.deep_copy();
-    let report = compress_model_fitted(&mut compressed, policy, moments)?;
+    let mut report = compress_model_fitted(&mut compressed, policy, moments)?;
+    check_forecast(&mut report, model, &compressed, policy);
     let top1_compressed = evaluate(&compressed, val)?.top1;
     recalibrate_bn(&mut compressed, calibration)?;
     let top1_recalibrated = evaluate(&compressed, val)?.top1;

@@ -1,6 +1,7 @@
-//! One budget for the whole model (`budget-macs:F`, `budget-params:F`): choose every conv's form and
-//! ranks to lose least subject to total cost ≤ F × the dense model's cost (the cost model is a
-//! [`Cost`], `cost.rs` beside this file), by a Lagrangian search:
+//! One budget for the whole model (`budget-macs:F`, `budget-params:F`, `budget-latency:F`): choose
+//! every conv's form and ranks to lose least subject to total cost ≤ F × the dense model's cost
+//! (the cost model is a [`Price`], `cost.rs` beside this file; what lies outside the conv slots
+//! counts on both sides), by a Lagrangian search:
 //! for a price λ each layer independently takes the option (as it is, or a factorisation on a rank
 //! grid) minimising loss + λ·cost, and λ is bisected to meet the budget; a greedy fill then spends
 //! what the Lagrangian choice leaves.
@@ -16,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::compress::cost::Cost;
+use crate::compress::cost::Price;
 use crate::compress::plan::{LayerFacts, LayerPlan};
 use crate::conv::Form;
 
@@ -52,11 +53,11 @@ fn rank_grid(dim: i64, round_to: Option<i64>) -> Vec<i64> {
 }
 
 impl LayerFacts {
-    /// Keeping the slot as it is, then every factorisation on the rank grid that costs less:
-    /// Tucker-2 pairs and both Tucker-1 forms for a k×k conv, SVD ranks for a 1×1 one.
-    fn budget_options(&self, by: &Cost, round_to: Option<i64>) -> Vec<BudgetOption> {
+    /// Every factorisation a budget prices on the rank grid: Tucker-2 pairs and both Tucker-1
+    /// forms for a k×k conv, SVD ranks for a 1×1 one.
+    pub(crate) fn budget_forms(&self, round_to: Option<i64>) -> Vec<Form> {
         let [c_out, c_in, _, _] = self.shape();
-        let forms: Vec<Form> = if self.takes_svd() {
+        if self.takes_svd() {
             rank_grid(c_out.min(c_in), round_to)
                 .into_iter()
                 .map(|rank| self.form(rank, 0))
@@ -79,15 +80,19 @@ impl LayerFacts {
                 forms.extend(r_ins.iter().map(|&r_in| Form::Tucker1In { c_out, r_in }));
             }
             forms
-        };
-        let current = by.of_current(self.current);
+        }
+    }
+
+    /// Keeping the slot as it is, then every [`Self::budget_forms`] option that costs less.
+    fn budget_options(&self, by: &dyn Price, round_to: Option<i64>) -> Vec<BudgetOption> {
+        let current = by.of_current(&self.geometry, self.input, self.current);
         let mut options = vec![BudgetOption {
             form: None,
             cost: current,
             loss: 0.0,
         }];
         options.extend(
-            forms
+            self.budget_forms(round_to)
                 .into_iter()
                 .map(|form| BudgetOption {
                     form: Some(form),
@@ -117,22 +122,25 @@ fn cost_of(options: &[Vec<BudgetOption>], choice: &[usize]) -> f64 {
     choice.iter().zip(options).map(|(&i, o)| o[i].cost).sum()
 }
 
-/// The plan meeting `target` × the dense model's cost, by price search and greedy fill.
+/// The plan meeting `target` × the dense model's cost, by price search and greedy fill. Priced
+/// in time, each layer's plan carries its predicted ms as it was and as chosen.
 pub fn plan_budget(
     facts: &[LayerFacts],
     target: f64,
-    by: &Cost,
+    by: &dyn Price,
     round_to: Option<i64>,
 ) -> BTreeMap<String, LayerPlan> {
-    let total: f64 = facts
-        .iter()
-        .map(|f| by.of_form(&f.geometry, f.input, Form::Dense))
-        .sum();
+    let fixed = by.fixed();
+    let total: f64 = fixed
+        + facts
+            .iter()
+            .map(|f| by.of_form(&f.geometry, f.input, Form::Dense))
+            .sum::<f64>();
     let options: Vec<Vec<BudgetOption>> = facts
         .iter()
         .map(|f| f.budget_options(by, round_to))
         .collect();
-    let budget = target * total;
+    let budget = target * total - fixed;
     // Bisect log λ: a higher price buys cheaper layers.
     let (mut lo, mut hi) = (1e-9f64.ln(), 1e9f64.ln());
     for _ in 0..100 {
@@ -145,14 +153,14 @@ pub fn plan_budget(
     }
     let mut choice = choose(&options, hi.exp(), total);
     fill_budget(&options, &mut choice, budget);
-    let achieved = cost_of(&options, &choice) / total;
+    let achieved = (fixed + cost_of(&options, &choice)) / total;
     let what = by.label();
     facts
         .iter()
         .zip(&options)
         .zip(&choice)
         .map(|((f, opts), &i)| {
-            let BudgetOption { form, loss, .. } = opts[i];
+            let BudgetOption { form, loss, cost } = opts[i];
             let error = 1.0 - (-loss).exp();
             let measured = if f.on_data {
                 "output error on calibration data"
@@ -165,7 +173,13 @@ pub fn plan_budget(
                 100.0 * (1.0 - error)
             );
             let note = f.budget_note(form, head);
-            (f.name.clone(), LayerPlan { form, note })
+            let predicted_ms = by.is_time().then_some([opts[0].cost, cost]);
+            let plan = LayerPlan {
+                form,
+                note,
+                predicted_ms,
+            };
+            (f.name.clone(), plan)
         })
         .collect()
 }

@@ -1,7 +1,7 @@
 //! What a budget counts: cost models that price a conv slot as it is and each factorisation of it
-//! (`budget-macs:F`, `budget-params:F`). The budget planner (`budget.rs`) only adds and compares
-//! these prices, as `f64`, so a new cost (time measured on a device, say) is a new variant here
-//! and nothing else changes.
+//! (`budget-macs:F`, `budget-params:F`, `budget-latency:F`). The budget planner (`budget.rs`)
+//! only adds and compares these prices, as `f64`, through [`Price`]: MACs and parameters are
+//! counted here, time is measured on the device (`latency.rs`, a table that also implements it).
 
 use crate::conv::{ConvGeometry, Form};
 use crate::error::{Error, Result};
@@ -14,11 +14,13 @@ pub enum Cost {
     Macs,
     /// The conv's parameters.
     Params,
+    /// Eval forward time measured on the device in use (`latency.rs`).
+    Latency,
 }
 
 impl Cost {
     /// Every cost model, in the order the help lists them.
-    pub const ALL: [Cost; 2] = [Cost::Macs, Cost::Params];
+    pub const ALL: [Cost; 3] = [Cost::Macs, Cost::Params, Cost::Latency];
 
     /// The model named `name`, as spelled in `budget-NAME:F`.
     pub fn from_name(name: &str) -> Result<Self> {
@@ -39,6 +41,7 @@ impl Cost {
         match self {
             Cost::Macs => "macs",
             Cost::Params => "params",
+            Cost::Latency => "latency",
         }
     }
 
@@ -47,30 +50,74 @@ impl Cost {
         match self {
             Cost::Macs => "MACs",
             Cost::Params => "params",
+            Cost::Latency => "latency",
         }
     }
 
-    /// The cost of a conv of `geometry` reading `input` = [H, W], factorised as `form`
-    /// (`Form::Dense` for the dense conv).
-    pub fn of_form(&self, geometry: &ConvGeometry, input: [i64; 2], form: Form) -> f64 {
+    /// The counted cost this is, `None` for one measured on the device.
+    pub fn counted(&self) -> Option<Counted> {
         match self {
-            Cost::Macs => form.macs(geometry, input).0 as f64,
-            Cost::Params => form.params(geometry.shape) as f64,
-        }
-    }
-
-    /// The cost of a slot as it is now (dense, or factorised by an earlier stage).
-    pub fn of_current(&self, current: SlotCost) -> f64 {
-        match self {
-            Cost::Macs => current.macs as f64,
-            Cost::Params => current.params as f64,
+            Cost::Macs => Some(Counted::Macs),
+            Cost::Params => Some(Counted::Params),
+            Cost::Latency => None,
         }
     }
 }
 
-/// The MACs (at the plan's input size) and parameters of a conv slot as it is.
+/// What a budget planner asks of a cost model: the price of a slot in a form, as it is now, and
+/// what the model costs outside its slots.
+pub trait Price {
+    /// What the report says the budget counts.
+    fn label(&self) -> &'static str;
+    /// The cost of a conv of `geometry` reading `input` = [H, W], factorised as `form`
+    /// (`Form::Dense` for the dense conv).
+    fn of_form(&self, geometry: &ConvGeometry, input: [i64; 2], form: Form) -> f64;
+    /// The cost of a slot as it is now (dense, or factorised by an earlier stage).
+    fn of_current(&self, geometry: &ConvGeometry, input: [i64; 2], current: SlotCost) -> f64;
+    /// The model's cost outside its conv slots (no plan changes it).
+    fn fixed(&self) -> f64 {
+        0.0
+    }
+    /// Whether the prices are times in milliseconds (the report then shows them per layer).
+    fn is_time(&self) -> bool {
+        false
+    }
+}
+
+/// A cost counted from the shapes alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    Macs,
+    Params,
+}
+
+impl Price for Counted {
+    fn label(&self) -> &'static str {
+        match self {
+            Counted::Macs => "MACs",
+            Counted::Params => "params",
+        }
+    }
+
+    fn of_form(&self, geometry: &ConvGeometry, input: [i64; 2], form: Form) -> f64 {
+        match self {
+            Counted::Macs => form.macs(geometry, input).0 as f64,
+            Counted::Params => form.params(geometry.shape) as f64,
+        }
+    }
+
+    fn of_current(&self, _: &ConvGeometry, _: [i64; 2], current: SlotCost) -> f64 {
+        match self {
+            Counted::Macs => current.macs as f64,
+            Counted::Params => current.params as f64,
+        }
+    }
+}
+
+/// The form, MACs (at the plan's input size) and parameters of a conv slot as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotCost {
+    pub form: Form,
     pub macs: i64,
     pub params: i64,
 }
@@ -86,7 +133,7 @@ mod tests {
         }
         let err = Cost::from_name("joules").unwrap_err().to_string();
         assert!(
-            err.contains("`joules`") && err.contains("macs, params"),
+            err.contains("`joules`") && err.contains("macs, params, latency"),
             "{err}"
         );
     }

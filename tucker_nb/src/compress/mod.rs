@@ -14,6 +14,7 @@
 pub mod budget;
 pub mod calibrate;
 pub mod cost;
+pub mod latency;
 pub mod plan;
 pub mod policy;
 pub(crate) mod spectra;
@@ -24,6 +25,7 @@ use std::collections::BTreeMap;
 
 use crate::compress::budget::plan_budget;
 use crate::compress::calibrate::Moments;
+use crate::compress::latency::{LatencyForecast, LatencyTable, SlotForms};
 use crate::compress::plan::{
     check_ranks, plan_rule_based, plan_spectral, LayerFacts, LayerPlan, SlotAt,
 };
@@ -49,7 +51,7 @@ pub fn plan_layers(
     model: &ResNet18,
     policy: &CompressionPolicy,
     moments: Option<&Moments>,
-) -> Result<BTreeMap<String, LayerPlan>> {
+) -> Result<Plan> {
     policy.validate()?;
     let sizes = model.conv_input_sizes(policy.input_size);
     let slots: Vec<SlotAt> = model
@@ -64,18 +66,71 @@ pub fn plan_layers(
         check_ungrouped(name, &slot.config())?;
     }
     if policy.ranks.is_rule_based() {
-        return plan_rule_based(&slots, &policy.ranks, policy.round_to);
+        return Ok(Plan::of(plan_rule_based(
+            &slots,
+            &policy.ranks,
+            policy.round_to,
+        )?));
     }
     let facts: Vec<LayerFacts> = slots
         .iter()
         .map(|slot| LayerFacts::new(slot, moments.and_then(|m| m.get(&slot.0))))
         .collect();
-    Ok(match &policy.ranks {
-        RankPolicy::Budget { cost, fraction } => {
-            plan_budget(&facts, fraction.get(), cost, policy.round_to)
-        }
-        _ => plan_spectral(&facts, policy),
+    let RankPolicy::Budget { cost, fraction } = &policy.ranks else {
+        return Ok(Plan::of(plan_spectral(&facts, policy)));
+    };
+    if let Some(counted) = cost.counted() {
+        return Ok(Plan::of(plan_budget(
+            &facts,
+            fraction.get(),
+            &counted,
+            policy.round_to,
+        )));
+    }
+    // Time: ranks on the device's natural grid, priced by a table measured on it.
+    let step = policy
+        .round_to
+        .unwrap_or_else(|| latency::default_step(model.device()));
+    let wanted = latency_slots(&facts, step);
+    let table = latency::table_for(model, &policy.timing, step, policy.input_size, &wanted)?;
+    Ok(Plan {
+        layers: plan_budget(&facts, fraction.get(), &table, Some(step)),
+        timing: Some(table),
     })
+}
+
+/// What a latency plan prices on each slot: dense, its current form, and every budget form on
+/// the grid of `step`.
+fn latency_slots(facts: &[LayerFacts], step: i64) -> Vec<SlotForms> {
+    facts
+        .iter()
+        .map(|f| {
+            let mut forms = vec![Form::Dense, f.current.form];
+            forms.extend(f.budget_forms(Some(step)));
+            SlotForms {
+                name: f.name.clone(),
+                geometry: f.geometry,
+                input: f.input,
+                forms,
+            }
+        })
+        .collect()
+}
+
+/// Every conv's planned form, and the latency table that priced them under a latency budget.
+#[derive(Debug)]
+pub struct Plan {
+    pub layers: BTreeMap<String, LayerPlan>,
+    pub timing: Option<LatencyTable>,
+}
+
+impl Plan {
+    fn of(layers: BTreeMap<String, LayerPlan>) -> Self {
+        Self {
+            layers,
+            timing: None,
+        }
+    }
 }
 
 /// Grouped convolutions have no Tucker-2 factorisation here; the error names `layer`.
@@ -225,7 +280,10 @@ pub fn compress_model_fitted(
         _ => None,
     };
     let sizes = model.conv_input_sizes(policy.input_size);
-    let mut plan = plan_layers(model, policy, moments)?;
+    let Plan {
+        layers: mut plan,
+        timing,
+    } = plan_layers(model, policy, moments)?;
     let method = policy.method();
     let mut layers = Vec::new();
     for unit in model.units_mut() {
@@ -247,19 +305,35 @@ pub fn compress_model_fitted(
             *slot = new_slot;
         }
         let mut line = LayerReport::new(&name, slot, input, params_before, macs_before, rel_error);
-        line.note = layer_plan.map(|p| p.note).unwrap_or_default();
+        if let Some(p) = layer_plan {
+            [line.ms_before, line.ms_after] = p.predicted_ms.map_or([None; 2], |m| m.map(Some));
+            line.note = p.note;
+        }
         layers.push(line);
     }
+    let latency = timing.map(|table| {
+        let sum = |ms: fn(&LayerReport) -> Option<f64>| layers.iter().filter_map(ms).sum::<f64>();
+        LatencyForecast {
+            before_ms: table.predicted_ms([sum(|l| l.ms_before)]),
+            predicted_ms: table.predicted_ms([sum(|l| l.ms_after)]),
+            outside_ms: table.outside_ms,
+            key: table.key.clone(),
+            measured: None,
+        }
+    });
     Ok(CompressionReport {
         layers,
         input_size: policy.input_size,
+        latency,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::cost::Cost;
     use crate::conv::ConvConfig;
+    use crate::conv::ConvGeometry;
     use std::collections::BTreeMap;
     use tch::{Device, Kind, Tensor};
 
@@ -276,6 +350,75 @@ mod tests {
         factorise("t", dense, Form::Tucker2 { r_out, r_in }, Method::Hosvd)
     }
 
+    /// A synthetic device: each conv costs a launch plus its MACs, each unfolded BN a pass over
+    /// its output, so that at high ranks a factorised slot (three launches) is slower than dense.
+    fn synthetic_ms(geometry: &ConvGeometry, input: [i64; 2], form: Form) -> f64 {
+        let (macs, [h, w]) = form.macs(geometry, input);
+        let convs = match form {
+            Form::Dense => 1.0,
+            Form::Tucker2 { .. } => 3.0,
+            _ => 2.0,
+        };
+        0.02 * convs + macs as f64 * 2e-8 + (geometry.shape[0] * h * w) as f64 * 1e-6
+    }
+
+    #[test]
+    fn a_latency_plan_on_a_synthetic_table_slows_no_layer_and_meets_its_budget() {
+        let model = crate::model::ResNet18::new(10, Device::Cpu);
+        let mut policy = CompressionPolicy::new(RankPolicy::budget(Cost::Latency, 0.5).unwrap());
+        policy.input_size = [64, 64];
+        let sizes = model.conv_input_sizes(policy.input_size);
+        let slots: Vec<SlotAt> = model
+            .conv_slots()
+            .into_iter()
+            .map(|(name, slot)| {
+                let input = sizes[&name];
+                (name, slot, input)
+            })
+            .collect();
+        let facts: Vec<LayerFacts> = slots.iter().map(|s| LayerFacts::new(s, None)).collect();
+        let wanted = latency_slots(&facts, 8);
+        let key = latency::TimingKey::current(&policy.timing, Device::Cpu, false);
+        let mut table = LatencyTable::from_entries(key, 8, BTreeMap::new(), 0.2);
+        for (geometry, input, form) in table.missing(&wanted) {
+            table.insert(&geometry, input, form, synthetic_ms(&geometry, input, form));
+        }
+        table.check(&wanted).unwrap();
+        let dense: f64 = table.outside_ms
+            + facts
+                .iter()
+                .map(|f| table.slot_ms(&f.geometry, f.input, Form::Dense))
+                .sum::<f64>();
+        let mut slower_somewhere = false;
+        for fraction in [0.4, 0.55, 0.7] {
+            let plan = plan_budget(&facts, fraction, &table, Some(8));
+            let mut chosen = Vec::new();
+            for f in &facts {
+                let p = &plan[&f.name];
+                let [before, after] = p.predicted_ms.expect("a time budget predicts each layer");
+                assert!(
+                    after <= before,
+                    "{}: {after} ms > dense {before} ms",
+                    f.name
+                );
+                let form = p.form.unwrap_or(Form::Dense);
+                assert_eq!(after, table.slot_ms(&f.geometry, f.input, form));
+                chosen.push(after);
+                // Some factorisation on the grid is slower than dense: the plan must avoid it.
+                slower_somewhere |= f
+                    .budget_forms(Some(8))
+                    .iter()
+                    .any(|&g| table.slot_ms(&f.geometry, f.input, g) > before);
+            }
+            let achieved = table.predicted_ms(chosen) / dense;
+            assert!(
+                (achieved - fraction).abs() <= 0.03 * fraction,
+                "budget {fraction}: the plan takes {achieved:.4} of the dense time"
+            );
+        }
+        assert!(slower_somewhere, "the synthetic table tests nothing");
+    }
+
     #[test]
     fn the_ratio_rule_rounds_its_ranks_up_only_when_asked() {
         let ranks = |round_to| {
@@ -284,7 +427,7 @@ mod tests {
                 round_to,
                 ..CompressionPolicy::new(RankPolicy::ratio(0.2).unwrap())
             };
-            let plans = plan_layers(&model, &policy, None).unwrap();
+            let plans = plan_layers(&model, &policy, None).unwrap().layers;
             plans
                 .into_iter()
                 .map(|(layer, plan)| match plan.form {

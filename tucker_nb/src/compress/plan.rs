@@ -29,6 +29,8 @@ pub struct LayerPlan {
     pub form: Option<Form>,
     /// Why, when the decision is not simply the policy's rule.
     pub note: String,
+    /// Under a latency budget, the slot's predicted ms as it was and as planned.
+    pub predicted_ms: Option<[f64; 2]>,
 }
 
 /// A conv slot as the planner sees it: its name, the slot, and its input resolution.
@@ -100,6 +102,7 @@ pub fn plan_rule_based(
         let plan = LayerPlan {
             form: Some(Form::Tucker2 { r_out, r_in }),
             note: note.into(),
+            predicted_ms: None,
         };
         plans.insert(name.clone(), plan);
     }
@@ -141,6 +144,7 @@ impl LayerFacts {
             energy: rank_pair_energy(&weight, moments),
             on_data: moments.is_some(),
             current: SlotCost {
+                form: slot.form(),
                 macs: slot.macs(*input).0,
                 params: slot.num_params(),
             },
@@ -219,6 +223,7 @@ impl LayerFacts {
             return LayerPlan {
                 form: None,
                 note: notes.join("; "),
+                predicted_ms: None,
             };
         }
         if self.reads_image() && !self.takes_svd() {
@@ -227,6 +232,7 @@ impl LayerFacts {
         LayerPlan {
             form: Some(form),
             note: notes.join("; "),
+            predicted_ms: None,
         }
     }
 

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use crate::compress::cost::Cost;
+use crate::compress::latency::TimingSettings;
 use crate::decompose::Method;
 use crate::error::{Error, Result};
 
@@ -179,6 +180,9 @@ pub struct CompressionPolicy {
     /// `None`: fit data-driven policies to data when calibration data is given, the rule-based
     /// ones (the seed's) to the weights.
     pub fit: Option<Fit>,
+    /// What a latency budget is measured at (batch, dtype, BN folding, cache).
+    #[serde(skip_serializing_if = "TimingSettings::is_default")]
+    pub timing: TimingSettings,
 }
 
 impl Default for CompressionPolicy {
@@ -189,6 +193,7 @@ impl Default for CompressionPolicy {
             method: None,
             round_to: None,
             fit: None,
+            timing: TimingSettings::default(),
         }
     }
 }
@@ -216,6 +221,18 @@ impl CompressionPolicy {
         }
     }
 
+    /// Whether the policy is a latency budget (its plan is priced by times measured on the
+    /// device, and its result is timed against the model before).
+    pub fn is_timed(&self) -> bool {
+        matches!(
+            self.ranks,
+            RankPolicy::Budget {
+                cost: Cost::Latency,
+                ..
+            }
+        )
+    }
+
     /// This policy with other ranks (same input size, method and rounding).
     pub fn with_ranks(&self, ranks: RankPolicy) -> Self {
         Self {
@@ -231,6 +248,7 @@ impl CompressionPolicy {
                 return Err(Error::value("round_to", format!("{m} (must be ≥ 1)")));
             }
         }
+        self.timing.validate()?;
         if self.input_size.iter().any(|&s| s < 1) {
             return Err(Error::value(
                 "image size",

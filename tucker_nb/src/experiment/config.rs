@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use tch::Device;
 
+use crate::compress::latency::TimingSettings;
 use crate::compress::policy::CompressionPolicy;
 use crate::data::{Dataset, StorageOptions};
 use crate::error::{check, check_count, check_image_side, Error, Result};
@@ -160,11 +161,27 @@ impl RunConfig {
         )
     }
 
-    /// The first policy and the further stages, in order.
+    /// The first policy and the further stages, in order, timed as this run evaluates
+    /// ([`Self::timed`]).
     pub fn all_stages(&self) -> Vec<CompressionPolicy> {
-        std::iter::once(self.policy.clone())
-            .chain(self.stages.iter().cloned())
+        std::iter::once(&self.policy)
+            .chain(&self.stages)
+            .map(|p| self.timed(p))
             .collect()
+    }
+
+    /// `policy` with a latency budget measured as this run evaluates: its eval batch size, its
+    /// dtype (bf16 or not), BNs unfolded (a run's models train on); the cache as `policy` says.
+    pub fn timed(&self, policy: &CompressionPolicy) -> CompressionPolicy {
+        CompressionPolicy {
+            timing: TimingSettings {
+                batch_size: self.eval_batch_size as i64,
+                bf16: self.fine_tune.bf16,
+                fold_bn: false,
+                cache: policy.timing.cache.clone(),
+            },
+            ..policy.clone()
+        }
     }
 }
 

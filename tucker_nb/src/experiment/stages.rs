@@ -5,6 +5,7 @@ use polars::prelude::DataFrame;
 
 use crate::compress::calibrate::activation_moments;
 use crate::compress::compress_model_fitted;
+use crate::compress::latency::check_forecast;
 use crate::compress::policy::{CompressionPolicy, Fit};
 use crate::error::{Error, Result};
 use crate::figures::ModelFigures;
@@ -137,7 +138,11 @@ pub fn compress_in_stages(
             (Fit::Data, Some(c)) => Some(activation_moments(model, c.images)?),
             _ => None,
         };
-        let report = compress_model_fitted(model, policy, moments.as_ref())?;
+        let before = policy.is_timed().then(|| model.deep_copy());
+        let mut report = compress_model_fitted(model, policy, moments.as_ref())?;
+        if let Some(before) = &before {
+            check_forecast(&mut report, before, model, policy);
+        }
         let size = policy.input_size[0];
         let compressed = Evaluated::of(model, val, size)?;
         let recalibrated = match calibration.filter(|c| c.recalibrate_bn) {

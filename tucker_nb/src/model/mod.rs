@@ -380,6 +380,11 @@ impl ResNet18 {
         folded
     }
 
+    /// Whether any BN is folded into its conv (the model is for inference: it does not train).
+    pub fn has_folded_bn(&self) -> bool {
+        self.units().iter().any(|u| u.bn.folded)
+    }
+
     /// Resets the running statistics of every BN that is not folded (μ = 0, σ² = 1, no batches
     /// tracked), as `reset_running_stats()`; returns how many were reset.
     pub fn reset_bn_statistics(&self) -> usize {

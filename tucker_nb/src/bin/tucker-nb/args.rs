@@ -9,6 +9,7 @@ use std::fmt::Display;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tch::Device;
 use tucker_nb::bench::BenchConfig;
+use tucker_nb::compress::latency::TimingSettings;
 use tucker_nb::data::Split;
 use tucker_nb::experiment::RunConfig;
 use tucker_nb::export::{ExportConfig, ExportFormat};
@@ -57,6 +58,15 @@ fn non_negative<T: TryFrom<i64>>(text: &str) -> Result<T, String> {
         .map_err(|_| format!("`{text}` is not a whole number"))?;
     if n < 0 {
         return Err(format!("{n} is negative (must be ≥ 0)"));
+    }
+    T::try_from(n).map_err(|_| format!("{n} is too large"))
+}
+
+/// A whole number ≥ 1, for counts where 0 means nothing.
+fn positive<T: TryFrom<i64>>(text: &str) -> Result<T, String> {
+    let n: i64 = non_negative(text)?;
+    if n == 0 {
+        return Err("0 (must be ≥ 1)".into());
     }
     T::try_from(n).map_err(|_| format!("{n} is too large"))
 }
@@ -193,7 +203,8 @@ pub struct RankArgs {
     /// JSON file {"layer1.0.conv1": [r_out, r_in], ...}; other layers stay dense.
     #[arg(long)]
     pub ranks: Option<PathBuf>,
-    /// ratio:R | energy:E | vbmf | budget-macs:F | budget-params:F
+    /// ratio:R | energy:E | vbmf | budget-macs:F | budget-params:F | budget-latency:F (eval
+    /// forward time ≤ F × the dense model's, measured on the device in use)
     #[arg(long)]
     pub policy: Option<RankPolicy>,
 }
@@ -212,6 +223,10 @@ pub struct FitArgs {
     /// for energy/vbmf/budgets when calibration data is at hand, weights for the ratio rule).
     #[arg(long, value_enum)]
     pub fit: Option<Fit>,
+    /// Where budget-latency's measured tables are cached (default: $TUCKER_NB_LATENCY_CACHE, else
+    /// $XDG_CACHE_HOME/tucker_nb/latency, else ~/.cache/tucker_nb/latency).
+    #[arg(long, value_name = "DIR")]
+    pub latency_cache: Option<PathBuf>,
 }
 
 /// The data and model a run starts from.
@@ -303,9 +318,21 @@ pub struct CompressArgs {
         CompressionPolicy::default().input_size[0],
     ))]
     pub image_size: Option<i64>,
-    /// Fold each BN after a factorised conv into its last 1×1 (inference; same eval outputs).
+    /// Fold each BN after a factorised conv into its last 1×1 (inference; same eval outputs;
+    /// budget-latency plans for it).
     #[arg(long)]
     pub fold_bn: bool,
+    #[arg(long, value_parser = positive::<i64>, help = with_default(
+        "Images per forward pass at which budget-latency measures time.",
+        TimingSettings::default().batch_size,
+    ))]
+    pub batch_size: Option<i64>,
+    /// budget-latency measures under bf16 autocast (CUDA; fp32 elsewhere).
+    #[arg(long)]
+    pub bf16: bool,
+    /// Plan (and time) the model in the seed's NCHW layout instead of channels-last.
+    #[arg(long)]
+    pub no_channels_last: bool,
     /// Calibration data (an ImageFolder root or CIFAR-100 folder; its training split) to fit the
     /// data-driven policies to each layer's outputs.
     #[arg(long)]
@@ -437,9 +464,20 @@ pub struct GenDataArgs {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// ImageFolder root with train/ (e.g. from `tucker-nb gen-data`).
+    /// ImageFolder root with train/ (e.g. from `tucker-nb gen-data`): also time the data path.
     #[arg(long)]
-    pub data: PathBuf,
+    pub data: Option<PathBuf>,
+    /// A model file tucker-nb wrote (compressed, folded or not) to bench against the dense model,
+    /// instead of compressing one with --policy.
+    #[arg(long, conflicts_with_all = ["ratio", "policy", "round_to", "weights"])]
+    pub model: Option<PathBuf>,
+    /// The dense model's weights, which --policy compresses (default: random; times do not
+    /// depend on weights, a budget's plan does).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Classes of the models without --data or --model.
+    #[arg(long, value_parser = positive::<i64>, help = with_default("", bench_defaults().run.num_classes))]
+    pub num_classes: Option<i64>,
     #[arg(long, help = with_default("", bench_defaults().run.image_size))]
     pub image_size: Option<i64>,
     #[arg(long, value_parser = non_negative::<usize>, help = with_default("", bench_defaults().run.batch_size))]
@@ -469,11 +507,18 @@ pub struct BenchArgs {
     /// DataLoader workers for the seed's pipeline (the seed uses 4; default: this machine's cores).
     #[arg(long, value_parser = non_negative::<usize>)]
     pub workers: Option<usize>,
-    #[arg(long, help = with_default(
-        "Compression ratio for the compressed model.",
+    #[arg(long, conflicts_with = "policy", help = with_default(
+        "Compression ratio for the compressed model (the seed's rule).",
         bench_defaults().run.policy.ranks,
     ))]
     pub ratio: Option<f64>,
+    /// Any policy for the compressed model: ratio:R | energy:E | vbmf | budget-macs:F |
+    /// budget-params:F | budget-latency:F (timed at --batch-size and --image-size).
+    #[arg(long)]
+    pub policy: Option<RankPolicy>,
+    /// Where budget-latency's measured tables are cached.
+    #[arg(long, value_name = "DIR")]
+    pub latency_cache: Option<PathBuf>,
 }
 
 // Each argument group converts to the library's types, which validate.
@@ -503,6 +548,10 @@ impl FitArgs {
             method: self.method,
             round_to: self.round_to,
             fit: self.fit,
+            timing: TimingSettings {
+                cache: self.latency_cache.clone(),
+                ..TimingSettings::default()
+            },
         }
     }
 }

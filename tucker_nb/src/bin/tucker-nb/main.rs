@@ -11,6 +11,7 @@ use tch::Device;
 use tucker_nb::bench::{self, BenchConfig};
 use tucker_nb::compress::calibrate::{activation_moments, Moments};
 use tucker_nb::compress::compress_model_fitted;
+use tucker_nb::compress::latency::check_forecast;
 use tucker_nb::data::{self, Split};
 use tucker_nb::experiment::{self, RunConfig};
 use tucker_nb::export::{self, ExportConfig};
@@ -86,7 +87,10 @@ fn compress(args: CompressArgs) -> anyhow::Result<()> {
     let image_size = args
         .image_size
         .unwrap_or(CompressionPolicy::default().input_size[0]);
-    let policy = args.fit.policy(args.ranks.ranks()?, image_size);
+    let mut policy = args.fit.policy(args.ranks.ranks()?, image_size);
+    set(&mut policy.timing.batch_size, args.batch_size);
+    policy.timing.bf16 = args.bf16;
+    policy.timing.fold_bn = args.fold_bn;
     policy.validate()?;
     if args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
         anyhow::bail!(
@@ -104,14 +108,22 @@ fn compress(args: CompressArgs) -> anyhow::Result<()> {
         None => None,
     };
     let mut model = ResNet18::load(&args.weights, args.num_classes, device)?;
+    model.set_channels_last(!args.no_channels_last);
     let moments = match (&args.calib_data, policy.fit()) {
         (Some(dir), Fit::Data) => Some(calibration_moments(&model, dir, &args)?),
         _ => None,
     };
-    let report = compress_model_fitted(&mut model, &policy, moments.as_ref())?;
+    let before = policy.is_timed().then(|| model.deep_copy());
+    let mut report = compress_model_fitted(&mut model, &policy, moments.as_ref())?;
     if args.fold_bn {
         let folded = model.fold_batch_norms();
         println!("folded {} BNs into their factorised convs", folded.len());
+    }
+    if let Some(mut before) = before {
+        if args.fold_bn {
+            before.fold_batch_norms(); // as the plan priced it (only factorised slots fold)
+        }
+        check_forecast(&mut report, &before, &model, &policy);
     }
     // The model and its report are committed together, or neither.
     let mut outputs = Outputs::new();
@@ -268,13 +280,21 @@ fn convert_cifar(cifar: &Path, out: &Path) -> anyhow::Result<()> {
 }
 
 fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
-    let mut config = BenchConfig::new(&args.data, args.device.device()?);
+    let data = args.data.unwrap_or_default();
+    let mut config = BenchConfig::new(data, args.device.device()?);
     set(&mut config.run.image_size, args.image_size);
     set(&mut config.run.batch_size, args.batch_size);
+    set(&mut config.run.num_classes, args.num_classes);
     config.run.eval_batch_size = config.run.batch_size;
     if let Some(ratio) = args.ratio {
         config.run.policy.ranks = RankPolicy::ratio(ratio)?;
     }
+    if let Some(policy) = args.policy {
+        config.run.policy.ranks = policy;
+    }
+    config.run.policy.timing.cache = args.latency_cache;
+    config.model = args.model;
+    config.weights = args.weights;
     set(&mut config.repeats, args.repeats);
     set(&mut config.model_batches, args.model_batches);
     config.run.policy.round_to = args.round_to;

@@ -1,0 +1,164 @@
+//! Time measured on the device as a budget's cost (`budget-latency:F`): a table of what each conv
+//! slot runs (its factor convs, then its BN unless folded) in each candidate form, timed at the
+//! plan's batch, image size, dtype, layout and thread count, plus what lies outside the slots
+//! (stem pooling, ReLUs, adds, fc), so the table predicts the whole model's eval forward time.
+//!
+//! **Grid and interpolation.** Timing every rank pair of a 512-channel conv would take minutes, so
+//! each varying rank is measured on a hardware-natural grid: multiples of the step (8 on the CPU,
+//! 32 on CUDA, or `round_to`) at about 1.5× apart (s, 2s, 3s, 4s, 6s, 8s, 12s, …) and the full
+//! dimension. A form between grid points is priced by multilinear interpolation of its
+//! neighbours (bilinear in (r_out, r_in) for Tucker-2, linear for the one-rank forms); below the
+//! first point it costs what the first point does. The planner's ranks are multiples of the step.
+//!
+//! **Outside the slots.** The model as it is is timed whole once; what its slots' entries do not
+//! account for is the outside time (clamped at 0). A plan's predicted time is that plus the sum of
+//! its slots' entries, and the dense model's is the model's own measured time.
+//!
+//! **Cache.** A table is a JSON file named by a hash of its [`TimingKey`] (device, libtorch, threads,
+//! batch, dtype, layout, cuDNN benchmark mode, BN folding), in `TUCKER_NB_LATENCY_CACHE`, else
+//! `$XDG_CACHE_HOME/tucker_nb/latency`, else `~/.cache/tucker_nb/latency`. Entries are keyed by
+//! conv geometry, input size and form, so a second plan with the same key measures nothing, and
+//! a new model or size measures only what it adds. The file is locked while entries are added;
+//! a bad entry (NaN, zero, negative) is refused, naming the layer that needs it.
+
+mod grid;
+mod key;
+mod measure;
+mod table;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tch::Device;
+
+use crate::error::Result;
+
+pub use grid::{entry_key, measured_ranks};
+pub use key::TimingKey;
+pub use measure::{check_forecast, measure_side_by_side, model_ms, MeasuredSpeed};
+pub use table::{table_for, LatencyTable, SlotForms};
+
+/// The settings a latency budget is measured at, besides the device and layout the model has.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TimingSettings {
+    /// Images per timed forward pass.
+    pub batch_size: i64,
+    /// Under bf16 autocast (CUDA only; fp32 elsewhere, as the run computes).
+    pub bf16: bool,
+    /// The BN after a factorised conv is folded into it (`--fold-bn`): that slot runs no BN.
+    pub fold_bn: bool,
+    /// Where tables are cached; `None`: [`default_cache_dir`].
+    #[serde(skip)]
+    pub cache: Option<PathBuf>,
+}
+
+impl Default for TimingSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 64,
+            bf16: false,
+            fold_bn: false,
+            cache: None,
+        }
+    }
+}
+
+impl TimingSettings {
+    pub fn is_default(&self) -> bool {
+        self == &Self::default()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        crate::error::check(
+            self.batch_size >= 1,
+            "batch size",
+            self.batch_size,
+            "must be ≥ 1",
+        )
+    }
+
+    /// The cache folder in force.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache.clone().unwrap_or_else(default_cache_dir)
+    }
+}
+
+/// `TUCKER_NB_LATENCY_CACHE`, else `$XDG_CACHE_HOME/tucker_nb/latency`, else
+/// `~/.cache/tucker_nb/latency` (`.cache/tucker_nb/latency` here without a home).
+pub fn default_cache_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = env("TUCKER_NB_LATENCY_CACHE") {
+        return dir;
+    }
+    let base = env("XDG_CACHE_HOME")
+        .or_else(|| env("HOME").map(|h| h.join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("tucker_nb").join("latency")
+}
+
+/// The rank step of a latency plan's grid on `device`: 8 on the CPU (its SIMD width in floats),
+/// 32 on CUDA (tensor-core friendly channel groups).
+pub fn default_step(device: Device) -> i64 {
+    if device.is_cuda() {
+        32
+    } else {
+        8
+    }
+}
+
+/// A latency plan's forecast for the whole model, and, once checked, its measurement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyForecast {
+    /// The model before compression, predicted (its own measured time: outside + its slots).
+    pub before_ms: f64,
+    /// The compressed model, predicted: outside + the chosen slots' entries.
+    pub predicted_ms: f64,
+    pub outside_ms: f64,
+    /// What the times were measured at.
+    pub key: TimingKey,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<MeasuredSpeed>,
+}
+
+impl LatencyForecast {
+    pub fn predicted_speedup(&self) -> f64 {
+        self.before_ms / self.predicted_ms
+    }
+
+    /// (measured − predicted) / measured of the compressed model's time, once measured.
+    pub fn prediction_error(&self) -> Option<f64> {
+        self.measured
+            .map(|m| (self.predicted_ms - m.after_ms) / m.after_ms)
+    }
+
+    /// One line for a terminal.
+    pub fn summary(&self) -> String {
+        let head = format!(
+            "latency at batch {} ({}, {}): predicted {:.2} ms → {:.2} ms ({:.2}× faster)",
+            self.key.batch,
+            self.key.dtype,
+            if self.key.channels_last {
+                "channels-last"
+            } else {
+                "NCHW"
+            },
+            self.before_ms,
+            self.predicted_ms,
+            self.predicted_speedup()
+        );
+        match self.measured {
+            Some(m) => format!(
+                "{head}; measured side by side {:.2} ms → {:.2} ms ({:.2}× faster; prediction off by {:+.1} %)",
+                m.before_ms,
+                m.after_ms,
+                m.speedup(),
+                100.0 * self.prediction_error().unwrap()
+            ),
+            None => head,
+        }
+    }
+}
