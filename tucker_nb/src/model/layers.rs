@@ -34,6 +34,17 @@ impl BatchNorm {
         }
     }
 
+    /// Whether this BN is exactly what [`Self::fold_into`] leaves (γ = 1, β = 0, μ = 0,
+    /// σ² = 1 − ε in f32): the identity in eval mode.
+    pub fn is_folded_identity(&self) -> bool {
+        let all =
+            |t: &Tensor, v: f64| t.eq_tensor(&Tensor::full_like(t, v)).all().int64_value(&[]) == 1;
+        all(&self.weight, 1.0)
+            && all(&self.bias, 0.0)
+            && all(&self.running_mean, 0.0)
+            && all(&self.running_var, 1.0 - self.eps)
+    }
+
     pub fn channels(&self) -> i64 {
         self.weight.size()[0]
     }

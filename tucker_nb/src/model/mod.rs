@@ -485,6 +485,8 @@ impl ResNet18 {
         }
         for unit in model.units_mut() {
             *unit.bn = dict.batch_norm(&unit.bn_name, unit.bn.channels())?;
+            // A folded file keeps each folded BN as the identity; it stays skipped in eval.
+            unit.bn.folded = !unit.conv.is_dense() && unit.bn.is_folded_identity();
         }
         model.fc = dict.linear("fc", FEATURES, num_classes)?;
         dict.finish()?;

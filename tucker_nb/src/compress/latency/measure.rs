@@ -1,6 +1,8 @@
 //! Timing what a slot or a model runs on the device: warm-ups, timed calls, one sync each, the
 //! median.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -15,8 +17,8 @@ use crate::runtime::autocast_bf16;
 use crate::timing::{median, median_seconds, timed};
 
 /// Untimed calls before each measurement, and timed ones whose median is taken.
-const WARMUPS: usize = 2;
-const RUNS: usize = 7;
+const WARMUPS: usize = 3;
+const RUNS: usize = 11;
 
 /// A random tensor of `shape` on `device`, laid out as the key says.
 fn random(shape: &[i64], key: &TimingKey, device: Device) -> Tensor {
@@ -109,6 +111,26 @@ pub fn model_ms(model: &ResNet18, image: [i64; 2], key: &TimingKey) -> f64 {
     seconds * 1e3
 }
 
+/// `model` with each slot named in `forms` in that form with random factors (the last layer's
+/// bias zero), its BNs folded when the key folds them: the plan's structure, to time it whole.
+pub(super) fn plan_model(
+    model: &ResNet18,
+    forms: &BTreeMap<String, Form>,
+    key: &TimingKey,
+) -> ResNet18 {
+    let device = model.device();
+    let mut plan = model.deep_copy();
+    for unit in plan.units_mut() {
+        if let Some(&form) = forms.get(&unit.conv_name).filter(|f| **f != Form::Dense) {
+            *unit.conv = random_slot(&unit.conv.geometry(), form, key, device);
+        }
+    }
+    if key.fold_bn {
+        plan.fold_batch_norms();
+    }
+    plan
+}
+
 /// What the model's measured time leaves after its slots' entries (at least 0).
 pub(super) fn outside_ms(
     model: &ResNet18,
@@ -148,9 +170,20 @@ pub fn measure_side_by_side(
     settings: &TimingSettings,
     turns: usize,
 ) -> MeasuredSpeed {
+    let key = TimingKey::current(settings, after.device(), after.is_channels_last());
+    side_by_side(before, after, image, &key, turns)
+}
+
+/// [`measure_side_by_side`] at a key's batch and dtype.
+pub(super) fn side_by_side(
+    before: &ResNet18,
+    after: &ResNet18,
+    image: [i64; 2],
+    key: &TimingKey,
+    turns: usize,
+) -> MeasuredSpeed {
     let device = after.device();
-    let key = TimingKey::current(settings, device, after.is_channels_last());
-    let x = random(&[key.batch, 3, image[0], image[1]], &key, device);
+    let x = random(&[key.batch, 3, image[0], image[1]], key, device);
     let run = |m: &ResNet18| {
         timed(device, || {
             let _ = autocast_bf16(key.is_bf16(), || m.forward(&x, false));

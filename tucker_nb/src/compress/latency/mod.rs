@@ -117,6 +117,13 @@ pub struct LatencyForecast {
     pub before_ms: f64,
     /// The compressed model, predicted: outside + the chosen slots' entries.
     pub predicted_ms: f64,
+    /// The plan timed whole with random factors before fitting (the check the planner tightens
+    /// its aim by).
+    #[serde(default)]
+    pub planned_ms: Option<f64>,
+    /// The fraction of the dense time the table's sum was held to, so that the plan timed whole
+    /// met the budget (the budget itself when it did at once).
+    pub aim: f64,
     pub outside_ms: f64,
     /// What the times were measured at.
     pub key: TimingKey,
@@ -135,30 +142,47 @@ impl LatencyForecast {
             .map(|m| (self.predicted_ms - m.after_ms) / m.after_ms)
     }
 
+    /// (planned − measured) / measured of the compressed model's time: the whole plan timed with
+    /// random factors against the fitted model, once measured.
+    pub fn planned_error(&self) -> Option<f64> {
+        let (planned, m) = (self.planned_ms?, self.measured?);
+        Some((planned - m.after_ms) / m.after_ms)
+    }
+
     /// One line for a terminal.
     pub fn summary(&self) -> String {
-        let head = format!(
-            "latency at batch {} ({}, {}): predicted {:.2} ms → {:.2} ms ({:.2}× faster)",
+        let layout = if self.key.channels_last {
+            "channels-last"
+        } else {
+            "NCHW"
+        };
+        let mut line = format!(
+            "latency at batch {} ({}, {layout}): table predicts {:.2} ms → {:.2} ms ({:.2}× faster)",
             self.key.batch,
             self.key.dtype,
-            if self.key.channels_last {
-                "channels-last"
-            } else {
-                "NCHW"
-            },
             self.before_ms,
             self.predicted_ms,
             self.predicted_speedup()
         );
-        match self.measured {
-            Some(m) => format!(
-                "{head}; measured side by side {:.2} ms → {:.2} ms ({:.2}× faster; prediction off by {:+.1} %)",
+        if let Some(ms) = self.planned_ms {
+            line += &format!(
+                "; the plan timed whole {ms:.2} ms (aimed at {:.3})",
+                self.aim
+            );
+        }
+        if let Some(m) = self.measured {
+            line += &format!(
+                "; measured side by side {:.2} ms → {:.2} ms ({:.2}× faster; table off by {:+.1} %",
                 m.before_ms,
                 m.after_ms,
                 m.speedup(),
                 100.0 * self.prediction_error().unwrap()
-            ),
-            None => head,
+            );
+            if let Some(e) = self.planned_error() {
+                line += &format!(", the plan timed whole by {:+.1} %", 100.0 * e);
+            }
+            line += ")";
         }
+        line
     }
 }

@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::grid::{corners, entry_key, outside_key};
-use super::measure::{measure_slot, outside_ms};
+use super::measure::{measure_slot, outside_ms, plan_model, side_by_side, MeasuredSpeed};
 use super::{TimingKey, TimingSettings};
 use crate::compress::cost::{Price, SlotCost};
 use crate::conv::{ConvGeometry, Form};
@@ -242,6 +243,59 @@ pub fn table_for(
         key.threads
     );
     Ok(table)
+}
+
+impl LatencyTable {
+    /// The eval forward time of `model` as it is and with its slots in `forms` (random factors,
+    /// [`plan_model`]) at `image` px, timed side by side: from the cache when this plan was
+    /// timed before, else measured now and added to it.
+    pub fn plan_speed(
+        &mut self,
+        model: &ResNet18,
+        forms: &BTreeMap<String, Form>,
+        image: [i64; 2],
+    ) -> Result<MeasuredSpeed> {
+        let key = plan_key(model.num_classes(), image, forms);
+        let before_key = format!("{key}, the model as it is beside it");
+        if let (Some(&after_ms), Some(&before_ms)) =
+            (self.entries.get(&key), self.entries.get(&before_key))
+        {
+            return Ok(MeasuredSpeed {
+                before_ms,
+                after_ms,
+            });
+        }
+        let plan = plan_model(model, forms, &self.key);
+        let speed = side_by_side(model, &plan, image, &self.key, PLAN_TURNS);
+        let new = [(key, speed.after_ms), (before_key, speed.before_ms)];
+        self.entries.extend(new.clone());
+        self.measured += 1;
+        if let Some(file) = self.file.clone() {
+            let _lock = wait_for_lock(&file)?;
+            let mut on_disk = read_table(&file, &self.key, self.step)?;
+            on_disk.entries.extend(new);
+            write_table(&file, &on_disk)?;
+        }
+        Ok(speed)
+    }
+}
+
+/// Timed calls of each model when a whole plan is timed beside the model.
+const PLAN_TURNS: usize = 15;
+
+/// The key of a whole plan's measured time: a hash of every slot's form, with the model's
+/// classes and image size.
+fn plan_key(classes: i64, image: [i64; 2], forms: &BTreeMap<String, Form>) -> String {
+    let text: String = forms
+        .iter()
+        .map(|(name, form)| format!("{name} {form:?};"))
+        .collect();
+    let digest = Sha256::digest(text.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "whole plan {hex}: {classes} classes, {}x{} px",
+        image[0], image[1]
+    )
 }
 
 /// The cached table at `file` for `key`, or an empty one when there is none.
