@@ -129,6 +129,14 @@ fn bad_values_name_the_value() {
         &["invalid policy", "needs a number"],
     );
     fails(
+        &["--weights", w, "--policy", "budget-latency:0"],
+        &["invalid budget-latency", "0 (must be in (0, 1])"],
+    );
+    fails(
+        &["--weights", w, "--policy", "budget-latency:1.5"],
+        &["invalid budget-latency", "1.5"],
+    );
+    fails(
         &["--weights", w, "--policy", "vbmf", "--method", "als"],
         &["--method", "'als'", "possible values: hosvd, hooi"],
     );
