@@ -208,7 +208,7 @@ pub fn table_for(
         let start = Instant::now();
         let progress = Progress::new(missing.len() + 1, "latency table");
         for (geometry, input, form) in &missing {
-            progress.set_message(format!("{}", entry_key(geometry, *input, *form)));
+            progress.set_message(entry_key(geometry, *input, *form));
             let ms = measure_slot(geometry, *input, *form, &key, device);
             table.entries.insert(entry_key(geometry, *input, *form), ms);
             progress.inc(1);
