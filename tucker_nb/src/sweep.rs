@@ -1,13 +1,15 @@
 //! A sweep over compression budgets: for each policy, compress a copy of the model, evaluate it,
 //! recalibrate its BN statistics and evaluate, fine-tune it briefly and evaluate again; one DataFrame row per policy (plus the uncompressed
-//! model), with conv MACs, parameters, reconstruction errors and accuracy, and which rows lie on
-//! the accuracy-vs-MACs Pareto front (`plots::pareto_chart` draws it).
+//! model), with conv MACs, parameters, reconstruction errors, accuracy, the measured eval
+//! throughput (timed side by side with the dense model), and which rows lie on the
+//! accuracy-vs-MACs and accuracy-vs-throughput Pareto fronts (`plots::pareto_chart` and
+//! `plots::pareto_speed_chart` draw them).
 
 use polars::prelude::DataFrame;
 
 use crate::compress::calibrate::{activation_moments, Moments};
 use crate::compress::compress_model_fitted;
-use crate::compress::latency::check_forecast;
+use crate::compress::latency::{check_forecast, measure_side_by_side, MeasuredSpeed, TimingKey};
 use crate::compress::policy::{CompressionPolicy, Fit};
 use crate::error::Result;
 use crate::frame::{column, frame_of};
@@ -23,7 +25,7 @@ pub const DEFAULT_POLICIES: &str =
 pub const DEFAULT_EPOCHS: usize = 1;
 
 /// The sweep's columns, in order.
-pub const SWEEP_COLUMNS: [&str; 12] = [
+pub const SWEEP_COLUMNS: [&str; 16] = [
     "policy",
     "conv_macs",
     "macs_ratio",
@@ -35,8 +37,15 @@ pub const SWEEP_COLUMNS: [&str; 12] = [
     "top1_recalibrated",
     "top1",
     "top5",
+    "images_per_s",
+    "speedup",
+    "speed_at",
     "pareto",
+    "pareto_speed",
 ];
+
+/// Timed eval calls of each model when a sweep point's speed is measured beside the dense one.
+const SPEED_TURNS: usize = 15;
 
 /// One point of the sweep.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +68,12 @@ pub struct SweepPoint {
     pub top1_recalibrated: f64,
     pub top1: f64,
     pub top5: f64,
+    /// Measured eval images/s (batch / median forward time, timed in turns with the dense
+    /// model), and the dense model's time over this one's.
+    pub images_per_s: f64,
+    pub speedup: f64,
+    /// What the speed was measured at: device, dtype, layout, batch, threads.
+    pub speed_at: String,
 }
 
 /// Compresses a copy of `model` with each policy (fitted to its activations on `calibration` when
@@ -79,6 +94,12 @@ pub fn sweep(
         false => None,
     };
     let base = evaluate(model, loaders.1)?;
+    let timing = policies
+        .first()
+        .map(|p| p.timing.clone())
+        .unwrap_or_default();
+    let key = TimingKey::current(&timing, model.device(), model.is_channels_last());
+    let mut dense_ms = Vec::new();
     let mut points = vec![SweepPoint {
         policy: "dense".into(),
         conv_macs: dense.0,
@@ -91,28 +112,38 @@ pub fn sweep(
         top1_recalibrated: base.top1,
         top1: base.top1,
         top5: base.top5,
+        images_per_s: 0.0,
+        speedup: 1.0,
+        speed_at: key.describe(),
     }];
     for policy in policies {
         let data = moments.as_ref().filter(|_| policy.fit() == Fit::Data);
-        points.push(sweep_point(
-            (model, data),
-            policy,
-            loaders,
-            fine_tune,
-            dense,
-        )?);
+        let (mut point, speed) = sweep_point((model, data), policy, loaders, fine_tune, dense)?;
+        let policy_key =
+            TimingKey::current(&policy.timing, model.device(), model.is_channels_last());
+        point.images_per_s = policy_key.batch as f64 / (speed.after_ms / 1e3);
+        point.speedup = speed.speedup();
+        point.speed_at = policy_key.describe();
+        dense_ms.push(speed.before_ms);
+        points.push(point);
     }
+    // The dense model's time is taken beside every point; its row has their median.
+    points[0].images_per_s = match dense_ms.is_empty() {
+        true => key.batch as f64 / (crate::compress::latency::model_ms(model, input, &key) / 1e3),
+        false => key.batch as f64 / (crate::timing::median(dense_ms) / 1e3),
+    };
     Ok(sweep_frame(&points))
 }
 
-/// One policy's point: compress a copy, evaluate, recalibrate, evaluate, fine-tune, evaluate.
+/// One policy's point: compress a copy, evaluate, recalibrate, evaluate, fine-tune, evaluate,
+/// and time it beside `model` (its speed fields are the caller's to fill from that).
 fn sweep_point(
     (model, moments): (&ResNet18, Option<&Moments>),
     policy: &CompressionPolicy,
     (train, val, calibration): (&Loader, &Loader, &Loader),
     fine_tune: &FineTuneConfig,
     (dense_macs, dense_params): (i64, i64),
-) -> Result<SweepPoint> {
+) -> Result<(SweepPoint, MeasuredSpeed)> {
     let spec = policy.ranks.to_string();
     let mut compressed = model.deep_copy();
     let mut report = compress_model_fitted(&mut compressed, policy, moments)?;
@@ -133,6 +164,13 @@ fn sweep_point(
     };
     crate::train::fine_tune(&mut compressed, train, val, run)?;
     let after = evaluate(&compressed, val)?;
+    let speed = measure_side_by_side(
+        model,
+        &compressed,
+        policy.input_size,
+        &policy.timing,
+        SPEED_TURNS,
+    );
     let errors: Vec<f64> = report
         .layers
         .iter()
@@ -141,7 +179,7 @@ fn sweep_point(
         .collect();
     let conv_macs = compressed.conv_macs(policy.input_size);
     let params = compressed.num_params();
-    Ok(SweepPoint {
+    let point = SweepPoint {
         policy: spec,
         conv_macs,
         macs_ratio: conv_macs as f64 / dense_macs as f64,
@@ -153,36 +191,43 @@ fn sweep_point(
         top1_recalibrated,
         top1: after.top1,
         top5: after.top5,
-    })
+        images_per_s: 0.0,
+        speedup: 1.0,
+        speed_at: String::new(),
+    };
+    Ok((point, speed))
 }
 
-/// Whether each point is on the Pareto front of (fewer conv MACs, higher top-1): no other point
-/// is at least as good on both and better on one.
-pub fn pareto_front(points: &[(i64, f64)]) -> Vec<bool> {
+/// Whether each point is on the Pareto front of (lower cost, higher top-1): no other point is
+/// at least as good on both and better on one.
+pub fn pareto_front(points: &[(f64, f64)]) -> Vec<bool> {
     points
         .iter()
-        .map(|&(macs, top1)| {
+        .map(|&(cost, top1)| {
             !points
                 .iter()
-                .any(|&(m, t)| m <= macs && t >= top1 && (m < macs || t > top1))
+                .any(|&(c, t)| c <= cost && t >= top1 && (c < cost || t > top1))
         })
         .collect()
 }
 
 /// The points as a DataFrame with [`SWEEP_COLUMNS`].
 pub fn sweep_frame(points: &[SweepPoint]) -> DataFrame {
-    let front = pareto_front(
-        &points
-            .iter()
-            .map(|p| (p.conv_macs, p.top1))
-            .collect::<Vec<_>>(),
-    );
+    let front = |cost: fn(&SweepPoint) -> f64| {
+        pareto_front(&points.iter().map(|p| (cost(p), p.top1)).collect::<Vec<_>>())
+    };
+    let by_macs = front(|p| p.conv_macs as f64);
+    let by_speed = front(|p| -p.images_per_s);
     let frame = frame_of!(points; policy, conv_macs, macs_ratio, params, params_ratio,
-        mean_rel_error, worst_rel_error, top1_compressed, top1_recalibrated, top1, top5);
-    let pareto = column("pareto", &front, |&on| on);
+        mean_rel_error, worst_rel_error, top1_compressed, top1_recalibrated, top1, top5,
+        images_per_s, speedup, speed_at);
+    let fronts = [
+        column("pareto", &by_macs, |&on| on),
+        column("pareto_speed", &by_speed, |&on| on),
+    ];
     frame
-        .hstack(&[pareto])
-        .expect("a column of the frame's height")
+        .hstack(&fronts)
+        .expect("columns of the frame's height")
 }
 
 #[cfg(test)]
@@ -192,12 +237,12 @@ mod tests {
     #[test]
     fn the_front_keeps_only_undominated_points() {
         let points = [
-            (100, 0.7),
-            (50, 0.6),
-            (50, 0.5),
-            (30, 0.65),
-            (20, 0.1),
-            (30, 0.65),
+            (100.0, 0.7),
+            (50.0, 0.6),
+            (50.0, 0.5),
+            (30.0, 0.65),
+            (20.0, 0.1),
+            (30.0, 0.65),
         ];
         assert_eq!(
             pareto_front(&points),

@@ -428,10 +428,28 @@ fn a_budget_sweep_gives_one_row_per_policy_and_leaves_the_model_alone() {
     assert_eq!(top1("top1_recalibrated")[0], top1("top1_compressed")[0]);
     let front = frame.column("pareto").unwrap().bool().unwrap();
     assert!(front.iter().any(|b| b == Some(true)));
+    let front = frame.column("pareto_speed").unwrap().bool().unwrap();
+    assert!(front.iter().any(|b| b == Some(true)));
+    // Every row's throughput was measured, the compressed ones beside the dense model.
+    assert!(top1("images_per_s")
+        .iter()
+        .all(|r| r.is_finite() && *r > 0.0));
+    assert!(top1("speedup").iter().all(|r| r.is_finite() && *r > 0.0));
+    let at = frame
+        .column("speed_at")
+        .unwrap()
+        .str()
+        .unwrap()
+        .get(1)
+        .unwrap()
+        .to_string();
+    assert!(at.contains("fp32") && at.contains("batch 64"), "{at}");
     for ((name, t), b) in model.named_tensors().iter().zip(&before) {
         assert!(t.equal(b), "{name} changed");
     }
     let chart = tucker_nb::plots::pareto_chart(&frame).unwrap();
+    assert!(image::load_from_memory(&chart.png).is_ok());
+    let chart = tucker_nb::plots::pareto_speed_chart(&frame).unwrap();
     assert!(image::load_from_memory(&chart.png).is_ok());
 }
 
@@ -523,13 +541,35 @@ fn the_sweep_command_writes_its_table_and_chart() {
     );
     assert!(!out.join("sweep.csv").exists());
 
-    // Distilled from the dense model, which exercises the teacher path end to end.
-    let distilled = ["--policies", "budget-macs:0.5", "--distill", "2,0.5"];
+    // Distilled from the dense model, which exercises the teacher path end to end; a latency
+    // budget beside a MACs one, timed at the run's batch.
+    let cache = dir.path().join("latency-cache");
+    let distilled = [
+        "--policies",
+        "budget-macs:0.5,budget-latency:0.6",
+        "--distill",
+        "2,0.5",
+        "--latency-cache",
+        path_str(&cache),
+        "--eval-batch-size",
+        "8",
+    ];
     tucker_nb_ok(&[&common[..], &distilled].concat());
     let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines[0], tucker_nb::sweep::SWEEP_COLUMNS.join(","));
-    assert_eq!(lines.len(), 3, "{csv}");
+    assert_eq!(lines.len(), 4, "{csv}");
     assert!(lines[1].starts_with("dense,") && lines[2].starts_with("budget-macs:0.5,"));
-    assert!(image::open(out.join("pareto.png")).is_ok());
+    assert!(
+        lines[3].starts_with("budget-latency:0.6,") && lines[3].contains("batch 8,"),
+        "{csv}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&cache).unwrap().count(),
+        1,
+        "one table, in the cache asked for"
+    );
+    for chart in ["pareto.png", "pareto-speed.png"] {
+        assert!(image::open(out.join(chart)).is_ok(), "{chart}");
+    }
 }

@@ -258,7 +258,8 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
 
 /// The budget sweep on the run's data and weights: each of `policies` compresses a copy of the
 /// model, which is fine-tuned for `config.compressed_epochs` (factorised convs and fc) and
-/// evaluated. Writes `sweep.csv` and `pareto.png` into `config.out`; returns the sweep's frame
+/// evaluated, and timed beside the dense model at the run's eval batch size (and dtype). Writes
+/// `sweep.csv`, `pareto.png` and `pareto-speed.png` into `config.out`; returns the sweep's frame
 /// ([`crate::sweep::SWEEP_COLUMNS`]).
 pub fn run_sweep(config: &RunConfig, policies: &[CompressionPolicy]) -> Result<DataFrame> {
     config.validate()?;
@@ -276,11 +277,14 @@ pub fn run_sweep(config: &RunConfig, policies: &[CompressionPolicy]) -> Result<D
         ..config.fine_tune.clone()
     };
     let loaders = (&train, &val, &calibration);
-    let frame = crate::sweep::sweep(&model, policies, loaders, &fine_tune)?;
+    let policies: Vec<CompressionPolicy> = policies.iter().map(|p| config.timed(p)).collect();
+    let frame = crate::sweep::sweep(&model, &policies, loaders, &fine_tune)?;
     let mut outputs = io::Outputs::new();
     outputs.write_with(&out.join("sweep.csv"), |tmp| write_frame_csv(&frame, tmp))?;
     let chart = crate::plots::pareto_chart(&frame)?;
     outputs.write_with(&out.join("pareto.png"), |tmp| chart.save_png(tmp))?;
+    let chart = crate::plots::pareto_speed_chart(&frame)?;
+    outputs.write_with(&out.join("pareto-speed.png"), |tmp| chart.save_png(tmp))?;
     outputs.commit()?;
     Ok(frame)
 }

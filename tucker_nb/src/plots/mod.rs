@@ -183,17 +183,59 @@ fn label_offsets(chart: &Plot, points: &[(String, f64, f64, bool)]) -> Vec<(i32,
 /// Accuracy against conv MACs of a budget sweep ([`crate::sweep::sweep`]'s DataFrame): every
 /// policy as a labelled point, top-1 after its short fine-tune; the Pareto front as a line.
 pub fn pareto_chart(sweep: &DataFrame) -> Result<Chart> {
-    let title = "Accuracy vs conv MACs";
+    let axis = FrontAxis {
+        title: "Accuracy vs conv MACs",
+        column: "conv_macs",
+        scale: 1e-9,
+        desc: "conv MACs per image (G)".into(),
+        front: "pareto",
+    };
+    front_chart(sweep, &axis)
+}
+
+/// Accuracy against measured eval throughput of a budget sweep: as [`pareto_chart`], the x axis
+/// images/s (timed beside the dense model, at the settings the sweep's `speed_at` names) and the
+/// front of higher throughput and top-1.
+pub fn pareto_speed_chart(sweep: &DataFrame) -> Result<Chart> {
+    let at = str_column(sweep, "speed_at", "sweep")?;
+    let at = at
+        .into_iter()
+        .flatten()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let axis = FrontAxis {
+        title: "Accuracy vs measured speed",
+        column: "images_per_s",
+        scale: 1.0,
+        desc: format!("eval images/s ({at})"),
+        front: "pareto_speed",
+    };
+    front_chart(sweep, &axis)
+}
+
+/// The x axis of a front chart: its title, the sweep's column (times `scale`), its words, and the
+/// column saying which points are on the front.
+struct FrontAxis {
+    title: &'static str,
+    column: &'static str,
+    scale: f64,
+    desc: String,
+    front: &'static str,
+}
+
+fn front_chart(sweep: &DataFrame, axis: &FrontAxis) -> Result<Chart> {
+    let title = axis.title;
     let policies = str_column(sweep, "policy", "sweep")?;
-    let macs = f64_column(sweep, "conv_macs", "sweep")?;
+    let xs = f64_column(sweep, axis.column, "sweep")?;
     let top1 = f64_column(sweep, "top1", "sweep")?;
-    let front = f64_column(sweep, "pareto", "sweep")?;
+    let front = f64_column(sweep, axis.front, "sweep")?;
     let points: Vec<(String, f64, f64, bool)> = policies
         .into_iter()
-        .zip(macs.iter())
+        .zip(xs.iter())
         .zip(top1.iter())
         .zip(front.iter())
-        .filter_map(|(((p, m), t), on)| Some((p?, m? / 1e9, t? * 100.0, on == Some(1.0))))
+        .filter_map(|(((p, x), t), on)| Some((p?, x? * axis.scale, t? * 100.0, on == Some(1.0))))
         .collect();
     if points.is_empty() {
         return Err(chart_error(title)(&"the sweep has no points"));
@@ -203,7 +245,7 @@ pub fn pareto_chart(sweep: &DataFrame) -> Result<Chart> {
     line.sort_by(|a, b| a.0.total_cmp(&b.0));
     let max_x = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.15 + 1e-3;
     let axes = Axes {
-        x_desc: "conv MACs per image (G)",
+        x_desc: &axis.desc,
         y_desc: "top-1 after fine-tuning (%)",
         x: 0.0..max_x,
         y: 0.0..100.0,
@@ -302,6 +344,10 @@ mod tests {
         assert!(image::open(&path).is_ok());
     }
 
+    fn count_in(img: &image::RgbImage, c: [u8; 3]) -> usize {
+        img.pixels().filter(|p| p.0 == c).count()
+    }
+
     #[test]
     fn pareto_chart_draws_points_labels_and_the_front() {
         use crate::sweep::{sweep_frame, SweepPoint};
@@ -317,6 +363,9 @@ mod tests {
             top1_recalibrated: top1 / 1.5,
             top1,
             top5: top1,
+            images_per_s: 1.8e12 / macs as f64,
+            speedup: 1.8e9 / macs as f64,
+            speed_at: "cpu test fp32 channels-last, batch 8, 2 threads".into(),
         };
         let frame = sweep_frame(&[
             point("dense", 1_800_000_000, 0.7),
@@ -331,6 +380,10 @@ mod tests {
         let count = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
         assert!(count([214, 39, 40]) > 100 && count([31, 119, 180]) > 30);
         assert!(pareto_chart(&DataFrame::empty()).is_err());
+        // The same front by measured speed (here proportional to 1 / MACs).
+        let chart = pareto_speed_chart(&frame).unwrap();
+        let img = image::load_from_memory(&chart.png).unwrap().to_rgb8();
+        assert!(count_in(&img, [214, 39, 40]) > 100 && count_in(&img, [31, 119, 180]) > 30);
     }
 
     #[test]

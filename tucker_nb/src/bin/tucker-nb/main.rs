@@ -207,7 +207,10 @@ fn sweep(args: SweepArgs) -> anyhow::Result<()> {
         .collect();
     let frame = experiment::run_sweep(&config, &policies)?;
     println!("{frame}");
-    println!("wrote {}/{{sweep.csv,pareto.png}}", config.out.display());
+    println!(
+        "wrote {}/{{sweep.csv,pareto.png,pareto-speed.png}}",
+        config.out.display()
+    );
     Ok(())
 }
 

@@ -47,6 +47,20 @@ impl TimingKey {
         format!("{hex}.json")
     }
 
+    /// What a measurement was taken at, in words: `cpu AMD EPYC fp32 channels-last, batch 32,
+    /// 2 threads`.
+    pub fn describe(&self) -> String {
+        let layout = if self.channels_last {
+            "channels-last"
+        } else {
+            "NCHW"
+        };
+        format!(
+            "{} {} {layout}, batch {}, {} threads",
+            self.device, self.dtype, self.batch, self.threads
+        )
+    }
+
     pub(super) fn is_bf16(&self) -> bool {
         self.dtype == "bf16"
     }
