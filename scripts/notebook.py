@@ -62,9 +62,11 @@ def check(nb, out_dir):
     results.append(("HTML layer report", any("rel. error" in h and "layer4.1.conv2" in h for h in html), ""))
     results.append(("HTML summary table", any("latency (batch 1)" in h for h in html), ""))
     results.append(("HTML sweep table", any("pareto" in h and "budget-macs:" in h for h in html), ""))
+    results.append(("sweep with latency points, timed", any("budget-latency:" in h and "images_per_s" in h
+                                                            and "predicted_speedup" in h for h in html), ""))
     results.append(("multi-stage and folded rows in a summary",
                     any("multi-stage" in h and "BNs folded" in h and "latency (batch 1)" in h for h in html), ""))
-    for name in ["accuracy.png", "loss.png", "accuracy-multistage.png", "pareto.png"]:
+    for name in ["accuracy.png", "loss.png", "accuracy-multistage.png", "pareto.png", "pareto-speed.png"]:
         path = os.path.join(out_dir, name)
         ok = os.path.isfile(path) and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
         results.append((f"{name} is a PNG file", ok, path))

@@ -42,6 +42,10 @@ impl Html {
     pub fn heading(text: &str) -> Html {
         Html(format!("<h4>{}</h4>", escape(text)))
     }
+
+    pub fn paragraph(text: &str) -> Html {
+        Html(format!("<p>{}</p>", escape(text)))
+    }
 }
 
 fn escape(s: &str) -> String {
@@ -118,7 +122,14 @@ pub fn report_table(report: &CompressionReport) -> Html {
         "MACs after",
         "rel. error",
     ]
-    .map(String::from);
+    .map(String::from)
+    .to_vec();
+    let timed = report.latency.is_some();
+    let mut header = header;
+    if timed {
+        header.extend(["ms predicted", "ms after"].map(String::from));
+    }
+    let ms = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
     let mut rows: Vec<Vec<String>> = report
         .layers
         .iter()
@@ -141,6 +152,14 @@ pub fn report_table(report: &CompressionReport) -> Html {
                 format!("{:.2} M", l.macs_after as f64 / 1e6),
                 format!("{:.4}", l.rel_error),
             ]
+            .into_iter()
+            .chain(
+                timed
+                    .then(|| [ms(l.ms_before), ms(l.ms_after)])
+                    .into_iter()
+                    .flatten(),
+            )
+            .collect()
         })
         .collect();
     let (pb, pa) = report.conv_params();
@@ -160,13 +179,28 @@ pub fn report_table(report: &CompressionReport) -> Html {
         ),
         String::new(),
     ]);
-    Html::concat([
+    if let Some(forecast) = &report.latency {
+        let total = rows.last_mut().expect("the total row");
+        total.extend([
+            ms(Some(forecast.before_ms)),
+            ms(Some(forecast.predicted_ms)),
+        ]);
+    }
+    let mut parts = vec![
         Html::heading(&format!(
             "Conv layers at {}×{} px",
             report.input_size[0], report.input_size[1]
         )),
         table(&header, &rows),
-    ])
+    ];
+    if let Some(forecast) = &report.latency {
+        parts.push(Html::paragraph(&format!(
+            "Whole model (totals include {:.3} ms outside the conv slots): {}",
+            forecast.outside_ms,
+            forecast.summary()
+        )));
+    }
+    Html::concat(parts)
 }
 
 /// One evaluation as a one-row table.

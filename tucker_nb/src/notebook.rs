@@ -38,12 +38,28 @@ pub struct NotebookConfig {
     pub profile: Profile,
     /// The run's data, weights, sizes, fine-tune settings, policy and output folder.
     pub run: RunConfig,
-    /// Budget sweep: fractions of the dense model's conv MACs, one compressed copy each.
-    pub sweep_budgets: Vec<f64>,
+    /// The budget sweep's policies, one compressed copy each: `budget-macs` points and
+    /// `budget-latency` points (timed on this notebook's device at its eval batch size) to set
+    /// beside them at equal measured speed.
+    pub sweep: Vec<RankPolicy>,
     /// Multi-stage compression: the conv-MACs budget of each stage, in order.
     pub stage_budgets: Vec<f64>,
     /// Fine-tune epochs of each sweep point and between stages.
     pub short_epochs: usize,
+}
+
+/// `budget-macs` at each of `macs` and `budget-latency` at each of `latency`.
+fn sweep_of(macs: &[f64], latency: &[f64]) -> Result<Vec<RankPolicy>> {
+    let by = |cost: Cost, fractions: &[f64]| -> Vec<Result<RankPolicy>> {
+        fractions
+            .iter()
+            .map(|&f| RankPolicy::budget(cost.clone(), f))
+            .collect()
+    };
+    by(Cost::Macs, macs)
+        .into_iter()
+        .chain(by(Cost::Latency, latency))
+        .collect()
 }
 
 /// The project's root folder (where `data/` and `runs/` live), known from where the crate was built.
@@ -150,7 +166,7 @@ impl NotebookConfig {
         Ok(Self {
             profile: Profile::Full,
             run,
-            sweep_budgets: vec![0.5, 0.33, 0.2, 0.1],
+            sweep: sweep_of(&[0.5, 0.33, 0.2, 0.1], &[0.5, 0.33])?,
             stage_budgets: vec![0.5, 0.2],
             short_epochs: 1,
         })
@@ -181,7 +197,7 @@ impl NotebookConfig {
         Ok(Self {
             profile: Profile::Smoke,
             run,
-            sweep_budgets: vec![0.5, 0.25],
+            sweep: sweep_of(&[0.5, 0.25], &[0.5])?,
             stage_budgets: vec![0.5, 0.25],
             short_epochs: 1,
         })
@@ -269,12 +285,18 @@ impl NotebookConfig {
         Ok(self.policy().with_ranks(budget))
     }
 
-    /// The sweep's policies, one per entry of `sweep_budgets`.
+    /// The sweep's policies, one per entry of `sweep`, at the notebook's image size; a latency
+    /// budget timed at the eval batch size (and dtype) on the notebook's device.
     pub fn sweep_policies(&self) -> Result<Vec<CompressionPolicy>> {
-        self.sweep_budgets
+        let policies = self
+            .sweep
             .iter()
-            .map(|&b| self.budget_policy(b))
-            .collect()
+            .map(|r| self.run.timed(&self.policy().with_ranks(r.clone())));
+        let policies: Vec<CompressionPolicy> = policies.collect();
+        for p in &policies {
+            p.validate()?;
+        }
+        Ok(policies)
     }
 
     /// The multi-stage run's policies, one per entry of `stage_budgets`.

@@ -25,7 +25,7 @@ pub const DEFAULT_POLICIES: &str =
 pub const DEFAULT_EPOCHS: usize = 1;
 
 /// The sweep's columns, in order.
-pub const SWEEP_COLUMNS: [&str; 16] = [
+pub const SWEEP_COLUMNS: [&str; 17] = [
     "policy",
     "conv_macs",
     "macs_ratio",
@@ -39,6 +39,7 @@ pub const SWEEP_COLUMNS: [&str; 16] = [
     "top5",
     "images_per_s",
     "speedup",
+    "predicted_speedup",
     "speed_at",
     "pareto",
     "pareto_speed",
@@ -72,6 +73,8 @@ pub struct SweepPoint {
     /// model), and the dense model's time over this one's.
     pub images_per_s: f64,
     pub speedup: f64,
+    /// Under a latency budget, the speedup its table predicted (null otherwise).
+    pub predicted_speedup: Option<f64>,
     /// What the speed was measured at: device, dtype, layout, batch, threads.
     pub speed_at: String,
 }
@@ -114,6 +117,7 @@ pub fn sweep(
         top5: base.top5,
         images_per_s: 0.0,
         speedup: 1.0,
+        predicted_speedup: None,
         speed_at: key.describe(),
     }];
     for policy in policies {
@@ -193,6 +197,7 @@ fn sweep_point(
         top5: after.top5,
         images_per_s: 0.0,
         speedup: 1.0,
+        predicted_speedup: report.latency.as_ref().map(|l| l.predicted_speedup),
         speed_at: String::new(),
     };
     Ok((point, speed))
@@ -220,7 +225,7 @@ pub fn sweep_frame(points: &[SweepPoint]) -> DataFrame {
     let by_speed = front(|p| -p.images_per_s);
     let frame = frame_of!(points; policy, conv_macs, macs_ratio, params, params_ratio,
         mean_rel_error, worst_rel_error, top1_compressed, top1_recalibrated, top1, top5,
-        images_per_s, speedup, speed_at);
+        images_per_s, speedup, predicted_speedup, speed_at);
     let fronts = [
         column("pareto", &by_macs, |&on| on),
         column("pareto_speed", &by_speed, |&on| on),

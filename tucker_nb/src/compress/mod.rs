@@ -367,9 +367,13 @@ pub fn compress_model_fitted(
          }| {
             let sum =
                 |ms: fn(&LayerReport) -> Option<f64>| layers.iter().filter_map(ms).sum::<f64>();
+            let before_ms = table.predicted_ms([sum(|l| l.ms_before)]);
+            let predicted_ms = table.predicted_ms([sum(|l| l.ms_after)]);
             LatencyForecast {
-                before_ms: table.predicted_ms([sum(|l| l.ms_before)]),
-                predicted_ms: table.predicted_ms([sum(|l| l.ms_after)]),
+                before_ms,
+                predicted_ms,
+                predicted_speedup: before_ms / predicted_ms,
+                measured_speedup: None,
                 planned_ms,
                 aim,
                 outside_ms: table.outside_ms,

@@ -238,6 +238,7 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
             .map(|s| StageFigures {
                 compressed: s.compressed.figures.clone(),
                 recalibrated: s.recalibrated.as_ref().map(|r| r.figures.clone()),
+                latency: s.report.latency.clone(),
             })
             .collect(),
         fine_tuned,

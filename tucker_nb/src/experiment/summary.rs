@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::compress::latency::LatencyForecast;
 use crate::figures::ModelFigures;
 
 /// One compression stage's figures.
@@ -15,6 +16,8 @@ pub struct StageFigures {
     pub compressed: ModelFigures,
     /// After that, with the BN statistics recalibrated (when the run recalibrates).
     pub recalibrated: Option<ModelFigures>,
+    /// Under a latency budget: the predicted and the measured speedup.
+    pub latency: Option<LatencyForecast>,
 }
 
 /// A run's figures.
@@ -47,6 +50,10 @@ struct SummaryFile {
     /// The stages after the first, right after their compression, and recalibrated.
     stages: Vec<ModelFigures>,
     stages_recalibrated: Vec<ModelFigures>,
+    /// Each stage's latency forecast and measurement (null for a stage without a latency
+    /// budget); absent when no stage had one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    latency: Vec<Option<LatencyForecast>>,
     fine_tuned: ModelFigures,
     image_size: i64,
     device: String,
@@ -56,6 +63,11 @@ struct SummaryFile {
 
 impl From<Summary> for SummaryFile {
     fn from(s: Summary) -> Self {
+        let latency: Vec<Option<LatencyForecast>> =
+            match s.stages.iter().any(|st| st.latency.is_some()) {
+                true => s.stages.iter().map(|st| st.latency.clone()).collect(),
+                false => Vec::new(),
+            };
         let mut stages = s.stages.into_iter();
         let first = stages.next().expect("at least one stage");
         let (further, recalibrated): (Vec<_>, Vec<_>) =
@@ -66,6 +78,7 @@ impl From<Summary> for SummaryFile {
             recalibrated: first.recalibrated,
             stages: further,
             stages_recalibrated: recalibrated.into_iter().flatten().collect(),
+            latency,
             fine_tuned: s.fine_tuned,
             image_size: s.image_size,
             device: s.device,
@@ -86,15 +99,25 @@ impl TryFrom<SummaryFile> for Summary {
                 "stages_recalibrated has {recalibrations} entries for {further} further stages"
             ));
         }
+        if !f.latency.is_empty() && f.latency.len() != further + 1 {
+            return Err(format!(
+                "latency has {} entries for {} stages",
+                f.latency.len(),
+                further + 1
+            ));
+        }
         let mut recalibrated = f.stages_recalibrated.into_iter();
+        let mut latency = f.latency.into_iter();
         let first = StageFigures {
             compressed: f.compressed,
             recalibrated: f.recalibrated,
+            latency: latency.next().flatten(),
         };
         let stages = std::iter::once(first)
             .chain(f.stages.into_iter().map(|compressed| StageFigures {
                 compressed,
                 recalibrated: recalibrated.next(),
+                latency: latency.next().flatten(),
             }))
             .collect();
         Ok(Summary {

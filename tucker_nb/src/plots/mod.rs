@@ -365,6 +365,7 @@ mod tests {
             top5: top1,
             images_per_s: 1.8e12 / macs as f64,
             speedup: 1.8e9 / macs as f64,
+            predicted_speedup: None,
             speed_at: "cpu test fp32 channels-last, batch 8, 2 threads".into(),
         };
         let frame = sweep_frame(&[

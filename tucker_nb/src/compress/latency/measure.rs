@@ -218,6 +218,6 @@ pub fn check_forecast(
 ) {
     if let Some(forecast) = &mut report.latency {
         let measured = measure_side_by_side(before, after, policy.input_size, &policy.timing, 15);
-        forecast.measured = Some(measured);
+        forecast.set_measured(measured);
     }
 }

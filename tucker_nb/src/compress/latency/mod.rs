@@ -129,11 +129,17 @@ pub struct LatencyForecast {
     pub key: TimingKey,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub measured: Option<MeasuredSpeed>,
+    /// The table's before / predicted time, and, once measured, the measured before / after.
+    pub predicted_speedup: f64,
+    #[serde(default)]
+    pub measured_speedup: Option<f64>,
 }
 
 impl LatencyForecast {
-    pub fn predicted_speedup(&self) -> f64 {
-        self.before_ms / self.predicted_ms
+    /// Records a side-by-side measurement of the compressed model against the model before.
+    pub fn set_measured(&mut self, measured: MeasuredSpeed) {
+        self.measured = Some(measured);
+        self.measured_speedup = Some(measured.speedup());
     }
 
     /// (measured − predicted) / measured of the compressed model's time, once measured.
@@ -162,7 +168,7 @@ impl LatencyForecast {
             self.key.dtype,
             self.before_ms,
             self.predicted_ms,
-            self.predicted_speedup()
+            self.predicted_speedup
         );
         if let Some(ms) = self.planned_ms {
             line += &format!(
