@@ -97,14 +97,16 @@ def table(a):
             rows.append(dict(r, run=path))
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     cols = ("top1_compressed", "top1_recalibrated", "top1")
-    print("| policy | conv MACs (of dense) | mean rel. error | top-1 compressed | "
+    print("| policy | conv MACs (of dense) | measured speedup | mean rel. error | top-1 compressed | "
           "top-1 BN recalibrated | top-1 after fine-tune | per seed (after fine-tune) |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for p in policies:
         mine = [r for r in rows if r["policy"] == p]
         mean = lambda c: statistics.mean(float(r[c]) for r in mine)  # noqa: E731
         seeds = " / ".join(f"{float(r['top1']) * 100:.1f}" for r in mine)
-        print(f"| `{p}` | {mean('macs_ratio'):.3f} | {mean('mean_rel_error'):.3f} | "
+        speed = (f"{mean('speedup'):.2f}× ({min(float(r['speedup']) for r in mine):.2f}–"
+                 f"{max(float(r['speedup']) for r in mine):.2f})") if "speedup" in mine[0] else "-"
+        print(f"| `{p}` | {mean('macs_ratio'):.3f} | {speed} | {mean('mean_rel_error'):.3f} | "
               + " | ".join(f"{mean(c) * 100:.1f} %" for c in cols) + f" | {seeds} |")
 
 

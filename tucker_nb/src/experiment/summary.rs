@@ -185,4 +185,43 @@ mod tests {
             .to_string();
         assert!(err.contains("1 entries for 0 further stages"), "{err}");
     }
+
+    #[test]
+    fn a_latency_stage_keeps_its_predicted_and_measured_speedup() {
+        use crate::compress::latency::{MeasuredSpeed, TimingKey};
+        let mut summary: Summary = serde_json::from_str(OLD_FORMAT).unwrap();
+        let key = TimingKey {
+            device: "cpu test".into(),
+            libtorch: "2.11.0".into(),
+            threads: 2,
+            batch: 32,
+            dtype: "fp32".into(),
+            channels_last: true,
+            cudnn_benchmark: false,
+            fold_bn: true,
+        };
+        let mut forecast = LatencyForecast {
+            before_ms: 50.0,
+            predicted_ms: 25.0,
+            predicted_speedup: 2.0,
+            measured_speedup: None,
+            planned_ms: Some(24.0),
+            aim: 0.48,
+            outside_ms: 3.0,
+            key,
+            measured: None,
+        };
+        forecast.set_measured(MeasuredSpeed {
+            before_ms: 48.0,
+            after_ms: 24.0,
+        });
+        summary.stages[1].latency = Some(forecast.clone());
+        let written = serde_json::to_value(&summary).unwrap();
+        assert_eq!(written["latency"][0], serde_json::Value::Null);
+        assert_eq!(written["latency"][1]["predicted_speedup"], 2.0);
+        assert_eq!(written["latency"][1]["measured_speedup"], 2.0);
+        let back: Summary = serde_json::from_value(written).unwrap();
+        assert_eq!(back.stages[1].latency, Some(forecast));
+        assert_eq!(back.stages[0].latency, None);
+    }
 }
