@@ -53,15 +53,7 @@ pub fn plan_layers(
     moments: Option<&Moments>,
 ) -> Result<Plan> {
     policy.validate()?;
-    let sizes = model.conv_input_sizes(policy.input_size);
-    let slots: Vec<SlotAt> = model
-        .conv_slots()
-        .into_iter()
-        .map(|(name, slot)| {
-            let input = sizes[&name];
-            (name, slot, input)
-        })
-        .collect();
+    let slots = slots_at(model, policy.input_size);
     for (name, slot, _) in &slots {
         check_ungrouped(name, &slot.config())?;
     }
@@ -145,6 +137,19 @@ pub struct PlanTiming {
     pub table: LatencyTable,
     pub planned_ms: Option<f64>,
     pub aim: f64,
+}
+
+/// Every conv slot with its name and the input size it reads at `image` px.
+fn slots_at(model: &ResNet18, image: [i64; 2]) -> Vec<SlotAt<'_>> {
+    let sizes = model.conv_input_sizes(image);
+    model
+        .conv_slots()
+        .into_iter()
+        .map(|(name, slot)| {
+            let input = sizes[&name];
+            (name, slot, input)
+        })
+        .collect()
 }
 
 /// What a latency plan prices on each slot: dense, its current form, and every budget form on
@@ -428,15 +433,7 @@ mod tests {
         let model = crate::model::ResNet18::new(10, Device::Cpu);
         let mut policy = CompressionPolicy::new(RankPolicy::budget(Cost::Latency, 0.5).unwrap());
         policy.input_size = [64, 64];
-        let sizes = model.conv_input_sizes(policy.input_size);
-        let slots: Vec<SlotAt> = model
-            .conv_slots()
-            .into_iter()
-            .map(|(name, slot)| {
-                let input = sizes[&name];
-                (name, slot, input)
-            })
-            .collect();
+        let slots = slots_at(&model, policy.input_size);
         let facts: Vec<LayerFacts> = slots.iter().map(|s| LayerFacts::new(s, None)).collect();
         let wanted = latency_slots(&facts, 8);
         let key = latency::TimingKey::current(&policy.timing, Device::Cpu, false);

@@ -188,18 +188,9 @@ mod tests {
 
     #[test]
     fn a_latency_stage_keeps_its_predicted_and_measured_speedup() {
-        use crate::compress::latency::{MeasuredSpeed, TimingKey};
+        use crate::compress::latency::{test_key, MeasuredSpeed};
         let mut summary: Summary = serde_json::from_str(OLD_FORMAT).unwrap();
-        let key = TimingKey {
-            device: "cpu test".into(),
-            libtorch: "2.11.0".into(),
-            threads: 2,
-            batch: 32,
-            dtype: "fp32".into(),
-            channels_last: true,
-            cudnn_benchmark: false,
-            fold_bn: true,
-        };
+        let key = test_key();
         let mut forecast = LatencyForecast {
             before_ms: 50.0,
             predicted_ms: 25.0,

@@ -34,6 +34,8 @@ use tch::Device;
 use crate::error::Result;
 
 pub use grid::{entry_key, measured_ranks};
+#[cfg(test)]
+pub(crate) use key::test_key;
 pub use key::TimingKey;
 pub use measure::{check_forecast, measure_side_by_side, model_ms, MeasuredSpeed};
 pub use table::{table_for, LatencyTable, SlotForms};
