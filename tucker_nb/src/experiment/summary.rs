@@ -196,7 +196,11 @@ mod tests {
             predicted_ms: 25.0,
             predicted_speedup: 2.0,
             measured_speedup: None,
-            planned_ms: Some(24.0),
+            planned: Some(MeasuredSpeed {
+                before_ms: 49.0,
+                after_ms: 24.5,
+            }),
+            planned_speedup: Some(2.0),
             aim: 0.48,
             outside_ms: 3.0,
             key,

@@ -119,10 +119,12 @@ pub struct LatencyForecast {
     pub before_ms: f64,
     /// The compressed model, predicted: outside + the chosen slots' entries.
     pub predicted_ms: f64,
-    /// The plan timed whole with random factors before fitting (the check the planner tightens
-    /// its aim by).
+    /// The plan timed whole with random factors before fitting, side by side with the model
+    /// before (the check the planner re-aims by), and its speedup.
     #[serde(default)]
-    pub planned_ms: Option<f64>,
+    pub planned: Option<MeasuredSpeed>,
+    #[serde(default)]
+    pub planned_speedup: Option<f64>,
     /// The fraction of the dense time the table's sum was held to, so that the plan timed whole
     /// met the budget (the budget itself when it did at once).
     pub aim: f64,
@@ -144,17 +146,17 @@ impl LatencyForecast {
         self.measured_speedup = Some(measured.speedup());
     }
 
-    /// (measured − predicted) / measured of the compressed model's time, once measured.
+    /// How far the table's predicted speedup is from the measured one (predicted / measured − 1;
+    /// positive: the table promised more), once measured. Speedups, not times, are compared:
+    /// both sides of each are timed at the same moments, so the machine's drift between the
+    /// table's building and the check cancels.
     pub fn prediction_error(&self) -> Option<f64> {
-        self.measured
-            .map(|m| (self.predicted_ms - m.after_ms) / m.after_ms)
+        Some(self.predicted_speedup / self.measured_speedup? - 1.0)
     }
 
-    /// (planned − measured) / measured of the compressed model's time: the whole plan timed with
-    /// random factors against the fitted model, once measured.
+    /// The same for the plan timed whole with random factors.
     pub fn planned_error(&self) -> Option<f64> {
-        let (planned, m) = (self.planned_ms?, self.measured?);
-        Some((planned - m.after_ms) / m.after_ms)
+        Some(self.planned_speedup? / self.measured_speedup? - 1.0)
     }
 
     /// One line for a terminal.
@@ -172,22 +174,25 @@ impl LatencyForecast {
             self.predicted_ms,
             self.predicted_speedup
         );
-        if let Some(ms) = self.planned_ms {
+        if let Some(p) = self.planned {
             line += &format!(
-                "; the plan timed whole {ms:.2} ms (aimed at {:.3})",
+                "; the plan timed whole {:.2} ms → {:.2} ms ({:.2}×, aimed at {:.3})",
+                p.before_ms,
+                p.after_ms,
+                p.speedup(),
                 self.aim
             );
         }
         if let Some(m) = self.measured {
             line += &format!(
-                "; measured side by side {:.2} ms → {:.2} ms ({:.2}× faster; table off by {:+.1} %",
+                "; measured side by side {:.2} ms → {:.2} ms ({:.2}× faster; the table's speedup off by {:+.1} %",
                 m.before_ms,
                 m.after_ms,
                 m.speedup(),
                 100.0 * self.prediction_error().unwrap()
             );
             if let Some(e) = self.planned_error() {
-                line += &format!(", the plan timed whole by {:+.1} %", 100.0 * e);
+                line += &format!(", the whole plan's by {:+.1} %", 100.0 * e);
             }
             line += ")";
         }
