@@ -64,6 +64,10 @@ def check(nb, out_dir):
     results.append(("HTML sweep table", any("pareto" in h and "budget-macs:" in h for h in html), ""))
     results.append(("sweep with latency points, timed", any("budget-latency:" in h and "images_per_s" in h
                                                             and "predicted_speedup" in h for h in html), ""))
+    results.append(("the seed's recipe beside the default in a summary",
+                    any("seed&#x27;s recipe" in h or "seed's recipe" in h for h in html if "latency (batch 1)" in h), ""))
+    results.append(("the compressed fine-tune's chosen epoch in its table",
+                    any("chosen_epoch" in h and "held_out_top1" in h for h in html), ""))
     results.append(("multi-stage and folded rows in a summary",
                     any("multi-stage" in h and "BNs folded" in h and "latency (batch 1)" in h for h in html), ""))
     for name in ["accuracy.png", "loss.png", "accuracy-multistage.png", "pareto.png", "pareto-speed.png"]:

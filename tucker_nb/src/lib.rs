@@ -69,5 +69,5 @@ pub use polars::prelude::DataFrame;
 pub use report::CompressionReport;
 pub use train::{
     evaluate, fine_tune, recalibrate_bn, BnMode, EvalResult, FineTune, FineTuneConfig, History,
-    Trainable,
+    Recipe, Trainable,
 };

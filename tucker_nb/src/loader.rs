@@ -49,6 +49,10 @@ pub struct Loader {
     /// ImageNet mean and std as 1×3×1×1 float tensors on `device`, built once.
     mean: Tensor,
     std: Tensor,
+    /// The images this loader iterates, as indices into `images` (ascending); `None`: all of
+    /// them. A training loader that lends some images to a held-out set ([`Self::hold_out`])
+    /// keeps the rest here, so no image is copied.
+    subset: Option<Vec<i64>>,
     pub batch_size: usize,
     pub shuffle: bool,
     pub seed: u64,
@@ -60,6 +64,10 @@ pub struct Loader {
 /// (through the memory-mapped cache) instead. CIFAR-100's train set is 150 MB at 32 px and
 /// 9.8 GB at 256 px storage; ImageNet's is 250 GB.
 pub const RESIDENT_LIMIT_BYTES: i64 = 16 << 30;
+
+/// Mixed into the run's seed for the held-out draw, so that it and the calibration set's draw
+/// (seeded with the run's seed itself) are different shuffles.
+const HOLD_OUT_STREAM: u64 = 0x5EED_0F4E_1D00;
 
 /// Images copied to a GPU per step of the upload, each chunk's host pages handed back after.
 const UPLOAD_CHUNK: i64 = 1024;
@@ -87,6 +95,7 @@ impl Loader {
             mapped: data.mapped.filter(|_| home == Device::Cpu),
             mean,
             std,
+            subset: None,
             batch_size: batch_size.max(1),
             shuffle: matches!(transform, Transform::Train { .. }),
             seed: 0,
@@ -110,10 +119,54 @@ impl Loader {
                 "0 (must be ≥ 1)",
             ));
         }
-        let mut order: Vec<i64> = (0..self.len() as i64).collect();
+        let mut order = self.indices();
         order.shuffle(&mut StdRng::seed_from_u64(seed));
         order.truncate(images);
-        let index = Tensor::from_slice(&order).to_device(self.images.device());
+        Ok(self.eval_set(&order, seed, batch_size))
+    }
+
+    /// Splits a training loader in two: `images` of its images, drawn by a shuffle seeded with
+    /// `seed` (a stream of its own, not the calibration set's), become a held-out set with the eval
+    /// transform in batches of `batch_size`; the training loader keeps the others, shuffled and
+    /// augmented as before. The two never share an image. Fails unless 1 ≤ `images` < its size.
+    pub fn hold_out(
+        self,
+        images: usize,
+        seed: u64,
+        batch_size: usize,
+    ) -> crate::error::Result<(Loader, Loader)> {
+        let has = self.len();
+        if images == 0 || images >= has {
+            return Err(crate::error::Error::value(
+                "held-out images",
+                format!("{images} (must be ≥ 1 and fewer than the {has} training images)"),
+            ));
+        }
+        let mut order = self.indices();
+        order.shuffle(&mut StdRng::seed_from_u64(seed ^ HOLD_OUT_STREAM));
+        let mut rest = order.split_off(images);
+        order.sort_unstable();
+        rest.sort_unstable();
+        let held_out = self.eval_set(&order, seed, batch_size);
+        let train = Loader {
+            subset: Some(rest),
+            ..self
+        };
+        Ok((train, held_out))
+    }
+
+    /// The dataset indices this loader iterates, ascending.
+    pub fn indices(&self) -> Vec<i64> {
+        match &self.subset {
+            Some(subset) => subset.clone(),
+            None => (0..self.images.size()[0]).collect(),
+        }
+    }
+
+    /// The images at `indices`, copied out, as an unshuffled eval-transform loader at this
+    /// loader's size.
+    fn eval_set(&self, indices: &[i64], seed: u64, batch_size: usize) -> Loader {
+        let index = Tensor::from_slice(indices).to_device(self.images.device());
         let size = match self.transform {
             Transform::Train { size } | Transform::Eval { size } => size,
         };
@@ -121,18 +174,19 @@ impl Loader {
         if let Some(mapped) = self.mapped {
             mapped.release();
         }
-        Ok(Loader {
+        Loader {
             images,
             labels: self.labels.index_select(0, &index),
             mapped: None,
             mean: self.mean.shallow_clone(),
             std: self.std.shallow_clone(),
+            subset: None,
             batch_size: batch_size.max(1),
             shuffle: false,
             seed,
             transform: Transform::Eval { size },
             device: self.device,
-        })
+        }
     }
 
     pub fn with_seed(mut self, seed: u64) -> Self {
@@ -141,7 +195,10 @@ impl Loader {
     }
 
     pub fn len(&self) -> usize {
-        self.images.size()[0] as usize
+        match &self.subset {
+            Some(subset) => subset.len(),
+            None => self.images.size()[0] as usize,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -161,7 +218,7 @@ impl Loader {
     pub fn epoch(&self, epoch: usize) -> impl Iterator<Item = Batch> + '_ {
         let mut rng =
             StdRng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut order: Vec<i64> = (0..self.len() as i64).collect();
+        let mut order = self.indices();
         if self.shuffle {
             order.shuffle(&mut rng);
         }
@@ -374,6 +431,50 @@ mod tests {
             eval.epoch(5).flat_map(|b| b.indices).collect::<Vec<_>>(),
             (0..10).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn held_out_and_training_images_are_disjoint_seeded_and_never_trained_on() {
+        // The dataset's labels are its indices, so a loader's labels say which images it reads.
+        let data = dataset(40);
+        let loader =
+            || Loader::new(&data, 4, Transform::Train { size: 8 }, Device::Cpu, false).with_seed(3);
+        let labels = |l: &Loader, epoch| {
+            let mut v: Vec<i64> = l
+                .epoch(epoch)
+                .flat_map(|b| Vec::<i64>::try_from(b.labels).unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        let (train, held_out) = loader().hold_out(6, 11, 5).unwrap();
+        assert_eq!((train.len(), held_out.len()), (34, 6));
+        assert_eq!(held_out.transform, Transform::Eval { size: 8 });
+        assert!(!held_out.shuffle);
+        assert_eq!(held_out.num_batches(), 2);
+        // Every training epoch covers exactly the images not held out, and no held-out one.
+        let kept = train.indices();
+        for epoch in 0..3 {
+            assert_eq!(labels(&train, epoch), kept);
+        }
+        let missing: Vec<i64> = (0..40).filter(|i| !kept.contains(i)).collect();
+        assert_eq!(labels(&held_out, 0), missing);
+        // Seeded: the same seed draws the same split, another seed another.
+        let (again, held_out_again) = loader().hold_out(6, 11, 5).unwrap();
+        assert_eq!(again.indices(), kept);
+        assert_eq!(labels(&held_out_again, 0), missing);
+        let (_, other_draw) = loader().hold_out(6, 12, 5).unwrap();
+        assert_ne!(labels(&other_draw, 0), missing);
+        // The calibration set is drawn from the training images only.
+        let calibration = train.calibration_set(100, 1, 8).unwrap();
+        assert_eq!(labels(&calibration, 0), kept);
+        for bad in [0, 40, 41] {
+            let err = loader().hold_out(bad, 1, 4).unwrap_err().to_string();
+            assert!(
+                err.contains("held-out images") && err.contains("40"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -20,14 +20,51 @@ use crate::loader::Loader;
 use crate::model::ResNet18;
 use crate::runtime;
 use crate::synthetic::{self, SyntheticFormat, SyntheticSpec};
-use crate::train::{EvalResult, FineTuneConfig, Trainable};
+use crate::train::{EvalResult, FineTune, FineTuneConfig, Recipe, Trainable};
+
+/// The smoke profile's starting weights, relative to the project root.
+pub const SMOKE_WEIGHTS: &str = "data/smoke-resnet18.safetensors";
+
+/// Epochs of the smoke profile's training from random weights.
+const SMOKE_TRAINING_EPOCHS: usize = 6;
+
+/// The smoke profile's starting weights at `path`: when missing, a ResNet18 trained from random
+/// weights on `run`'s (generated) training images, every layer, [`SMOKE_TRAINING_EPOCHS`]
+/// epochs at lr 0.05 (StepLR: a tenth after 4), written atomically. Says so in one line.
+fn smoke_weights(run: &RunConfig, path: &Path) -> Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let (train, val) = experiment::loaders(run)?;
+    tch::manual_seed(run.seed as i64);
+    let mut model = ResNet18::new(run.num_classes, run.device);
+    let config = FineTuneConfig {
+        epochs: SMOKE_TRAINING_EPOCHS,
+        lr: 0.05,
+        step_size: 4,
+        trainable: Trainable::All,
+        phase: "smoke model".into(),
+        ..FineTuneConfig::default()
+    };
+    let rows = crate::train::fine_tune(&mut model, &train, &val, &config)?.0;
+    crate::io::write_atomic_with(path, |tmp| model.save(tmp))?;
+    let top1 = rows.last().map_or(0.0, |r| r.val_top1);
+    eprintln!(
+        "smoke profile: trained a ResNet18 on {} ({} epochs from random weights, val top-1 {top1:.3}) \
+         into {}",
+        run.data.display(),
+        config.epochs,
+        path.display()
+    );
+    Ok(path.to_path_buf())
+}
 
 /// Which experiment the notebook runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
     /// The seed's experiment on CIFAR-100 with ImageNet weights.
     Full,
-    /// A CPU run of a few minutes on a generated dataset, random initial weights.
+    /// A CPU run of a few minutes on a generated dataset, from a ResNet18 trained on it briefly.
     Smoke,
 }
 
@@ -172,7 +209,8 @@ impl NotebookConfig {
         })
     }
 
-    /// A few CPU minutes on generated data (made once under `data/smoke`).
+    /// A few CPU minutes on generated data and a ResNet18 trained on it (both made once, under
+    /// `data/smoke` and [`SMOKE_WEIGHTS`]).
     pub fn smoke(root: &Path) -> Result<Self> {
         let data = root.join("data/smoke");
         if !data.exists() {
@@ -192,7 +230,9 @@ impl NotebookConfig {
         run.compressed_epochs = 2;
         run.batch_size = 16;
         run.eval_batch_size = 64;
-        // Random weights have flat spectra, on which HOOI iterates for minutes.
+        // A model that has learned something, as the full profile's ImageNet weights have:
+        // compressing random weights leaves nothing a fine-tune could recover.
+        run.weights = Some(smoke_weights(&run, &root.join(SMOKE_WEIGHTS))?);
         run.policy.method = Some(Method::Hosvd);
         Ok(Self {
             profile: Profile::Smoke,
@@ -203,14 +243,18 @@ impl NotebookConfig {
         })
     }
 
-    /// Train and validation loaders (decoded once; later calls read the cache); makes the
-    /// output folder and locks it for this kernel (another writer is refused).
-    pub fn loaders(&self) -> Result<(Loader, Loader)> {
+    /// Train and validation loaders (decoded once; later calls read the cache), and the
+    /// held-out training images the recipe chooses its epochs on (`None` for the seed's recipe;
+    /// the training loader then has them all); makes the output folder and locks it for this
+    /// kernel (another writer is refused).
+    pub fn loaders(&self) -> Result<(Loader, Loader, Option<Loader>)> {
         let out = &self.run.out;
         std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
         // The kernel writes into it from later cells: it keeps the lock while it lives.
         crate::lock::hold_for_process(out)?;
-        experiment::loaders(&self.run)
+        let (train, val) = experiment::loaders(&self.run)?;
+        let (train, held_out) = experiment::hold_out(&self.run, train)?;
+        Ok((train, val, held_out))
     }
 
     /// The starting model: the weights with a fresh `fc` for `num_classes`, as the seed.
@@ -227,46 +271,88 @@ impl NotebookConfig {
         }
     }
 
+    /// `config` as a compressed model's fine-tune: distilled from `teacher` when it distils,
+    /// choosing its epoch on `held_out` when the recipe does.
+    fn compressed_run<'a>(
+        &self,
+        config: FineTuneConfig,
+        teacher: &'a ResNet18,
+        held_out: Option<&'a Loader>,
+    ) -> FineTune<'a> {
+        FineTune {
+            teacher: config.distill.map(|_| teacher),
+            config: Self::without_checkpoints(config),
+            held_out: held_out.filter(|_| self.run.recipe.selects_on_held_out()),
+        }
+    }
+
     /// The seed's fine-tune of the original model: fc only.
     pub fn fine_tune_original(&self) -> FineTuneConfig {
         Self::without_checkpoints(self.run.original_phase())
     }
 
-    /// The seed's fine-tune of the compressed model: the factorised convs and fc.
-    pub fn fine_tune_compressed(&self) -> FineTuneConfig {
-        Self::without_checkpoints(self.run.compressed_phase())
+    /// The compressed model's fine-tune (the factorised convs and fc) as the run's recipe trains
+    /// it: by default distilled from `teacher` (the model before compression), choosing its epoch
+    /// on `held_out`.
+    pub fn fine_tune_compressed<'a>(
+        &self,
+        teacher: &'a ResNet18,
+        held_out: Option<&'a Loader>,
+    ) -> FineTune<'a> {
+        self.compressed_run(self.run.compressed_phase(), teacher, held_out)
     }
 
-    /// A short fine-tune (`short_epochs`) of the factorised convs and fc, named `phase`.
-    pub fn fine_tune_short(&self, phase: &str) -> FineTuneConfig {
-        let epochs = self.short_epochs;
-        Self::without_checkpoints(
-            self.run
-                .phase(phase, epochs, Trainable::TuckerAndClassifier),
-        )
-    }
-
-    /// The final fine-tune of the multi-stage model: as long as the seed's compressed model's.
-    pub fn fine_tune_multistage(&self) -> FineTuneConfig {
-        let epochs = self.run.compressed_epochs;
-        Self::without_checkpoints(self.run.phase(
-            "multi-stage",
-            epochs,
-            Trainable::TuckerAndClassifier,
-        ))
-    }
-
-    /// The compressed model's fine-tune, distilled from the model before compression
-    /// (`run.fine_tune.distill`, or T = 4, α = 0.5), as phase `distilled`.
-    pub fn fine_tune_distilled(&self) -> FineTuneConfig {
-        let epochs = self.run.compressed_epochs;
-        let phase = self
-            .run
-            .phase("distilled", epochs, Trainable::TuckerAndClassifier);
+    /// The compressed model's fine-tune with the seed's recipe, as phase `seed recipe`: to set
+    /// beside the run's.
+    pub fn fine_tune_seed_recipe(&self) -> FineTuneConfig {
+        let seed = RunConfig {
+            recipe: Recipe::Seed,
+            ..self.run.clone()
+        };
         Self::without_checkpoints(FineTuneConfig {
-            distill: Some(self.run.fine_tune.distill.unwrap_or_default()),
-            ..phase
+            phase: "seed recipe".into(),
+            ..seed.compressed_phase()
         })
+    }
+
+    /// The short fine-tunes between compression stages (`short_epochs`, phases `stage1`, …), as
+    /// the recipe trains.
+    pub fn fine_tune_stage<'a>(
+        &self,
+        teacher: &'a ResNet18,
+        held_out: Option<&'a Loader>,
+    ) -> FineTune<'a> {
+        let stage = RunConfig {
+            stage_epochs: self.short_epochs,
+            ..self.run.clone()
+        };
+        self.compressed_run(stage.stage_phase(), teacher, held_out)
+    }
+
+    /// Each sweep point's short fine-tune (`short_epochs`), as the recipe trains (the sweep
+    /// distils from the model it compresses).
+    pub fn fine_tune_sweep<'a>(&self, held_out: Option<&'a Loader>) -> FineTune<'a> {
+        let config = self.run.recipe.apply(self.run.phase(
+            "sweep",
+            self.short_epochs,
+            Trainable::TuckerAndClassifier,
+        ));
+        FineTune::from(Self::without_checkpoints(config))
+            .selecting_on(held_out.filter(|_| self.run.recipe.selects_on_held_out()))
+    }
+
+    /// The final fine-tune of the multi-stage model: as long as the seed's compressed model's,
+    /// as the recipe trains.
+    pub fn fine_tune_multistage<'a>(
+        &self,
+        teacher: &'a ResNet18,
+        held_out: Option<&'a Loader>,
+    ) -> FineTune<'a> {
+        let config = FineTuneConfig {
+            phase: "multi-stage".into(),
+            ..self.run.compressed_phase()
+        };
+        self.compressed_run(config, teacher, held_out)
     }
 
     /// The seed's compression (`run.policy`, ratio 0.2 by default), costs counted at the

@@ -25,7 +25,7 @@ pub const DEFAULT_POLICIES: &str =
 pub const DEFAULT_EPOCHS: usize = 1;
 
 /// The sweep's columns, in order.
-pub const SWEEP_COLUMNS: [&str; 17] = [
+pub const SWEEP_COLUMNS: [&str; 18] = [
     "policy",
     "conv_macs",
     "macs_ratio",
@@ -37,6 +37,7 @@ pub const SWEEP_COLUMNS: [&str; 17] = [
     "top1_recalibrated",
     "top1",
     "top5",
+    "chosen_epoch",
     "images_per_s",
     "speedup",
     "predicted_speedup",
@@ -69,6 +70,8 @@ pub struct SweepPoint {
     pub top1_recalibrated: f64,
     pub top1: f64,
     pub top5: f64,
+    /// The fine-tune's epoch whose model `top1` is of (0: the recalibrated model it started from).
+    pub chosen_epoch: u32,
     /// Measured eval images/s (batch / median forward time, timed in turns with the dense
     /// model), and the dense model's time over this one's.
     pub images_per_s: f64,
@@ -82,14 +85,16 @@ pub struct SweepPoint {
 /// Compresses a copy of `model` with each policy (fitted to its activations on `calibration` when
 /// the policy fits to data), evaluates it, recalibrates its BN statistics on
 /// `calibration` and evaluates again, fine-tunes it with `fine_tune` (its `trainable` is set to
-/// the factorised convs and fc, its phase to the policy; with `distill`, `model` is the teacher)
-/// and evaluates it on `val`. `model` is left as it was.
-pub fn sweep(
+/// the factorised convs and fc, its phase to the policy; with `distill`, `model` is the teacher;
+/// with held-out images, each point is the epoch that scored best on them) and evaluates the
+/// model it returns on `val`. `model` is left as it was.
+pub fn sweep<'a>(
     model: &ResNet18,
     policies: &[CompressionPolicy],
     loaders: (&Loader, &Loader, &Loader),
-    fine_tune: &FineTuneConfig,
+    fine_tune: impl Into<FineTune<'a>>,
 ) -> Result<DataFrame> {
+    let fine_tune = fine_tune.into();
     let input = policies.first().map_or([224, 224], |p| p.input_size);
     let dense = (model.conv_macs(input), model.num_params());
     let moments = match policies.iter().any(|p| p.fit() == Fit::Data) {
@@ -115,6 +120,7 @@ pub fn sweep(
         top1_recalibrated: base.top1,
         top1: base.top1,
         top5: base.top5,
+        chosen_epoch: 0,
         images_per_s: 0.0,
         speedup: 1.0,
         predicted_speedup: None,
@@ -122,7 +128,7 @@ pub fn sweep(
     }];
     for policy in policies {
         let data = moments.as_ref().filter(|_| policy.fit() == Fit::Data);
-        let (mut point, speed) = sweep_point((model, data), policy, loaders, fine_tune, dense)?;
+        let (mut point, speed) = sweep_point((model, data), policy, loaders, &fine_tune, dense)?;
         let policy_key =
             TimingKey::current(&policy.timing, model.device(), model.is_channels_last());
         point.images_per_s = policy_key.batch as f64 / (speed.after_ms / 1e3);
@@ -145,7 +151,7 @@ fn sweep_point(
     (model, moments): (&ResNet18, Option<&Moments>),
     policy: &CompressionPolicy,
     (train, val, calibration): (&Loader, &Loader, &Loader),
-    fine_tune: &FineTuneConfig,
+    fine_tune: &FineTune,
     (dense_macs, dense_params): (i64, i64),
 ) -> Result<(SweepPoint, MeasuredSpeed)> {
     let spec = policy.ranks.to_string();
@@ -159,14 +165,15 @@ fn sweep_point(
         phase: spec.clone(),
         trainable: Trainable::TuckerAndClassifier,
         checkpoint_dir: None,
-        ..fine_tune.clone()
+        ..fine_tune.config.clone()
     };
-    let teacher = config.distill.map(|_| model);
     let run = FineTune {
-        config: &config,
-        teacher,
+        teacher: config.distill.map(|_| model),
+        config,
+        held_out: fine_tune.held_out,
     };
-    crate::train::fine_tune(&mut compressed, train, val, run)?;
+    let history = crate::train::fine_tune(&mut compressed, train, val, run)?;
+    let chosen_epoch = history.rows().last().map_or(0, |r| r.chosen_epoch);
     let after = evaluate(&compressed, val)?;
     let speed = measure_side_by_side(
         model,
@@ -195,6 +202,7 @@ fn sweep_point(
         top1_recalibrated,
         top1: after.top1,
         top5: after.top5,
+        chosen_epoch,
         images_per_s: 0.0,
         speedup: 1.0,
         predicted_speedup: report.latency.as_ref().map(|l| l.predicted_speedup),
@@ -225,7 +233,7 @@ pub fn sweep_frame(points: &[SweepPoint]) -> DataFrame {
     let by_speed = front(|p| -p.images_per_s);
     let frame = frame_of!(points; policy, conv_macs, macs_ratio, params, params_ratio,
         mean_rel_error, worst_rel_error, top1_compressed, top1_recalibrated, top1, top5,
-        images_per_s, speedup, predicted_speedup, speed_at);
+        chosen_epoch, images_per_s, speedup, predicted_speedup, speed_at);
     let fronts = [
         column("pareto", &by_macs, |&on| on),
         column("pareto_speed", &by_speed, |&on| on),

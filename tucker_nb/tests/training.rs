@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use tch::{Device, Kind, Tensor};
 use tucker_nb::synthetic::{self, SyntheticFormat, SyntheticSpec};
+use tucker_nb::train::HeldOutScore;
 use tucker_nb::train::METRICS_COLUMNS;
 use tucker_nb::{
-    evaluate, fine_tune, BnMode, FineTuneConfig, Loader, ResNet18, RunConfig, Trainable,
+    evaluate, fine_tune, BnMode, FineTune, FineTuneConfig, Loader, ResNet18, RunConfig, Trainable,
 };
 
 fn dataset(dir: &Path, classes: usize, train: usize) -> PathBuf {
@@ -190,6 +191,80 @@ fn a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     );
 }
 
+/// Copies of every tensor of `model`.
+fn tensors(model: &ResNet18) -> Vec<(String, Tensor)> {
+    model
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.copy()))
+        .collect()
+}
+
+fn assert_bit_for_bit(model: &ResNet18, before: &[(String, Tensor)]) {
+    for ((name, t), (_, b)) in model.named_tensors().iter().zip(before) {
+        assert!(t.equal(b), "{name} is not the starting model's");
+    }
+}
+
+#[test]
+fn a_fine_tune_whose_every_epoch_is_worse_returns_the_starting_weights_bit_for_bit() {
+    tucker_nb::runtime::init();
+    let dir = tempfile::tempdir().unwrap();
+    // One class: a classifier that always says it is perfect (top-1 1, loss ~2e-9); a weight
+    // decay that halves fc at every step can only make it worse, epoch after epoch.
+    let (train, val) = loaders(&dataset(dir.path(), 1, 24), 8);
+    let (train, held_out) = train.hold_out(8, 1, 8).unwrap();
+    let mut model = ResNet18::new(2, Device::Cpu);
+    tch::no_grad(|| {
+        let _ = model.fc.weight.zero_();
+        let _ = model.fc.bias.copy_(&Tensor::from_slice(&[10.0f32, -10.0]));
+    });
+    let start = HeldOutScore::of(&model, &held_out, false).unwrap();
+    assert_eq!(start.top1, 1.0);
+    let before = tensors(&model);
+    let config = FineTuneConfig {
+        epochs: 3,
+        lr: 1.0,
+        momentum: 0.0,
+        weight_decay: 0.5,
+        step_size: 10,
+        ..Default::default()
+    };
+    let run = FineTune::from(&config).selecting_on(Some(&held_out));
+    let rows = fine_tune(&mut model, &train, &val, run).unwrap().0;
+    assert!(!rows.is_empty());
+    for row in &rows {
+        let loss = row.held_out_loss.unwrap();
+        assert!(loss > start.loss, "epoch {} scored {loss}", row.epoch);
+        assert_eq!(row.chosen_epoch, 0, "epoch {}", row.epoch);
+    }
+    // The BN statistics moved in training (batch-statistics mode): restored too.
+    assert_bit_for_bit(&model, &before);
+}
+
+#[test]
+fn the_guard_stops_a_diverging_fine_tune_and_returns_the_best_model() {
+    tucker_nb::runtime::init();
+    let dir = tempfile::tempdir().unwrap();
+    let (train, val) = loaders(&dataset(dir.path(), 2, 16), 8);
+    let (train, held_out) = train.hold_out(8, 1, 8).unwrap();
+    let mut model = ResNet18::new(2, Device::Cpu);
+    let before = tensors(&model);
+    // A learning rate of 1e30 overflows the weights at the first step: the loss is NaN.
+    let config = FineTuneConfig {
+        epochs: 3,
+        lr: 1e30,
+        trainable: Trainable::All,
+        ..Default::default()
+    };
+    let plain = fine_tune(&mut model.deep_copy(), &train, &val, &config).unwrap_err();
+    assert!(plain.to_string().contains("training stopped"), "{plain}");
+    let run = FineTune::from(&config).selecting_on(Some(&held_out));
+    let rows = fine_tune(&mut model, &train, &val, run).unwrap().0;
+    assert!(rows.iter().all(|r| r.chosen_epoch == 0), "{rows:?}");
+    assert_bit_for_bit(&model, &before);
+}
+
 fn run_args<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
         "run",
@@ -235,17 +310,31 @@ fn a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
         dir.path().join("full"),
         dir.path().join("resumed"),
     );
+    // The default recipe's compressed fine-tune (distilled, choosing its epoch on held-out
+    // images) over three epochs, killed in its second: the selection's best model so far and its
+    // score come back from the checkpoint. (At lr 0.01 this random-weight model diverges in its
+    // first epoch, and the guard ends the phase before it could be killed.)
+    let args = |out| {
+        let mut args = run_args(data, out);
+        let epochs = args
+            .iter()
+            .position(|a| *a == "--compressed-epochs")
+            .unwrap();
+        args[epochs + 1] = "3";
+        args.extend(["--lr", "0.001"]);
+        args
+    };
 
-    tucker_nb_ok(&run_args(data, path_str(&full)));
+    tucker_nb_ok(&args(path_str(&full)));
 
     // Kill the second run as soon as epoch 1's checkpoint is written, i.e. inside epoch 2.
     let mut child = Command::new(env!("CARGO_BIN_EXE_tucker-nb"))
-        .args(run_args(data, path_str(&resumed)))
+        .args(args(path_str(&resumed)))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let index = resumed.join("original/checkpoint.json");
+    let index = resumed.join("compressed/checkpoint.json");
     let deadline = Instant::now() + Duration::from_secs(600);
     while epochs_done(&index) < 1 {
         assert!(Instant::now() < deadline, "no checkpoint after epoch 1");
@@ -264,10 +353,13 @@ fn a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
     );
     assert!(!resumed.join("metrics.csv").exists());
 
-    let mut args = run_args(data, path_str(&resumed));
-    args.push("--resume");
-    let finished = tucker_nb_ok(&args);
-    assert!(String::from_utf8_lossy(&finished.stderr).contains("resuming original"));
+    let mut resume = args(path_str(&resumed));
+    resume.push("--resume");
+    let finished = tucker_nb_ok(&resume);
+    let stderr = String::from_utf8_lossy(&finished.stderr);
+    assert!(stderr.contains("resuming compressed"), "{stderr}");
+    let index = read_json(&index);
+    assert!(index["selection"]["best_epoch"].is_u64(), "{index}");
 
     // Same weights, and the same metrics but for the wall-clock columns.
     let (a, b) = (
@@ -290,13 +382,36 @@ fn a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
             .collect()
     };
     assert_eq!(metrics(&full), metrics(&resumed));
-    assert_eq!(metrics(&full).len(), 1 + 3 + 1);
+    assert_eq!(metrics(&full).len(), 1 + 3 + 3);
+    let chosen = |p: &Path| {
+        Csv::read(&p.join("metrics.csv")).column("chosen_epoch")[3..]
+            .to_vec()
+            .join(",")
+    };
+    assert_eq!(chosen(&full), chosen(&resumed));
+    let held_out = |p: &Path| {
+        Csv::read(&p.join("metrics.csv")).column("held_out_loss")[3..]
+            .to_vec()
+            .join(",")
+    };
+    assert_eq!(held_out(&full), held_out(&resumed));
 
-    // The summary's original and fine-tuned figures are the last epoch's validation of each
-    // phase, not a second evaluation (whose speed would differ).
+    // The summary's original and fine-tuned figures are the chosen epoch's validation of each
+    // phase, not a second evaluation (whose speed would differ); a fine-tune that kept the
+    // model it started from reports the recalibrated model's figures.
     let summary = read_json(&full.join("summary.json"));
     let rows = Csv::read(&full.join("metrics.csv"));
-    for (key, row) in [("original", 2), ("fine_tuned", 3)] {
+    let chosen: usize = rows.column("chosen_epoch")[3].parse().unwrap();
+    assert_eq!(summary["chosen_epoch"].as_u64(), Some(chosen as u64));
+    assert_eq!(summary["recipe"], "distill");
+    if chosen == 0 {
+        assert_eq!(summary["fine_tuned"], summary["recalibrated"]);
+    }
+    let fine_tuned_row = 2 + chosen.max(1);
+    for (key, row) in [("original", 2), ("fine_tuned", fine_tuned_row)] {
+        if key == "fine_tuned" && chosen == 0 {
+            continue;
+        }
         let recorded = |column: &str| rows.column(column)[row].parse::<f64>().unwrap();
         let figure = |field: &str| summary[key][field].as_f64().unwrap();
         let same = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(1.0);
@@ -456,13 +571,14 @@ fn a_budget_sweep_gives_one_row_per_policy_and_leaves_the_model_alone() {
 #[test]
 fn a_sweep_of_real_shaped_data_trains_every_policy_through_its_smaller_last_batch() {
     // The shape of issue 26's crash (the digits at 64 px: a Tucker-2 downsample whose 1×1 core
-    // has 12 input channels, trained on an epoch's odd last batch, channels-last): 93 training
-    // images make batches of 64 and 29. Default settings otherwise, several epochs, two policies.
+    // has 12 input channels, trained on an epoch's odd last batch, channels-last): 123 training
+    // images less the default recipe's 30 held out make batches of 64 and 29. Default settings
+    // otherwise, several epochs, two policies.
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let spec = SyntheticSpec {
         classes: 3,
-        train_per_class: 31,
+        train_per_class: 41,
         val_per_class: 8,
         size: 64,
         seed: 2,
@@ -572,4 +688,86 @@ fn the_sweep_command_writes_its_table_and_chart() {
     for chart in ["pareto.png", "pareto-speed.png"] {
         assert!(image::open(out.join(chart)).is_ok(), "{chart}");
     }
+}
+
+#[test]
+fn a_held_out_size_of_zero_or_the_whole_training_set_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 2, 8); // 16 training images
+    let out = dir.path().join("out");
+    for (n, expected) in [
+        ("0", "0 (must be ≥ 1)"),
+        (
+            "16",
+            "16 (must be ≥ 1 and fewer than the 16 training images",
+        ),
+    ] {
+        let mut args = run_args(path_str(&data), path_str(&out));
+        args.extend(["--held-out-images", n]);
+        let err = tucker_nb_err(&args);
+        assert!(
+            err.contains("held-out images") && err.contains(expected),
+            "{err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            !out.join("run.json").exists(),
+            "--held-out-images {n} wrote the fingerprint"
+        );
+    }
+}
+
+#[test]
+fn the_seed_recipe_reproduces_the_training_run_from_before_recipes() {
+    // fixtures/seed-recipe-metrics.csv: the first eight columns of metrics.csv as tucker-nb wrote
+    // them before recipes existed (commit ce0fbcf, release build), for this very run: `gen-data
+    // --classes 4 --train-per-class 16 --val-per-class 8 --size 32 --seed 1` and `run_args`.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    tucker_nb_ok(&[
+        "gen-data",
+        "--out",
+        path_str(&data),
+        "--classes",
+        "4",
+        "--train-per-class",
+        "16",
+        "--val-per-class",
+        "8",
+        "--size",
+        "32",
+        "--seed",
+        "1",
+    ]);
+    let out = dir.path().join("out");
+    let mut args = run_args(path_str(&data), path_str(&out));
+    args.extend(["--recipe", "seed"]);
+    tucker_nb_ok(&args);
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/seed-recipe-metrics.csv");
+    let then = Csv::read(&fixture);
+    let now = Csv::read(&out.join("metrics.csv"));
+    for column in &then.header {
+        let (a, b) = (then.column(column), now.column(column));
+        assert_eq!(a.len(), b.len(), "{column}");
+        for (x, y) in a.iter().zip(&b) {
+            match (x.parse::<f64>(), y.parse::<f64>()) {
+                (Ok(x), Ok(y)) => {
+                    let diff = (x - y).abs();
+                    assert!(
+                        diff <= 1e-6 * x.abs().max(1.0),
+                        "{column}: {x} then, {y} now"
+                    );
+                }
+                _ => assert_eq!(x, y, "{column}"),
+            }
+        }
+    }
+    let chosen: Vec<&str> = now.column("chosen_epoch");
+    assert_eq!(
+        chosen,
+        ["3", "3", "3", "1"],
+        "the seed's recipe keeps each phase's last epoch"
+    );
+    assert!(now.column("held_out_loss").iter().all(|v| v.is_empty()));
 }

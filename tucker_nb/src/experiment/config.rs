@@ -13,7 +13,7 @@ use crate::data::{Dataset, StorageOptions};
 use crate::error::{check, check_count, check_image_side, Error, Result};
 use crate::io;
 use crate::lock::OutputLock;
-use crate::train::{FineTuneConfig, Trainable};
+use crate::train::{FineTuneConfig, Recipe, Trainable};
 
 /// Settings of a run; defaults mirror the seed (224 px, 5 + 5 epochs, batch 64, ratio 0.2).
 ///
@@ -65,7 +65,15 @@ pub struct RunConfig {
     pub recalibrate_bn: bool,
     /// Training images (after a seeded shuffle, eval transform) the BN recalibration sees.
     pub calib_images: usize,
+    /// How the compressed model is fine-tuned (after compression, between stages, in a sweep).
+    pub recipe: Recipe,
+    /// Training images held out (a seeded draw) for a recipe that chooses its epoch on them; no
+    /// fine-tune of the run trains on them. `None`: [`Self::held_out_count`]'s default.
+    pub held_out_images: Option<usize>,
 }
+
+/// The default share of the training images held out for epoch selection.
+pub const HELD_OUT_SHARE: f64 = 0.05;
 
 impl RunConfig {
     pub fn new(data: impl Into<PathBuf>, out: impl Into<PathBuf>, device: Device) -> Self {
@@ -92,7 +100,32 @@ impl RunConfig {
             resident_data: true,
             recalibrate_bn: true,
             calib_images: 1024,
+            recipe: Recipe::default(),
+            held_out_images: None,
         }
+    }
+
+    /// How many of `train_images` the recipe holds out: `held_out_images`, else
+    /// [`HELD_OUT_SHARE`] of them, at least one training batch and at most a quarter of them;
+    /// `None` when the recipe selects nothing. Fails unless 1 ≤ the count < `train_images`.
+    pub fn held_out_count(&self, train_images: usize) -> Result<Option<usize>> {
+        if !self.recipe.selects_on_held_out() {
+            return Ok(None);
+        }
+        let n = self.held_out_images.unwrap_or_else(|| {
+            let share = (train_images as f64 * HELD_OUT_SHARE).round() as usize;
+            share.max(self.batch_size).min(train_images / 4).max(1)
+        });
+        if n == 0 || n >= train_images {
+            return Err(Error::value(
+                "held-out images",
+                format!(
+                    "{n} (must be ≥ 1 and fewer than the {train_images} training images of {})",
+                    self.data.display()
+                ),
+            ));
+        }
+        Ok(Some(n))
     }
 
     /// Checks what can be checked before any work: the policies (a later stage must be able to
@@ -127,6 +160,9 @@ impl RunConfig {
                 check_count(what, n)?;
             }
         }
+        if let Some(n) = self.held_out_images {
+            check_count("held-out images", n)?;
+        }
         self.fine_tune.validate()
     }
 
@@ -151,14 +187,33 @@ impl RunConfig {
         }
     }
 
-    /// The seed's fine-tune of the compressed model: the factorised convs and fc (distilled from
-    /// the model before compression when `fine_tune.distill` says so).
+    /// The fine-tune of the compressed model: the factorised convs and fc, as the recipe trains
+    /// them (the seed's: distilled from the model before compression only when
+    /// `fine_tune.distill` says so).
     pub fn compressed_phase(&self) -> FineTuneConfig {
-        self.phase(
+        self.recipe.apply(self.phase(
             "compressed",
             self.compressed_epochs,
             Trainable::TuckerAndClassifier,
-        )
+        ))
+    }
+
+    /// The short fine-tunes between compression stages, as the recipe trains (phase `stage`,
+    /// checkpointed in `out`).
+    pub fn stage_phase(&self) -> FineTuneConfig {
+        let seed = FineTuneConfig {
+            checkpoint_dir: Some(self.out.clone()),
+            // The seed's flow distils only the final fine-tune.
+            distill: None,
+            ..self.phase("stage", self.stage_epochs, Trainable::TuckerAndClassifier)
+        };
+        match self.recipe {
+            Recipe::Seed => seed,
+            recipe => recipe.apply(FineTuneConfig {
+                distill: self.fine_tune.distill,
+                ..seed
+            }),
+        }
     }
 
     /// The first policy and the further stages, in order, timed as this run evaluates

@@ -30,7 +30,6 @@ use crate::lock::OutputLock;
 use crate::model::ResNet18;
 use crate::train::{
     evaluate, fine_tune, metrics_frame, EpochMetrics, EvalResult, FineTune, FineTuneConfig,
-    Trainable,
 };
 
 /// The run's training and validation loaders (train: the seed's augmentation, shuffled with the
@@ -84,6 +83,20 @@ pub fn loader_pair(config: &RunConfig, train: &Dataset, val: &Dataset) -> (Loade
     )
 }
 
+/// Splits the run's training loader when its recipe chooses epochs on held-out images: the
+/// held-out images ([`RunConfig::held_out_count`], drawn with the run's seed, eval transform)
+/// and a training loader of the others, which every fine-tune of the run then trains on (and
+/// the calibration set is drawn from). Otherwise the loader as it is, and `None`.
+pub fn hold_out(config: &RunConfig, train: Loader) -> Result<(Loader, Option<Loader>)> {
+    match config.held_out_count(train.len())? {
+        Some(n) => {
+            let (train, held_out) = train.hold_out(n, config.seed, config.eval_batch_size)?;
+            Ok((train, Some(held_out)))
+        }
+        None => Ok((train, None)),
+    }
+}
+
 /// The calibration set ([`Loader::calibration_set`]): `calib_images` training images after a
 /// shuffle seeded with the run's seed, eval transform; says so when the data has fewer.
 pub fn calibration(config: &RunConfig, train: &Loader) -> Result<Loader> {
@@ -132,20 +145,22 @@ pub struct RunResult {
     pub summary: Summary,
 }
 
-/// The run's compression: every stage with short fine-tunes between (checkpointed in `out`, not
-/// distilled), fitted to data and followed by BN recalibration as the config says; writes
-/// `layers.csv` (and `layers-stageN.csv`).
+/// The run's compression: every stage with short fine-tunes between (checkpointed in `out`, as
+/// the recipe trains: [`RunConfig::stage_phase`], with `between`'s teacher and held-out images),
+/// fitted to data and followed by BN recalibration as the config says; writes `layers.csv` (and
+/// `layers-stageN.csv`).
 fn compress_for_run(
     config: &RunConfig,
     model: &mut ResNet18,
-    train: &Loader,
-    val: &Loader,
+    (train, val): (&Loader, &Loader),
+    between: FineTune,
     outputs: &mut io::Outputs,
 ) -> Result<Stages> {
-    let between = FineTuneConfig {
-        checkpoint_dir: Some(config.out.clone()),
-        distill: None,
-        ..config.phase("stage", config.stage_epochs, Trainable::TuckerAndClassifier)
+    let settings = config.stage_phase();
+    let between = FineTune {
+        teacher: between.teacher.filter(|_| settings.distill.is_some()),
+        config: settings,
+        held_out: between.held_out,
     };
     let policies = config.all_stages();
     let fits_data = policies.iter().any(|p| p.fit() == Fit::Data);
@@ -157,7 +172,7 @@ fn compress_for_run(
         images,
         recalibrate_bn: config.recalibrate_bn,
     });
-    let stages = compress_in_stages(model, &policies, (train, val), calibration, &between)?;
+    let stages = compress_in_stages(model, &policies, (train, val), calibration, between)?;
     for (i, stage) in stages.0.iter().enumerate() {
         let name = match i {
             0 => "layers.csv".to_string(),
@@ -168,16 +183,17 @@ fn compress_for_run(
     Ok(stages)
 }
 
-/// `model`'s evaluation on `val` just after a fine-tune: the one its last epoch recorded (of this
-/// very model, on the same loader) when it evaluated in fp32, else a fresh fp32 evaluation (no
-/// epochs run, or bf16 epochs).
+/// `model`'s evaluation on `val` just after a fine-tune: the one its chosen epoch recorded (of
+/// this very model, on the same loader) when it evaluated in fp32, else a fresh fp32 evaluation
+/// (no epochs run, or bf16 epochs).
 fn evaluated(
     rows: &[EpochMetrics],
     phase: &FineTuneConfig,
     model: &ResNet18,
     val: &Loader,
 ) -> Result<EvalResult> {
-    match rows.last() {
+    let chosen = rows.iter().find(|r| r.epoch == r.chosen_epoch);
+    match chosen {
         Some(row) if !phase.bf16 => Ok(EvalResult::of_epoch(row, val.len())),
         _ => evaluate(model, val),
     }
@@ -190,11 +206,14 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
     let _lock = prepare_run_folder(config)?;
     let out = &config.out;
     let (train_data, val_data) = datasets(config)?;
+    // Refused before anything is written into the folder.
+    config.held_out_count(train_data.len())?;
     check_fingerprint(
         config,
         &RunFingerprint::new(config, &train_data, &val_data)?,
     )?;
     let (train, val) = loader_pair(config, &train_data, &val_data);
+    let (train, held_out) = hold_out(config, train)?;
     let size = config.image_size;
     let mut model = initial_model(config)?;
     let mut outputs = io::Outputs::new();
@@ -210,19 +229,38 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
     );
 
     // 3) compress (in stages, with short fine-tunes between); 4) evaluate before fine-tuning.
-    let teacher = config.fine_tune.distill.map(|_| model.deep_copy());
-    let stages = compress_for_run(config, &mut model, &train, &val, &mut outputs)?;
+    let compressed_phase = config.compressed_phase();
+    let teacher = compressed_phase.distill.map(|_| model.deep_copy());
+    let run = FineTune {
+        config: compressed_phase.clone(),
+        teacher: teacher.as_ref(),
+        held_out: held_out.as_ref(),
+    };
+    let stages = compress_for_run(
+        config,
+        &mut model,
+        (&train, &val),
+        run.clone(),
+        &mut outputs,
+    )?;
     rows.extend(stages.metrics());
 
-    // 5) fine-tune the compressed model: factorised convs and fc; 6) evaluate.
-    let compressed_phase = config.compressed_phase();
-    let run = FineTune {
-        config: &compressed_phase,
-        teacher: teacher.as_ref(),
-    };
+    // 5) fine-tune the compressed model: factorised convs and fc, as the recipe says;
+    // 6) evaluate.
     let taught = fine_tune(&mut model, &train, &val, run)?.0;
-    let fine_tuned = evaluated(&taught, &compressed_phase, &model, &val)?;
-    let fine_tuned = ModelFigures::new(&model, &fine_tuned, size);
+    let chosen_epoch = taught.last().map(|r| r.chosen_epoch);
+    // A fine-tune that kept the model it was given returns the (recalibrated) model just
+    // evaluated, bit for bit.
+    let start = stages.last();
+    let start = start.recalibrated.as_ref().unwrap_or(&start.compressed);
+    let fine_tuned = match chosen_epoch {
+        Some(0) => start.figures.clone(),
+        _ => ModelFigures::new(
+            &model,
+            &evaluated(&taught, &compressed_phase, &model, &val)?,
+            size,
+        ),
+    };
     rows.extend(taught);
     outputs.write_with(&out.join("compressed.safetensors"), |tmp| model.save(tmp))?;
 
@@ -242,6 +280,8 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
             })
             .collect(),
         fine_tuned,
+        recipe: Some(config.recipe),
+        chosen_epoch,
         image_size: size,
         device: format!("{:?}", config.device),
         train_images: train.len(),
@@ -271,15 +311,17 @@ pub fn run_sweep(config: &RunConfig, policies: &[CompressionPolicy]) -> Result<D
     std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
     let _lock = OutputLock::acquire(out)?;
     let (train, val) = loaders(config)?;
+    let (train, held_out) = hold_out(config, train)?;
     let calibration = calibration(config, &train)?;
     let model = initial_model(config)?;
-    let fine_tune = FineTuneConfig {
+    let fine_tune = config.recipe.apply(FineTuneConfig {
         epochs: config.compressed_epochs,
         ..config.fine_tune.clone()
-    };
+    });
     let loaders = (&train, &val, &calibration);
     let policies: Vec<CompressionPolicy> = policies.iter().map(|p| config.timed(p)).collect();
-    let frame = crate::sweep::sweep(&model, &policies, loaders, &fine_tune)?;
+    let run = FineTune::from(fine_tune).selecting_on(held_out.as_ref());
+    let frame = crate::sweep::sweep(&model, &policies, loaders, run)?;
     let mut outputs = io::Outputs::new();
     outputs.write_with(&out.join("sweep.csv"), |tmp| write_frame_csv(&frame, tmp))?;
     let chart = crate::plots::pareto_chart(&frame)?;

@@ -13,8 +13,8 @@ use crate::loader::Loader;
 use crate::model::ResNet18;
 use crate::report::CompressionReport;
 use crate::train::{
-    evaluate, fine_tune, metrics_frame, recalibrate_bn, EpochMetrics, EvalResult, FineTuneConfig,
-    Trainable,
+    evaluate, fine_tune, metrics_frame, recalibrate_bn, EpochMetrics, EvalResult, FineTune,
+    FineTuneConfig, Trainable,
 };
 
 /// The calibration set a compression uses (for fitting to data), and whether the BN statistics
@@ -100,19 +100,21 @@ impl Stages {
 
 /// Compresses `model` with `policies[0]`, then, for each further policy, fine-tunes it with
 /// `between` (the factorised convs and fc; phase `PHASE1`, `PHASE2`, … after `between.phase`;
-/// with a checkpoint folder, each stage's checkpoints go in `DIR/PHASEn`) and compresses it
+/// with a checkpoint folder, each stage's checkpoints go in `DIR/PHASEn`; distilled from its
+/// teacher and choosing its epoch on its held-out images when it has them) and compresses it
 /// further (MUSCO-style). With a `calibration` set, policies that fit to data
 /// ([`CompressionPolicy::fit`]) fit each layer's factors to its activations on it. Evaluates on
 /// `val` after each compression and, with a `calibration` set, recalibrates the BN statistics on
 /// it and evaluates again. Later policies must be data-driven
 /// ([`CompressionPolicy::validate_as_stage`]); that is checked first.
-pub fn compress_in_stages(
+pub fn compress_in_stages<'a>(
     model: &mut ResNet18,
     policies: &[CompressionPolicy],
     (train, val): (&Loader, &Loader),
     calibration: Option<Calibration>,
-    between: &FineTuneConfig,
+    between: impl Into<FineTune<'a>>,
 ) -> Result<Stages> {
+    let between = between.into();
     if policies.is_empty() {
         return Err(Error::value("stages", "no compression policy given"));
     }
@@ -124,14 +126,19 @@ pub fn compress_in_stages(
         let fine_tune = match i {
             0 => Vec::new(),
             _ => {
-                let phase = format!("{}{i}", between.phase);
+                let settings = &between.config;
+                let phase = format!("{}{i}", settings.phase);
                 let config = FineTuneConfig {
-                    checkpoint_dir: between.checkpoint_dir.as_ref().map(|d| d.join(&phase)),
+                    checkpoint_dir: settings.checkpoint_dir.as_ref().map(|d| d.join(&phase)),
                     phase,
                     trainable: Trainable::TuckerAndClassifier,
+                    ..settings.clone()
+                };
+                let run = FineTune {
+                    config,
                     ..between.clone()
                 };
-                fine_tune(model, train, val, &config)?.0
+                fine_tune(model, train, val, run)?.0
             }
         };
         let moments = match (policy.fit(), calibration) {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::compress::latency::LatencyForecast;
 use crate::figures::ModelFigures;
+use crate::train::Recipe;
 
 /// One compression stage's figures.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +29,10 @@ pub struct Summary {
     /// Each compression stage, in order (at least one).
     pub stages: Vec<StageFigures>,
     pub fine_tuned: ModelFigures,
+    /// How the compressed model was fine-tuned, and the epoch it returned (0: the model it
+    /// started from); `None` in files written before recipes.
+    pub recipe: Option<Recipe>,
+    pub chosen_epoch: Option<u32>,
     pub image_size: i64,
     pub device: String,
     pub train_images: usize,
@@ -55,6 +60,10 @@ struct SummaryFile {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     latency: Vec<Option<LatencyForecast>>,
     fine_tuned: ModelFigures,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    recipe: Option<Recipe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chosen_epoch: Option<u32>,
     image_size: i64,
     device: String,
     train_images: usize,
@@ -80,6 +89,8 @@ impl From<Summary> for SummaryFile {
             stages_recalibrated: recalibrated.into_iter().flatten().collect(),
             latency,
             fine_tuned: s.fine_tuned,
+            recipe: s.recipe,
+            chosen_epoch: s.chosen_epoch,
             image_size: s.image_size,
             device: s.device,
             train_images: s.train_images,
@@ -124,6 +135,8 @@ impl TryFrom<SummaryFile> for Summary {
             original: f.original,
             stages,
             fine_tuned: f.fine_tuned,
+            recipe: f.recipe,
+            chosen_epoch: f.chosen_epoch,
             image_size: f.image_size,
             device: f.device,
             train_images: f.train_images,
@@ -174,6 +187,19 @@ mod tests {
         let summary: Summary = serde_json::from_value(old.clone()).unwrap();
         assert!(summary.stages.iter().all(|s| s.recalibrated.is_none()));
         assert_eq!(serde_json::to_value(&summary).unwrap(), old);
+    }
+
+    #[test]
+    fn the_recipe_and_chosen_epoch_round_trip_and_old_files_have_none() {
+        let mut summary: Summary = serde_json::from_str(OLD_FORMAT).unwrap();
+        assert_eq!((summary.recipe, summary.chosen_epoch), (None, None));
+        summary.recipe = Some(Recipe::Distill);
+        summary.chosen_epoch = Some(0);
+        let written = serde_json::to_value(&summary).unwrap();
+        assert_eq!(written["recipe"], "distill");
+        assert_eq!(written["chosen_epoch"], 0);
+        let back: Summary = serde_json::from_value(written).unwrap();
+        assert_eq!(back, summary);
     }
 
     #[test]

@@ -303,6 +303,9 @@ mod tests {
             images_per_s: 100.0,
             warmup_seconds: 0.1,
             val_images_per_s: 300.0,
+            held_out_top1: None,
+            held_out_loss: None,
+            chosen_epoch: epoch,
         };
         vec![
             row("original", 1, 0.44),
@@ -363,6 +366,7 @@ mod tests {
             top1_recalibrated: top1 / 1.5,
             top1,
             top5: top1,
+            chosen_epoch: 1,
             images_per_s: 1.8e12 / macs as f64,
             speedup: 1.8e9 / macs as f64,
             predicted_speedup: None,

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::config::{EpochMetrics, FineTuneConfig};
+use super::select::SelectionState;
 use super::sgd::Sgd;
 use crate::error::{Error, Result};
 use crate::io;
@@ -21,16 +22,24 @@ pub(super) struct CheckpointIndex {
     pub weights: String,
     pub config: FineTuneConfig,
     pub metrics: Vec<EpochMetrics>,
+    /// The epoch selection's state, when the fine-tune selects on held-out images (its best
+    /// model's tensors are in `weights` under [`BEST_PREFIX`]).
+    #[serde(default)]
+    pub selection: Option<SelectionState>,
 }
 
 const CHECKPOINT_INDEX: &str = "checkpoint.json";
 const MOMENTUM_PREFIX: &str = "sgd.momentum.";
+const BEST_PREFIX: &str = "best.";
 
+/// Writes the checkpoint: the model, the optimiser's momentum and, when selecting, the best
+/// model so far (`best`, by name).
 pub(super) fn save_checkpoint(
     dir: &Path,
     model: &ResNet18,
     sgd: &Sgd,
     index: &CheckpointIndex,
+    best: Option<&[(String, Tensor)]>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
     let mut tensors: Vec<(String, Tensor)> = model
@@ -42,6 +51,12 @@ pub(super) fn save_checkpoint(
         tensors.push((
             format!("{MOMENTUM_PREFIX}{name}"),
             buf.to_device(tch::Device::Cpu).contiguous(),
+        ));
+    }
+    for (name, t) in best.unwrap_or_default() {
+        tensors.push((
+            format!("{BEST_PREFIX}{name}"),
+            t.to_device(tch::Device::Cpu).contiguous(),
         ));
     }
     // Weights first, then the index that points at them: the index always names a whole file.
@@ -63,13 +78,14 @@ pub(super) fn save_checkpoint(
     Ok(())
 }
 
-/// Loads `dir`'s checkpoint into `model` and the optimiser; returns its index.
+/// Loads `dir`'s checkpoint into `model` and the optimiser; returns its index and, when it
+/// selects, the best model's tensors (in `model.named_tensors()` order).
 pub(super) fn load_checkpoint(
     dir: &Path,
     model: &mut ResNet18,
     sgd: &mut Sgd,
     config: &FineTuneConfig,
-) -> Result<Option<CheckpointIndex>> {
+) -> Result<Option<(CheckpointIndex, Vec<Tensor>)>> {
     let index_path = dir.join(CHECKPOINT_INDEX);
     if !index_path.is_file() {
         return Ok(None);
@@ -108,10 +124,21 @@ pub(super) fn load_checkpoint(
         }
         Ok(())
     })?;
+    let mut best = Vec::new();
+    if index.selection.is_some() {
+        for (name, t) in model.named_tensors() {
+            let key = format!("{BEST_PREFIX}{name}");
+            let src = stored.remove(&key).ok_or_else(|| Error::MissingKey {
+                path: weights.clone(),
+                key,
+            })?;
+            best.push(src.to_device(t.device()).to_kind(t.kind()));
+        }
+    }
     let momentum = stored
         .into_iter()
         .filter_map(|(name, t)| Some((name.strip_prefix(MOMENTUM_PREFIX)?.to_string(), t)))
         .collect();
     sgd.set_momentum(momentum, &weights)?;
-    Ok(Some(index))
+    Ok(Some((index, best)))
 }

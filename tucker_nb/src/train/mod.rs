@@ -5,6 +5,7 @@
 mod checkpoint;
 mod config;
 mod evaluate;
+mod select;
 pub(crate) mod sgd;
 
 use std::time::Instant;
@@ -19,9 +20,12 @@ use crate::progress::Progress;
 use crate::runtime::{autocast_bf16, synchronize};
 use checkpoint::{load_checkpoint, save_checkpoint, CheckpointIndex};
 pub use config::{
-    metrics_frame, BnMode, Distillation, EpochMetrics, FineTuneConfig, Trainable, METRICS_COLUMNS,
+    metrics_frame, BnMode, Distillation, EpochMetrics, FineTuneConfig, Recipe, Trainable,
+    METRICS_COLUMNS,
 };
 pub use evaluate::{evaluate, evaluate_with, recalibrate_bn, EvalOptions, EvalResult};
+use select::Selection;
+pub use select::{HeldOutScore, SelectionState, DIVERGED_FACTOR, DIVERGED_MARGIN};
 use sgd::Sgd;
 
 /// The tensors `trainable` selects, by state_dict name (shallow clones: updating them updates
@@ -61,33 +65,50 @@ pub fn trainable_parameters(
         .collect()
 }
 
-/// A fine-tune's settings and, to distil, its teacher: what [`fine_tune`] is given. A plain
-/// `&FineTuneConfig` converts into one without a teacher.
-#[derive(Debug, Clone, Copy)]
+/// A fine-tune's settings, and what it may be given besides the data: a teacher to distil from,
+/// held-out images to choose its epoch on. What [`fine_tune`] is given; a plain
+/// `&FineTuneConfig` converts into one with neither.
+#[derive(Debug, Clone)]
 pub struct FineTune<'a> {
-    pub config: &'a FineTuneConfig,
+    pub config: FineTuneConfig,
     /// The model to distil from (the model before compression), `config.distill` saying how
     /// (the default [`Distillation`] when it is `None`); `None`: plain cross-entropy, as the
     /// seed, and `config.distill` must be `None` too.
     pub teacher: Option<&'a ResNet18>,
+    /// Training images the fine-tune never trains on: the model is scored on them before the
+    /// first epoch and after each, the best-scoring one is returned, and a divergence stops the
+    /// phase early (see [`HeldOutScore`]); `None`: the last epoch's model, as the seed.
+    pub held_out: Option<&'a Loader>,
 }
 
 impl<'a> FineTune<'a> {
     /// `config`, distilled from `teacher`.
-    pub fn distilled(config: &'a FineTuneConfig, teacher: &'a ResNet18) -> Self {
+    pub fn distilled(config: &FineTuneConfig, teacher: &'a ResNet18) -> Self {
+        Self {
+            teacher: Some(teacher),
+            ..Self::from(config)
+        }
+    }
+
+    /// This fine-tune, choosing its epoch on `held_out` (when given).
+    pub fn selecting_on(self, held_out: Option<&'a Loader>) -> Self {
+        Self { held_out, ..self }
+    }
+}
+
+impl From<FineTuneConfig> for FineTune<'_> {
+    fn from(config: FineTuneConfig) -> Self {
         Self {
             config,
-            teacher: Some(teacher),
+            teacher: None,
+            held_out: None,
         }
     }
 }
 
-impl<'a> From<&'a FineTuneConfig> for FineTune<'a> {
-    fn from(config: &'a FineTuneConfig) -> Self {
-        Self {
-            config,
-            teacher: None,
-        }
+impl From<&FineTuneConfig> for FineTune<'_> {
+    fn from(config: &FineTuneConfig) -> Self {
+        Self::from(config.clone())
     }
 }
 
@@ -107,41 +128,60 @@ impl History {
 }
 
 /// Fine-tunes `model` in place as `run` says, evaluating on `val` after every epoch; returns
-/// the epochs' metrics. With `config.checkpoint_dir`, a checkpoint is written atomically after
-/// every epoch, and `config.resume` continues from it.
+/// the epochs' metrics. With held-out images, `model` ends as the epoch that scored best on them
+/// (each row's `chosen_epoch`). With `config.checkpoint_dir`, a checkpoint is written atomically
+/// after every epoch, and `config.resume` continues from it.
 pub fn fine_tune<'a>(
     model: &mut ResNet18,
     train: &Loader,
     val: &Loader,
     run: impl Into<FineTune<'a>>,
 ) -> Result<History> {
-    let FineTune { config, teacher } = run.into();
-    let distilled;
-    let config = match (teacher, config.distill) {
+    let mut run = run.into();
+    match (run.teacher, run.config.distill) {
         (None, Some(_)) => {
             let why = "distillation needs a teacher (the model before compression)";
             return Err(Error::value("distillation", why));
         }
-        (Some(_), None) => {
-            distilled = FineTuneConfig {
-                distill: Some(Distillation::default()),
-                ..config.clone()
-            };
-            &distilled
-        }
-        _ => config,
-    };
-    fine_tune_epochs(model, teacher, train, val, config).map(History)
+        (Some(_), None) => run.config.distill = Some(Distillation::default()),
+        _ => {}
+    }
+    fine_tune_epochs(model, train, val, &run).map(History)
+}
+
+/// Each of `params`' share of the learning rate: `scale` for the factorised convs' tensors, 1
+/// for the others (fc, BN).
+fn lr_scales(model: &ResNet18, params: &[(String, Tensor)], scale: f64) -> Vec<f64> {
+    let factorised: Vec<String> = model
+        .conv_slots()
+        .into_iter()
+        .filter(|(_, s)| !s.is_dense())
+        .map(|(n, _)| format!("{n}."))
+        .collect();
+    params
+        .iter()
+        .map(
+            |(name, _)| match factorised.iter().any(|p| name.starts_with(p)) {
+                true => scale,
+                false => 1.0,
+            },
+        )
+        .collect()
 }
 
 /// [`fine_tune`]'s loop; `config.distill` and `teacher` go together.
 fn fine_tune_epochs(
     model: &mut ResNet18,
-    teacher: Option<&ResNet18>,
     train: &Loader,
     val: &Loader,
-    config: &FineTuneConfig,
+    run: &FineTune,
 ) -> Result<Vec<EpochMetrics>> {
+    let FineTune {
+        config,
+        teacher,
+        held_out,
+    } = run;
+    let (teacher, held_out) = (*teacher, *held_out);
     if config.epochs == 0 {
         return Ok(Vec::new());
     }
@@ -153,19 +193,33 @@ fn fine_tune_epochs(
             format!("{:?} selects no parameter of this model", config.trainable),
         ));
     }
-    let mut sgd = Sgd::new(params, config.momentum, config.weight_decay)?;
+    let scales = lr_scales(model, &params, config.factor_lr_scale);
+    let mut sgd = Sgd::new(params, config.momentum, config.weight_decay)?.with_lr_scales(&scales);
     let mut rows = Vec::new();
     let mut start_epoch = 0;
+    let mut selection = None;
     if let (Some(dir), true) = (&config.checkpoint_dir, config.resume) {
-        if let Some(index) = load_checkpoint(dir, model, &mut sgd, config)? {
+        if let Some((index, best)) = load_checkpoint(dir, model, &mut sgd, config)? {
             start_epoch = index.epochs_done;
             rows = index.metrics;
+            selection = index.selection.map(|state| Selection::resumed(state, best));
             eprintln!(
                 "resuming {} from {} after epoch {start_epoch}",
                 config.phase,
                 dir.display()
             );
         }
+    }
+    if let (Some(held_out), None) = (held_out, &selection) {
+        let score = HeldOutScore::of(model, held_out, config.bf16)?;
+        eprintln!(
+            "{}: held-out top-1 {:.4}, loss {:.4} before fine-tuning ({} images)",
+            config.phase,
+            score.top1,
+            score.loss,
+            held_out.len()
+        );
+        selection = Some(Selection::start(model, score));
     }
     for p in sgd.parameters() {
         let _ = p.set_requires_grad(true);
@@ -176,25 +230,104 @@ fn fine_tune_epochs(
         teacher,
         config,
     };
-    let result = (start_epoch..config.epochs).try_for_each(|epoch| -> Result<()> {
-        let row = train_epoch(model, &one_epoch, &mut sgd, epoch)?;
-        rows.push(row);
+    let mut result = Ok(());
+    let mut stopped = None;
+    let mut epoch = start_epoch;
+    while epoch < config.epochs {
+        let end = match train_epoch(model, &one_epoch, &mut sgd, epoch) {
+            Ok(end) => end,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        };
+        let score = match (&end, &selection, held_out) {
+            (EpochEnd::Trained(_), Some(_), Some(held_out)) => {
+                match HeldOutScore::of(model, held_out, config.bf16) {
+                    Ok(score) => Some(score),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            _ => None,
+        };
+        stopped = match (end, &mut selection, score) {
+            (EpochEnd::Trained(mut row), Some(selection), Some(score)) => {
+                row.held_out_top1 = Some(score.top1);
+                row.held_out_loss = Some(score.loss);
+                rows.push(row);
+                selection.after_epoch(model, epoch as u32 + 1, score)
+            }
+            (EpochEnd::Trained(row), ..) => {
+                rows.push(row);
+                None
+            }
+            (EpochEnd::Diverged(why), Some(_), _) => Some(why),
+            (EpochEnd::Diverged(why), None, _) => {
+                let kept = config
+                    .checkpoint_dir
+                    .as_ref()
+                    .map(|d| format!("; the last good checkpoint is kept in {}", d.display()))
+                    .unwrap_or_default();
+                let why = format!("{why}: training stopped{kept}");
+                result = Err(Error::value("loss", why));
+                break;
+            }
+        };
+        // A stopped phase is done: its checkpoint holds the best model and counts every epoch.
+        epoch = match (&stopped, &selection) {
+            (Some(_), Some(selection)) => {
+                selection.restore(model);
+                config.epochs
+            }
+            _ => epoch + 1,
+        };
         if let Some(dir) = &config.checkpoint_dir {
             let index = CheckpointIndex {
                 phase: config.phase.clone(),
-                epochs_done: epoch + 1,
-                weights: format!("checkpoint-e{}.safetensors", epoch + 1),
+                epochs_done: epoch,
+                weights: format!("checkpoint-e{epoch}.safetensors"),
                 config: config.clone(),
                 metrics: rows.clone(),
+                selection: selection.as_ref().map(|s| s.state),
             };
-            save_checkpoint(dir, model, &sgd, &index)?;
+            let best = selection.as_ref().map(|s| s.named_weights(model));
+            if let Err(e) = save_checkpoint(dir, model, &sgd, &index, best.as_deref()) {
+                result = Err(e);
+                break;
+            }
         }
-        Ok(())
-    });
+    }
     for p in sgd.parameters() {
         let _ = p.set_requires_grad(false);
     }
-    result.map(|()| rows)
+    result?;
+    let chosen = match &selection {
+        Some(selection) => {
+            selection.restore(model);
+            selection.state.best_epoch
+        }
+        None => rows.last().map_or(0, |r| r.epoch),
+    };
+    for row in rows.iter_mut().filter(|r| r.phase == config.phase) {
+        row.chosen_epoch = chosen;
+    }
+    if let Some(selection) = &selection {
+        let stop = stopped.map_or(String::new(), |why| format!("{why}: stopped early; "));
+        let best = selection.state.best;
+        let start = match chosen {
+            0 => ", the one it started from",
+            _ => "",
+        };
+        eprintln!(
+            "{}: {stop}returning the model of epoch {chosen} of {} (held-out top-1 {:.4}, \
+             loss {:.4}){start}",
+            config.phase, config.epochs, best.top1, best.loss
+        );
+    }
+    Ok(rows)
 }
 
 /// α·CE(z_s, y) + (1 − α)·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)), averaged over the batch.
@@ -238,30 +371,11 @@ fn batch_loss(
     (logits, loss)
 }
 
-/// A clear stop on a non-finite mean loss, saying where and which checkpoint is kept.
-fn stop_unless_finite(
-    mean: f64,
-    config: &FineTuneConfig,
-    epoch: usize,
-    batch: usize,
-) -> Result<()> {
-    if mean.is_finite() {
-        return Ok(());
-    }
-    let kept = config
-        .checkpoint_dir
-        .as_ref()
-        .map(|d| format!("; the last good checkpoint is kept in {}", d.display()))
-        .unwrap_or_default();
-    Err(Error::value(
-        "loss",
-        format!(
-            "{mean} in {} epoch {} by batch {}: training stopped{kept}",
-            config.phase,
-            epoch + 1,
-            batch + 1
-        ),
-    ))
+/// How an epoch ended.
+enum EpochEnd {
+    Trained(EpochMetrics),
+    /// The running training loss was not finite: where, in words.
+    Diverged(String),
 }
 
 /// One epoch: what [`fine_tune`] repeats.
@@ -282,7 +396,7 @@ fn train_epoch(
     }: &Epoch,
     sgd: &mut Sgd,
     epoch: usize,
-) -> Result<EpochMetrics> {
+) -> Result<EpochEnd> {
     let start = Instant::now();
     let lr = config.lr_at(epoch);
     let device = train.device;
@@ -314,7 +428,15 @@ fn train_epoch(
         seen += n;
         if b % check_every == check_every - 1 || b == last {
             let mean = loss_sum.double_value(&[]) / seen as f64;
-            stop_unless_finite(mean, config, epoch, b)?;
+            if !mean.is_finite() {
+                progress.finish(format!("loss {mean}"));
+                return Ok(EpochEnd::Diverged(format!(
+                    "{mean} in {} epoch {} by batch {}",
+                    config.phase,
+                    epoch + 1,
+                    b + 1
+                )));
+            }
             progress.set_message(format!("loss {mean:.4}"));
         }
         if b == 0 && last > 0 {
@@ -334,7 +456,7 @@ fn train_epoch(
         ..EvalOptions::default()
     };
     let eval = evaluate_with(model, val, options)?;
-    Ok(EpochMetrics {
+    Ok(EpochEnd::Trained(EpochMetrics {
         phase: config.phase.clone(),
         epoch: epoch as u32 + 1,
         lr,
@@ -347,7 +469,10 @@ fn train_epoch(
         images_per_s: steady.images_per_s().unwrap_or(seen as f64 / train_seconds),
         warmup_seconds: steady.warmup_seconds(train_seconds),
         val_images_per_s: eval.images_per_s,
-    })
+        held_out_top1: None,
+        held_out_loss: None,
+        chosen_epoch: epoch as u32 + 1,
+    }))
 }
 
 /// The steady part of an epoch, between a device sync after its first batch and one before a
@@ -391,141 +516,4 @@ impl SteadyState {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::data::Dataset;
-    use crate::loader::Transform;
-    use tch::Device;
-
-    /// 12 random 32 px images as a calibration loader (batches of 4, no shuffle).
-    fn calibration() -> Loader {
-        tch::manual_seed(5);
-        let eval = Transform::Eval { size: 32 };
-        Loader::new(&Dataset::random(12, 32), 4, eval, Device::Cpu, true)
-    }
-
-    #[test]
-    fn recalibration_estimates_the_statistics_of_the_calibration_batches() {
-        let mut model = ResNet18::new(3, Device::Cpu);
-        let calibration = calibration();
-        assert_eq!(recalibrate_bn(&mut model, &calibration).unwrap(), 12);
-        // The stem BN sees conv1's output: its mean over all images and pixels (equal batches),
-        // and the mean of the per-batch unbiased variances.
-        let (mut mean, mut var) = (Vec::new(), Vec::new());
-        tch::no_grad(|| {
-            for batch in calibration.epoch(0) {
-                let y = model.conv1.forward(&batch.images).to_kind(Kind::Double);
-                mean.push(y.mean_dim([0i64, 2, 3].as_slice(), false, Kind::Double));
-                var.push(y.var_dim([0i64, 2, 3].as_slice(), true, false));
-            }
-        });
-        let expected_mean = Tensor::stack(&mean, 0).mean_dim(0, false, Kind::Double);
-        let expected_var = Tensor::stack(&var, 0).mean_dim(0, false, Kind::Double);
-        let close = |a: &Tensor, b: &Tensor| {
-            let diff = (a.to_kind(Kind::Double) - b).abs().max().double_value(&[]);
-            assert!(diff < 1e-4, "differs by {diff}");
-        };
-        close(&model.bn1.running_mean, &expected_mean);
-        close(&model.bn1.running_var, &expected_var);
-        assert_eq!(model.bn1.momentum, 0.1, "momentum restored");
-    }
-
-    #[test]
-    fn recalibration_restores_eval_outputs_after_scrambled_statistics() {
-        let mut model = ResNet18::new(3, Device::Cpu);
-        let calibration = calibration();
-        recalibrate_bn(&mut model, &calibration).unwrap();
-        let x = calibration.epoch(0).next().unwrap().images;
-        let reference = tch::no_grad(|| model.forward(&x, false));
-        tch::no_grad(|| {
-            for (name, mut t) in model.named_tensors() {
-                if name.ends_with("running_mean") || name.ends_with("running_var") {
-                    let _ = t.uniform_(0.5, 3.0);
-                }
-            }
-        });
-        let scrambled = tch::no_grad(|| model.forward(&x, false));
-        assert!(crate::decompose::relative_error(&reference, &scrambled) > 0.1);
-        recalibrate_bn(&mut model, &calibration).unwrap();
-        let restored = tch::no_grad(|| model.forward(&x, false));
-        let err = crate::decompose::relative_error(&reference, &restored);
-        assert!(err < 1e-5, "rel. error {err}");
-        model.fold_batch_norms(); // nothing factorised: nothing folded, still recalibratable
-        assert!(recalibrate_bn(&mut model, &calibration).is_ok());
-    }
-
-    #[test]
-    fn distillation_loss_is_cross_entropy_plus_the_scaled_kl_to_the_teacher() {
-        tch::manual_seed(2);
-        let opts = (Kind::Float, Device::Cpu);
-        let student = Tensor::randn([6, 5], opts) * 2.0;
-        let teacher = Tensor::randn([6, 5], opts) * 2.0;
-        let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 0]);
-        let value = |t: &Tensor| t.double_value(&[]);
-        let loss = |s: &Tensor, t: &Tensor, temp, alpha| {
-            value(&distillation_loss(
-                s,
-                t,
-                &labels,
-                Distillation::new(temp, alpha).unwrap(),
-            ))
-        };
-        let ce = value(&student.cross_entropy_for_logits(&labels));
-        // α = 1 is plain cross-entropy, whatever the teacher says.
-        assert!((loss(&student, &teacher, 4.0, 1.0) - ce).abs() < 1e-6);
-        // A teacher that agrees with the student adds nothing.
-        assert!((loss(&student, &student, 3.0, 0.25) - 0.25 * ce).abs() < 1e-6);
-        // At T = 1, α = 0: KL(p_t ‖ p_s) = H(p_t, p_s) − H(p_t), via soft-target cross-entropy.
-        let p_t = teacher.softmax(-1, Kind::Float);
-        let soft_ce = |logits: &Tensor| {
-            let ce =
-                logits.cross_entropy_loss::<Tensor>(&p_t, None, tch::Reduction::Mean, -100, 0.0);
-            value(&ce)
-        };
-        let kl = soft_ce(&student) - soft_ce(&teacher);
-        assert!((loss(&student, &teacher, 1.0, 0.0) - kl).abs() < 1e-5);
-        // T² keeps the soft term's gradient scale: at T = 2 the KL of the softened
-        // distributions, times 4.
-        let kl2 = {
-            let (s2, t2) = (&student / 2.0, &teacher / 2.0);
-            let p = t2.softmax(-1, Kind::Float);
-            let ce = |l: &Tensor| {
-                value(&l.cross_entropy_loss::<Tensor>(&p, None, tch::Reduction::Mean, -100, 0.0))
-            };
-            ce(&s2) - ce(&t2)
-        };
-        assert!((loss(&student, &teacher, 2.0, 0.0) - 4.0 * kl2).abs() < 1e-5);
-        for bad in ["4", "0,0.5", "4,1.5", "x,y"] {
-            assert!(bad.parse::<Distillation>().is_err(), "{bad}");
-        }
-        assert_eq!(
-            "4, 0.5".parse::<Distillation>().unwrap(),
-            Distillation::default()
-        );
-    }
-
-    #[test]
-    fn folded_models_and_empty_calibration_sets_are_refused() {
-        let mut model = ResNet18::new(3, Device::Cpu);
-        let stem = [("conv1".to_string(), (8, 3))].into_iter().collect();
-        let policy = crate::CompressionPolicy::new(crate::RankPolicy::Explicit(stem));
-        crate::compress_model(&mut model, &policy).unwrap();
-        model.fold_batch_norms();
-        let err = recalibrate_bn(&mut model, &calibration()).unwrap_err();
-        assert!(
-            err.to_string().contains("bn1") && err.to_string().contains("folded"),
-            "{err}"
-        );
-        let err = calibration()
-            .calibration_set(0, 1, 4)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("calibration images") && err.contains('0'),
-            "{err}"
-        );
-        // More than there are: all of them, each once.
-        let all = calibration().calibration_set(100, 1, 5).unwrap();
-        assert_eq!((all.len(), all.num_batches()), (12, 3));
-    }
-}
+mod tests;

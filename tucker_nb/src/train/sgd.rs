@@ -32,7 +32,10 @@ pub(crate) struct Sgd {
     /// μ and the weight decay as 0-d tensors on the parameters' device.
     mu: Tensor,
     weight_decay: Tensor,
-    /// The last learning rate and −lr as a 0-d tensor.
+    /// Each element's share of the learning rate, laid out as `flat`, when the parameters do
+    /// not all train at the same rate (`torch.optim.SGD`'s parameter groups); `None`: all at 1.
+    lr_scale: Option<Tensor>,
+    /// The last learning rate and −lr (times `lr_scale`) as a tensor.
     lr: Option<(f64, Tensor)>,
 }
 
@@ -117,8 +120,29 @@ impl Sgd {
             flat,
             momentum: None,
             spare: None,
+            lr_scale: None,
             lr: None,
         })
+    }
+
+    /// Each parameter (in the order given to [`Self::new`]) trains at `scales[i]` × the step's
+    /// learning rate, as a parameter group of `torch.optim.SGD` with that lr would.
+    pub fn with_lr_scales(mut self, scales: &[f64]) -> Self {
+        assert_eq!(scales.len(), self.params.len(), "one scale per parameter");
+        self.lr = None;
+        self.lr_scale = match scales.iter().all(|&s| s == 1.0) {
+            true => None,
+            false => tch::no_grad(|| {
+                let parts: Vec<Tensor> = self
+                    .params
+                    .iter()
+                    .zip(scales)
+                    .map(|(p, &s)| Tensor::full([p.numel() as i64], s, (p.kind(), p.device())))
+                    .collect();
+                Some(Tensor::cat(&parts, 0))
+            }),
+        };
+        self
     }
 
     pub fn parameters(&self) -> &[Tensor] {
@@ -159,11 +183,16 @@ impl Sgd {
         Ok(())
     }
 
-    /// −lr as a 0-d tensor on the parameters' device, made again only when lr changes (StepLR:
-    /// once in a few epochs), so a step copies nothing from the host.
+    /// −lr as a 0-d tensor on the parameters' device (each element's −lr·scale, laid out as the
+    /// flat buffer, with per-parameter scales), made again only when lr changes (StepLR: once in
+    /// a few epochs), so a step copies nothing from the host.
     fn negative_lr(&mut self, lr: f64) -> &Tensor {
         if self.lr.as_ref().map(|(v, _)| *v) != Some(lr) {
-            self.lr = Some((lr, scalar_like(&self.flat, -lr)));
+            let negative = match &self.lr_scale {
+                Some(scale) => tch::no_grad(|| scale * -lr),
+                None => scalar_like(&self.flat, -lr),
+            };
+            self.lr = Some((lr, negative));
         }
         &self.lr.as_ref().expect("just set").1
     }
@@ -308,6 +337,54 @@ mod tests {
         for ((name, m), b) in sgd.momentum_by_name().iter().zip(&bufs) {
             let diff = (m - b).abs().max().double_value(&[]);
             assert!(diff < 1e-6, "momentum of {name} differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn per_parameter_lr_scales_step_as_torchs_parameter_groups() {
+        // Parameter groups with lr·scale each: the per-tensor reference at each group's lr.
+        let (ours, x, y) = problem(11);
+        let theirs: Vec<Tensor> = ours
+            .iter()
+            .map(|(_, t)| t.copy().set_requires_grad(true))
+            .collect();
+        let handles: Vec<Tensor> = ours.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let scales = [0.1, 1.0, 0.25];
+        let mut sgd = trainable_sgd(ours, 0.9, 5e-4).with_lr_scales(&scales);
+        let mut bufs = Vec::new();
+        for step in 0..4 {
+            let lr = if step < 2 { 0.1 } else { 0.01 };
+            sgd.backward_step(&loss(sgd.parameters(), &x, &y), lr)
+                .unwrap();
+            loss(&theirs, &x, &y).backward();
+            for (i, p) in theirs.iter().enumerate() {
+                let mut one = vec![bufs.get(i).map(Tensor::copy)]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                reference_step(std::slice::from_ref(p), &mut one, lr * scales[i], 0.9, 5e-4);
+                match bufs.get_mut(i) {
+                    Some(b) => *b = one.remove(0),
+                    None => bufs.push(one.remove(0)),
+                }
+            }
+        }
+        for (i, (a, b)) in handles.iter().zip(&theirs).enumerate() {
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "parameter {i} differs by {diff}");
+        }
+        // All scales 1 is the plain step, bit for bit.
+        let (plain, x, y) = problem(12);
+        let copies: Vec<(String, Tensor)> =
+            plain.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        let mut a = trainable_sgd(plain, 0.9, 5e-4);
+        let mut b = trainable_sgd(copies, 0.9, 5e-4).with_lr_scales(&[1.0; 3]);
+        for _ in 0..2 {
+            a.backward_step(&loss(a.parameters(), &x, &y), 0.1).unwrap();
+            b.backward_step(&loss(b.parameters(), &x, &y), 0.1).unwrap();
+        }
+        for (p, q) in a.parameters().iter().zip(b.parameters()) {
+            assert!(p.equal(q));
         }
     }
 

@@ -14,7 +14,7 @@ use tucker_nb::data::Split;
 use tucker_nb::experiment::RunConfig;
 use tucker_nb::export::{ExportConfig, ExportFormat};
 use tucker_nb::synthetic::{SyntheticFormat, SyntheticSpec};
-use tucker_nb::train::{BnMode, Distillation};
+use tucker_nb::train::{BnMode, Distillation, Recipe};
 use tucker_nb::{runtime, sweep, CompressionPolicy, FineTuneConfig, Fit, Method, RankPolicy};
 
 // Defaults live in the library's configs; a flag left out keeps the library's value, and the
@@ -273,6 +273,11 @@ pub struct TrainArgs {
     pub step_size: Option<usize>,
     #[arg(long, help = with_default("", fine_tune_defaults().gamma))]
     pub gamma: Option<f64>,
+    #[arg(long, help = with_default(
+        "The factorised convs' learning rate as a share of --lr (fc and BN train at --lr).",
+        fine_tune_defaults().factor_lr_scale,
+    ))]
+    pub factor_lr_scale: Option<f64>,
     #[arg(long, value_enum, help = with_default(
         "BN while training: frozen, statistics (the seed: batch statistics, affine fixed) or train.",
         value_name(fine_tune_defaults().bn),
@@ -365,6 +370,17 @@ pub struct ExperimentArgs {
     /// Skip the BN recalibration after compression (the seed's flow).
     #[arg(long)]
     pub no_bn_recalibration: bool,
+    #[arg(long, value_enum, help = with_default(
+        "How the compressed model is fine-tuned: distill (from the model before compression, \
+         returning the epoch best on held-out training images, stopped early if it diverges) or \
+         seed (the seed's recipe: cross-entropy, the last epoch).",
+        value_name(run_defaults().recipe),
+    ))]
+    pub recipe: Option<Recipe>,
+    /// Training images held out to choose the fine-tune's epoch (distill recipe; default: 5 % of
+    /// them, at least one batch, at most a quarter).
+    #[arg(long, value_parser = non_negative::<usize>, value_name = "N")]
+    pub held_out_images: Option<usize>,
 }
 
 #[derive(Args)]
@@ -572,12 +588,15 @@ impl ExperimentArgs {
         set(&mut config.seed, train.seed);
         set(&mut config.calib_images, self.calib_images);
         config.recalibrate_bn = !self.no_bn_recalibration;
+        set(&mut config.recipe, self.recipe);
+        config.held_out_images = self.held_out_images;
         let ft = &mut config.fine_tune;
         set(&mut ft.lr, train.lr);
         set(&mut ft.momentum, train.momentum);
         set(&mut ft.weight_decay, train.weight_decay);
         set(&mut ft.step_size, train.step_size);
         set(&mut ft.gamma, train.gamma);
+        set(&mut ft.factor_lr_scale, train.factor_lr_scale);
         set(&mut ft.bn, train.bn);
         ft.bf16 = train.bf16;
         ft.channels_last = !train.no_channels_last;

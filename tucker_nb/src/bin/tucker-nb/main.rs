@@ -186,8 +186,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             ),
         })
         .collect();
+    let chosen = match s.chosen_epoch {
+        Some(0) => " (epoch 0: no epoch beat the starting model on held-out images)".to_string(),
+        Some(e) => format!(" (epoch {e})"),
+        None => String::new(),
+    };
     println!(
-        "top-1: original {:.4}{stages} | compressed + fine-tuned {:.4}",
+        "top-1: original {:.4}{stages} | compressed + fine-tuned{chosen} {:.4}",
         s.original.top1, s.fine_tuned.top1
     );
     println!(

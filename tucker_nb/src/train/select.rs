@@ -1,0 +1,182 @@
+//! Epoch selection on held-out images, and the divergence guard. A fine-tune given held-out
+//! training images ([`super::FineTune::held_out`]) scores the model it starts from and the model
+//! after every epoch on them, and returns the best one: the starting model counts, so it never
+//! returns a model that scores worse there than the one it was given. The validation set is
+//! never used for the choice.
+//!
+//! The guard stops a phase early, with the best model so far, when a training loss is not finite
+//! or the held-out loss exceeds max(3 × the starting held-out loss, the starting loss + 1 nat): a
+//! model that far off has diverged (a good one's loss only drifts), and another epoch at a
+//! smaller learning rate rarely brings it back.
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::evaluate::{evaluate_with, EvalOptions};
+use crate::error::Result;
+use crate::loader::Loader;
+use crate::model::ResNet18;
+
+/// The guard's factor on the starting held-out loss.
+pub const DIVERGED_FACTOR: f64 = 3.0;
+/// The guard's least margin over the starting held-out loss, in nats.
+pub const DIVERGED_MARGIN: f64 = 1.0;
+
+/// A model's score on the held-out images.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HeldOutScore {
+    pub top1: f64,
+    /// Mean cross-entropy.
+    pub loss: f64,
+}
+
+impl HeldOutScore {
+    /// `model` (eval mode) on `held_out`.
+    pub fn of(model: &ResNet18, held_out: &Loader, bf16: bool) -> Result<Self> {
+        let options = EvalOptions {
+            bf16,
+            ..EvalOptions::default()
+        };
+        let eval = evaluate_with(model, held_out, options)?;
+        Ok(Self {
+            top1: eval.top1,
+            loss: eval.loss,
+        })
+    }
+
+    /// A higher top-1, or the same top-1 at a lower loss (a non-finite loss never beats).
+    pub fn beats(&self, other: &Self) -> bool {
+        self.loss.is_finite()
+            && (self.top1 > other.top1 || (self.top1 == other.top1 && self.loss < other.loss))
+    }
+
+    /// Whether a model scoring this, after starting at `start`, has diverged (the guard's rule).
+    pub fn diverged_from(&self, start: &Self) -> bool {
+        let limit = (DIVERGED_FACTOR * start.loss).max(start.loss + DIVERGED_MARGIN);
+        !self.loss.is_finite() || self.loss > limit
+    }
+}
+
+/// What the selection has seen so far; checkpointed with each epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SelectionState {
+    /// The starting model's score.
+    pub start: HeldOutScore,
+    /// The best epoch so far (0: the starting model) and its score.
+    pub best_epoch: u32,
+    pub best: HeldOutScore,
+}
+
+/// The best model so far: its score and a copy of every tensor of it.
+pub(super) struct Selection {
+    pub state: SelectionState,
+    weights: Vec<Tensor>,
+}
+
+/// Copies of every tensor of `model` (parameters and BN buffers), in `named_tensors` order.
+fn snapshot(model: &ResNet18) -> Vec<Tensor> {
+    tch::no_grad(|| {
+        model
+            .named_tensors()
+            .into_iter()
+            .map(|(_, t)| t.detach().copy())
+            .collect()
+    })
+}
+
+impl Selection {
+    /// Starts from `model`, which scores `score`.
+    pub fn start(model: &ResNet18, score: HeldOutScore) -> Self {
+        Self {
+            state: SelectionState {
+                start: score,
+                best_epoch: 0,
+                best: score,
+            },
+            weights: snapshot(model),
+        }
+    }
+
+    /// A selection read back from a checkpoint: its state and the best model's tensors.
+    pub fn resumed(state: SelectionState, weights: Vec<Tensor>) -> Self {
+        Self { state, weights }
+    }
+
+    /// After `epoch`, whose model scored `score`: the reason to stop when it diverged (the
+    /// guard), else `None`, `model` kept as the best when it beats the best so far.
+    pub fn after_epoch(
+        &mut self,
+        model: &ResNet18,
+        epoch: u32,
+        score: HeldOutScore,
+    ) -> Option<String> {
+        let start = self.state.start;
+        if score.diverged_from(&start) {
+            return Some(format!(
+                "held-out loss {:.4} after epoch {epoch} is above max({DIVERGED_FACTOR} × {:.4}, \
+                 {:.4} + {DIVERGED_MARGIN})",
+                score.loss, start.loss, start.loss
+            ));
+        }
+        if score.beats(&self.state.best) {
+            self.state.best_epoch = epoch;
+            self.state.best = score;
+            self.weights = snapshot(model);
+        }
+        None
+    }
+
+    /// Writes the best model's tensors back into `model`, bit for bit.
+    pub fn restore(&self, model: &ResNet18) {
+        tch::no_grad(|| {
+            for ((_, mut t), saved) in model.named_tensors().into_iter().zip(&self.weights) {
+                t.copy_(saved);
+            }
+        });
+    }
+
+    /// The best model's tensors by name (for a checkpoint).
+    pub fn named_weights(&self, model: &ResNet18) -> Vec<(String, Tensor)> {
+        model
+            .named_tensors()
+            .into_iter()
+            .zip(&self.weights)
+            .map(|((name, _), t)| (name, t.shallow_clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn score(top1: f64, loss: f64) -> HeldOutScore {
+        HeldOutScore { top1, loss }
+    }
+
+    #[test]
+    fn a_higher_top1_or_an_equal_one_at_a_lower_loss_beats() {
+        assert!(score(0.9, 2.0).beats(&score(0.8, 0.1)));
+        assert!(score(0.8, 0.2).beats(&score(0.8, 0.3)));
+        assert!(
+            !score(0.8, 0.3).beats(&score(0.8, 0.3)),
+            "a tie keeps the earlier"
+        );
+        assert!(!score(0.7, 0.1).beats(&score(0.8, 0.3)));
+        assert!(!score(1.0, f64::NAN).beats(&score(0.1, 3.0)));
+    }
+
+    #[test]
+    fn the_guard_allows_drift_and_stops_divergence() {
+        let start = score(0.9, 0.3);
+        // max(3 × 0.3, 0.3 + 1) = 1.3
+        assert!(!score(0.8, 1.29).diverged_from(&start));
+        assert!(score(0.1, 1.31).diverged_from(&start));
+        assert!(score(0.9, f64::INFINITY).diverged_from(&start));
+        assert!(score(0.9, f64::NAN).diverged_from(&start));
+        // From a poor start (loss 2.3), 3× is the limit: 6.9.
+        let poor = score(0.1, 2.3);
+        assert!(!score(0.1, 6.8).diverged_from(&poor));
+        assert!(score(0.1, 5300.0).diverged_from(&poor));
+    }
+}
