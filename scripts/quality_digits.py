@@ -93,21 +93,31 @@ def train(a):
 def table(a):
     rows = []
     for path in a.runs:
+        # runs/quality/RECIPE/seedN: each policy's rows are grouped per recipe.
+        recipe = os.path.basename(os.path.dirname(os.path.normpath(path)))
         for r in csv.DictReader(open(os.path.join(path, "sweep.csv"))):
+            if r["policy"] != "dense":
+                r["policy"] = f"{r['policy']} ({recipe})"
             rows.append(dict(r, run=path))
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     cols = ("top1_compressed", "top1_recalibrated", "top1")
     print("| policy | conv MACs (of dense) | measured speedup | mean rel. error | top-1 compressed | "
-          "top-1 BN recalibrated | top-1 after fine-tune | per seed (after fine-tune) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "top-1 BN recalibrated | top-1 after fine-tune | after − recalibrated (mean; worst seed) | "
+          "per seed: recalibrated → after fine-tune (chosen epoch) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for p in policies:
         mine = [r for r in rows if r["policy"] == p]
         mean = lambda c: statistics.mean(float(r[c]) for r in mine)  # noqa: E731
-        seeds = " / ".join(f"{float(r['top1']) * 100:.1f}" for r in mine)
+        gains = [(float(r["top1"]) - float(r["top1_recalibrated"])) * 100 for r in mine]
+        seeds = " / ".join(
+            f"{float(r['top1_recalibrated']) * 100:.1f} → {float(r['top1']) * 100:.1f}"
+            + (f" (e{r['chosen_epoch']})" if r.get("chosen_epoch") not in (None, "") else "")
+            for r in mine)
         speed = (f"{mean('speedup'):.2f}× ({min(float(r['speedup']) for r in mine):.2f}–"
                  f"{max(float(r['speedup']) for r in mine):.2f})") if "speedup" in mine[0] else "-"
         print(f"| `{p}` | {mean('macs_ratio'):.3f} | {speed} | {mean('mean_rel_error'):.3f} | "
-              + " | ".join(f"{mean(c) * 100:.1f} %" for c in cols) + f" | {seeds} |")
+              + " | ".join(f"{mean(c) * 100:.1f} %" for c in cols)
+              + f" | {statistics.mean(gains):+.2f}; {min(gains):+.2f} | {seeds} |")
 
 
 def main():
