@@ -219,7 +219,7 @@ fn a_fine_tune_whose_every_epoch_is_worse_returns_the_starting_weights_bit_for_b
         let _ = model.fc.weight.zero_();
         let _ = model.fc.bias.copy_(&Tensor::from_slice(&[10.0f32, -10.0]));
     });
-    let start = HeldOutScore::of(&model, &held_out, false).unwrap();
+    let start = HeldOutScore::of(&model, &held_out, false, None).unwrap();
     assert_eq!(start.top1, 1.0);
     let before = tensors(&model);
     let config = FineTuneConfig {

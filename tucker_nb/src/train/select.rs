@@ -1,8 +1,11 @@
 //! Epoch selection on held-out images, and the divergence guard. A fine-tune given held-out
 //! training images ([`super::FineTune::held_out`]) scores the model it starts from and the model
 //! after every epoch on them, and returns the best one: the starting model counts, so it never
-//! returns a model that scores worse there than the one it was given. The validation set is
-//! never used for the choice.
+//! returns a model that scores worse there than the one it was given. The score is top-1, then
+//! (on equal top-1, common on a small held-out set of an easy task) the fine-tune's own loss:
+//! the distillation loss against the teacher when it distils (how closely the student matches
+//! the model before compression), else cross-entropy. The validation set is never used for the
+//! choice.
 //!
 //! The guard stops a phase early, with the best model so far, when a training loss is not finite
 //! or the held-out loss exceeds max(3 × the starting held-out loss, the starting loss + 1 nat): a
@@ -12,10 +15,11 @@
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::evaluate::{evaluate_with, EvalOptions};
+use super::{distillation_loss, Distillation};
 use crate::error::Result;
 use crate::loader::Loader;
 use crate::model::ResNet18;
+use crate::runtime::autocast_bf16;
 
 /// The guard's factor on the starting held-out loss.
 pub const DIVERGED_FACTOR: f64 = 3.0;
@@ -26,21 +30,48 @@ pub const DIVERGED_MARGIN: f64 = 1.0;
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct HeldOutScore {
     pub top1: f64,
-    /// Mean cross-entropy.
+    /// The fine-tune's loss, averaged over the images: cross-entropy, or the distillation loss
+    /// against the teacher's logits on the same (eval-transform) images.
     pub loss: f64,
 }
 
 impl HeldOutScore {
-    /// `model` (eval mode) on `held_out`.
-    pub fn of(model: &ResNet18, held_out: &Loader, bf16: bool) -> Result<Self> {
-        let options = EvalOptions {
-            bf16,
-            ..EvalOptions::default()
-        };
-        let eval = evaluate_with(model, held_out, options)?;
+    /// `model` (eval mode) on `held_out`; with a `teacher`, the loss is the distillation loss
+    /// against its logits.
+    pub fn of(
+        model: &ResNet18,
+        held_out: &Loader,
+        bf16: bool,
+        teacher: Option<(&ResNet18, Distillation)>,
+    ) -> Result<Self> {
+        let device = held_out.device;
+        let mut loss_sum = Tensor::zeros([], (tch::Kind::Double, device));
+        let mut correct = Tensor::zeros([], (tch::Kind::Int64, device));
+        tch::no_grad(|| {
+            let logits_of = |m: &ResNet18, x: &Tensor| {
+                autocast_bf16(bf16, || m.forward(x, false)).to_kind(tch::Kind::Float)
+            };
+            for batch in held_out.epoch(0) {
+                let n = batch.labels.size()[0] as f64;
+                let logits = logits_of(model, &batch.images);
+                let loss = match teacher {
+                    Some((teacher, how)) => {
+                        let taught = logits_of(teacher, &batch.images);
+                        distillation_loss(&logits, &taught, &batch.labels, how)
+                    }
+                    None => logits.cross_entropy_for_logits(&batch.labels),
+                };
+                loss_sum += loss.to_kind(tch::Kind::Double) * n;
+                correct += logits
+                    .argmax(1, false)
+                    .eq_tensor(&batch.labels)
+                    .sum(tch::Kind::Int64);
+            }
+        });
+        let n = held_out.len().max(1) as f64;
         Ok(Self {
-            top1: eval.top1,
-            loss: eval.loss,
+            top1: correct.int64_value(&[]) as f64 / n,
+            loss: loss_sum.double_value(&[]) / n,
         })
     }
 
