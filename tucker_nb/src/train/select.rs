@@ -8,9 +8,11 @@
 //! choice.
 //!
 //! The guard stops a phase early, with the best model so far, when a training loss is not finite
-//! or the held-out loss exceeds max(3 × the starting held-out loss, the starting loss + 1 nat): a
-//! model that far off has diverged (a good one's loss only drifts), and another epoch at a
-//! smaller learning rate rarely brings it back.
+//! or the held-out loss exceeds max(10 × the starting held-out loss, the starting loss + 5 nats):
+//! a model that far off has diverged. The limit is loose on purpose: under the seed's learning
+//! rate and augmentation the first epoch often costs a compressed model some held-out loss that
+//! the later epochs win back (on the digits, 0.05 → 2.0), and the selection, not the guard, keeps
+//! such an epoch from being returned.
 
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
@@ -22,9 +24,9 @@ use crate::model::ResNet18;
 use crate::runtime::autocast_bf16;
 
 /// The guard's factor on the starting held-out loss.
-pub const DIVERGED_FACTOR: f64 = 3.0;
+pub const DIVERGED_FACTOR: f64 = 10.0;
 /// The guard's least margin over the starting held-out loss, in nats.
-pub const DIVERGED_MARGIN: f64 = 1.0;
+pub const DIVERGED_MARGIN: f64 = 5.0;
 
 /// A model's score on the held-out images.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -199,15 +201,16 @@ mod tests {
 
     #[test]
     fn the_guard_allows_drift_and_stops_divergence() {
-        let start = score(0.9, 0.3);
-        // max(3 × 0.3, 0.3 + 1) = 1.3
-        assert!(!score(0.8, 1.29).diverged_from(&start));
-        assert!(score(0.1, 1.31).diverged_from(&start));
+        let start = score(0.9, 0.05);
+        // max(10 × 0.05, 0.05 + 5) = 5.05: the digits' first-epoch dip to 2.0 goes on.
+        assert!(!score(0.8, 2.0).diverged_from(&start));
+        assert!(!score(0.8, 5.04).diverged_from(&start));
+        assert!(score(0.1, 5.06).diverged_from(&start));
         assert!(score(0.9, f64::INFINITY).diverged_from(&start));
         assert!(score(0.9, f64::NAN).diverged_from(&start));
-        // From a poor start (loss 2.3), 3× is the limit: 6.9.
+        // From a poor start (loss 2.3), 10× is the limit: 23.
         let poor = score(0.1, 2.3);
-        assert!(!score(0.1, 6.8).diverged_from(&poor));
-        assert!(score(0.1, 5300.0).diverged_from(&poor));
+        assert!(!score(0.1, 22.9).diverged_from(&poor));
+        assert!(score(0.1, 71.0).diverged_from(&poor));
     }
 }
