@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::frame::{column, frame_of};
 use crate::loader::Loader;
 use crate::model::ResNet18;
-use crate::train::{evaluate, recalibrate_bn, FineTune, FineTuneConfig, Trainable};
+use crate::train::{evaluate, recalibrate_bn, FineTune, FineTuneConfig, History, Trainable};
 
 /// The policies `tucker-nb sweep` compares unless told others.
 pub const DEFAULT_POLICIES: &str =
@@ -94,7 +94,19 @@ pub fn sweep<'a>(
     loaders: (&Loader, &Loader, &Loader),
     fine_tune: impl Into<FineTune<'a>>,
 ) -> Result<DataFrame> {
+    sweep_with_history(model, policies, loaders, fine_tune).map(|(points, _)| points)
+}
+
+/// [`sweep`], and every point's fine-tune epochs (each row's phase is the point's policy), to see
+/// what each point's validation and held-out figures did epoch by epoch.
+pub fn sweep_with_history<'a>(
+    model: &ResNet18,
+    policies: &[CompressionPolicy],
+    loaders: (&Loader, &Loader, &Loader),
+    fine_tune: impl Into<FineTune<'a>>,
+) -> Result<(DataFrame, History)> {
     let fine_tune = fine_tune.into();
+    let mut epochs = Vec::new();
     let input = policies.first().map_or([224, 224], |p| p.input_size);
     let dense = (model.conv_macs(input), model.num_params());
     let moments = match policies.iter().any(|p| p.fit() == Fit::Data) {
@@ -128,7 +140,9 @@ pub fn sweep<'a>(
     }];
     for policy in policies {
         let data = moments.as_ref().filter(|_| policy.fit() == Fit::Data);
-        let (mut point, speed) = sweep_point((model, data), policy, loaders, &fine_tune, dense)?;
+        let (mut point, speed, history) =
+            sweep_point((model, data), policy, loaders, &fine_tune, dense)?;
+        epochs.extend(history.0);
         let policy_key =
             TimingKey::current(&policy.timing, model.device(), model.is_channels_last());
         point.images_per_s = policy_key.batch as f64 / (speed.after_ms / 1e3);
@@ -142,7 +156,7 @@ pub fn sweep<'a>(
         true => key.batch as f64 / (crate::compress::latency::model_ms(model, input, &key) / 1e3),
         false => key.batch as f64 / (crate::timing::median(dense_ms) / 1e3),
     };
-    Ok(sweep_frame(&points))
+    Ok((sweep_frame(&points), History(epochs)))
 }
 
 /// One policy's point: compress a copy, evaluate, recalibrate, evaluate, fine-tune, evaluate,
@@ -153,7 +167,7 @@ fn sweep_point(
     (train, val, calibration): (&Loader, &Loader, &Loader),
     fine_tune: &FineTune,
     (dense_macs, dense_params): (i64, i64),
-) -> Result<(SweepPoint, MeasuredSpeed)> {
+) -> Result<(SweepPoint, MeasuredSpeed, History)> {
     let spec = policy.ranks.to_string();
     let mut compressed = model.deep_copy();
     let mut report = compress_model_fitted(&mut compressed, policy, moments)?;
@@ -208,7 +222,7 @@ fn sweep_point(
         predicted_speedup: report.latency.as_ref().map(|l| l.predicted_speedup),
         speed_at: String::new(),
     };
-    Ok((point, speed))
+    Ok((point, speed, history))
 }
 
 /// Whether each point is on the Pareto front of (lower cost, higher top-1): no other point is

@@ -688,6 +688,19 @@ fn the_sweep_command_writes_its_table_and_chart() {
     for chart in ["pareto.png", "pareto-speed.png"] {
         assert!(image::open(out.join(chart)).is_ok(), "{chart}");
     }
+    // Every point's fine-tune epochs, the phase naming the point's policy.
+    let epochs = std::fs::read_to_string(out.join("sweep-metrics.csv")).unwrap();
+    let lines: Vec<&str> = epochs.lines().collect();
+    assert_eq!(lines[0], tucker_nb::train::METRICS_COLUMNS.join(","));
+    let phases: Vec<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        ["budget-macs:0.5", "budget-latency:0.6"],
+        "{epochs}"
+    );
 }
 
 #[test]

@@ -300,7 +300,8 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
 /// The budget sweep on the run's data and weights: each of `policies` compresses a copy of the
 /// model, which is fine-tuned for `config.compressed_epochs` (factorised convs and fc) and
 /// evaluated, and timed beside the dense model at the run's eval batch size (and dtype). Writes
-/// `sweep.csv`, `pareto.png` and `pareto-speed.png` into `config.out`; returns the sweep's frame
+/// `sweep.csv`, `sweep-metrics.csv` (every point's fine-tune epochs, phase = policy), `pareto.png`
+/// and `pareto-speed.png` into `config.out`; returns the sweep's frame
 /// ([`crate::sweep::SWEEP_COLUMNS`]).
 pub fn run_sweep(config: &RunConfig, policies: &[CompressionPolicy]) -> Result<DataFrame> {
     config.validate()?;
@@ -321,9 +322,13 @@ pub fn run_sweep(config: &RunConfig, policies: &[CompressionPolicy]) -> Result<D
     let loaders = (&train, &val, &calibration);
     let policies: Vec<CompressionPolicy> = policies.iter().map(|p| config.timed(p)).collect();
     let run = FineTune::from(fine_tune).selecting_on(held_out.as_ref());
-    let frame = crate::sweep::sweep(&model, &policies, loaders, run)?;
+    let (frame, history) = crate::sweep::sweep_with_history(&model, &policies, loaders, run)?;
     let mut outputs = io::Outputs::new();
     outputs.write_with(&out.join("sweep.csv"), |tmp| write_frame_csv(&frame, tmp))?;
+    let epochs = history.frame();
+    outputs.write_with(&out.join("sweep-metrics.csv"), |tmp| {
+        write_frame_csv(&epochs, tmp)
+    })?;
     let chart = crate::plots::pareto_chart(&frame)?;
     outputs.write_with(&out.join("pareto.png"), |tmp| chart.save_png(tmp))?;
     let chart = crate::plots::pareto_speed_chart(&frame)?;

@@ -213,7 +213,7 @@ fn sweep(args: SweepArgs) -> anyhow::Result<()> {
     let frame = experiment::run_sweep(&config, &policies)?;
     println!("{frame}");
     println!(
-        "wrote {}/{{sweep.csv,pareto.png,pareto-speed.png}}",
+        "wrote {}/{{sweep.csv,sweep-metrics.csv,pareto.png,pareto-speed.png}}",
         config.out.display()
     );
     Ok(())
