@@ -206,40 +206,145 @@ fn assert_bit_for_bit(model: &ResNet18, before: &[(String, Tensor)]) {
     }
 }
 
+/// `n` random 32-px images, all of class `label` (of two).
+fn one_class(n: i64, label: i64, seed: i64) -> Loader {
+    tch::manual_seed(seed);
+    let data = tucker_nb::Dataset {
+        images: Tensor::randint(256, [n, 3, 32, 32], (Kind::Uint8, Device::Cpu)),
+        labels: Tensor::full([n], label, (Kind::Int64, Device::Cpu)),
+        classes: vec!["a".into(), "b".into()],
+        names: (0..n).map(|i| format!("{label}/{i}.png")).collect(),
+        key: format!("one-class-{label}-{seed}"),
+        mapped: None,
+    };
+    let transform = tucker_nb::loader::Transform::Eval { size: 32 };
+    Loader::new(&data, 8, transform, Device::Cpu, false)
+}
+
 #[test]
 fn a_fine_tune_whose_every_epoch_is_worse_returns_the_starting_weights_bit_for_bit() {
     tucker_nb::runtime::init();
-    let dir = tempfile::tempdir().unwrap();
-    // One class: a classifier that always says it is perfect (top-1 1, loss ~2e-9); a weight
-    // decay that halves fc at every step can only make it worse, epoch after epoch.
-    let (train, val) = loaders(&dataset(dir.path(), 1, 24), 8);
-    let (train, held_out) = train.hold_out(8, 1, 8).unwrap();
+    // The model says class b for everything: held-out top-1 1 on images of class b. It is
+    // trained on images of class a only, at a rate that flips fc within the first step, so
+    // every epoch's held-out top-1 is lower than the start's.
+    let train = one_class(16, 0, 1);
+    let held_out = one_class(8, 1, 2);
     let mut model = ResNet18::new(2, Device::Cpu);
     tch::no_grad(|| {
         let _ = model.fc.weight.zero_();
-        let _ = model.fc.bias.copy_(&Tensor::from_slice(&[10.0f32, -10.0]));
+        let _ = model.fc.bias.copy_(&Tensor::from_slice(&[-10.0f32, 10.0]));
     });
     let start = HeldOutScore::of(&model, &held_out, false, None).unwrap();
     assert_eq!(start.top1, 1.0);
     let before = tensors(&model);
     let config = FineTuneConfig {
         epochs: 3,
-        lr: 1.0,
+        lr: 10.0,
         momentum: 0.0,
-        weight_decay: 0.5,
-        step_size: 10,
+        trainable: Trainable::Classifier,
         ..Default::default()
     };
     let run = FineTune::from(&config).selecting_on(Some(&held_out));
-    let rows = fine_tune(&mut model, &train, &val, run).unwrap().0;
-    assert!(!rows.is_empty());
+    let rows = fine_tune(&mut model, &train, &held_out, run).unwrap().0;
+    assert_eq!(rows.len(), 3, "no epoch was stopped early: {rows:?}");
     for row in &rows {
-        let loss = row.held_out_loss.unwrap();
-        assert!(loss > start.loss, "epoch {} scored {loss}", row.epoch);
+        let top1 = row.held_out_top1.unwrap();
+        assert!(top1 < start.top1, "epoch {} scored {top1}", row.epoch);
         assert_eq!(row.chosen_epoch, 0, "epoch {}", row.epoch);
     }
     // The BN statistics moved in training (batch-statistics mode): restored too.
     assert_bit_for_bit(&model, &before);
+}
+
+#[test]
+fn an_epoch_that_ties_the_best_top1_is_chosen_over_it() {
+    tucker_nb::runtime::init();
+    // One class, a model that is always right: every epoch ties at held-out top-1 1 (its loss
+    // only grows under the weight decay), and the last epoch is returned.
+    let train = one_class(16, 0, 3);
+    let held_out = one_class(8, 0, 4);
+    let mut model = ResNet18::new(2, Device::Cpu);
+    tch::no_grad(|| {
+        let _ = model.fc.weight.zero_();
+        let _ = model.fc.bias.copy_(&Tensor::from_slice(&[10.0f32, -10.0]));
+    });
+    let start = HeldOutScore::of(&model, &held_out, false, None).unwrap();
+    let config = FineTuneConfig {
+        epochs: 2,
+        lr: 1.0,
+        momentum: 0.0,
+        weight_decay: 0.5,
+        trainable: Trainable::Classifier,
+        ..Default::default()
+    };
+    let run = FineTune::from(&config).selecting_on(Some(&held_out));
+    let rows = fine_tune(&mut model, &train, &held_out, run).unwrap().0;
+    for row in &rows {
+        assert_eq!(row.held_out_top1, Some(1.0), "epoch {}", row.epoch);
+        assert!(
+            row.held_out_loss.unwrap() > start.loss,
+            "epoch {}",
+            row.epoch
+        );
+        assert_eq!(row.chosen_epoch, 2, "epoch {}", row.epoch);
+    }
+    let last = HeldOutScore::of(&model, &held_out, false, None).unwrap();
+    assert_eq!(
+        Some(last.loss),
+        rows[1].held_out_loss,
+        "the last epoch's model"
+    );
+}
+
+#[test]
+fn epoch_recalibration_ends_each_epoch_with_the_calibration_sets_statistics() {
+    tucker_nb::runtime::init();
+    let dir = tempfile::tempdir().unwrap();
+    let (train, val) = loaders(&dataset(dir.path(), 2, 16), 8);
+    let running = |m: &ResNet18| -> Vec<(String, Tensor)> {
+        tensors(m)
+            .into_iter()
+            .filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var"))
+            .collect()
+    };
+    let config = FineTuneConfig {
+        epochs: 1,
+        lr: 0.01,
+        trainable: Trainable::Classifier,
+        bn: BnMode::Statistics,
+        epoch_recalibration: Some(12),
+        ..Default::default()
+    };
+    tch::manual_seed(0);
+    let start = ResNet18::new(2, Device::Cpu);
+    let calibration = train
+        .calibration_set(12, train.seed, val.batch_size)
+        .unwrap();
+    let mut recalibrated = start.deep_copy();
+    fine_tune(&mut recalibrated, &train, &val, &config).unwrap();
+    let mut expected = recalibrated.deep_copy();
+    tucker_nb::train::recalibrate_bn(&mut expected, &calibration).unwrap();
+    for ((name, got), (_, want)) in running(&recalibrated).iter().zip(&running(&expected)) {
+        assert!(
+            got.equal(want),
+            "{name}: not the calibration set's statistics"
+        );
+    }
+    // Without it, the epoch leaves the training batches' statistics: the check above can fail.
+    let mut plain = start.deep_copy();
+    let seed_config = FineTuneConfig {
+        epoch_recalibration: None,
+        ..config
+    };
+    fine_tune(&mut plain, &train, &val, &seed_config).unwrap();
+    let differs = running(&plain)
+        .iter()
+        .zip(&running(&expected))
+        .any(|((_, a), (_, b))| !a.allclose(b, 1e-4, 1e-4, false));
+    assert!(
+        differs,
+        "the training batches left the calibration set's statistics"
+    );
 }
 
 #[test]

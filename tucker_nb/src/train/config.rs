@@ -40,8 +40,9 @@ pub enum Recipe {
     /// (batch statistics by default), the last epoch's model.
     Seed,
     /// Distilled from the model before compression (the run's `distill`, else T = 4, α = 0.5),
-    /// learning rates and BN as the run says (the seed's by default); the epoch that scores best
-    /// on held-out training images is returned (the starting model counts), and a diverging
+    /// learning rates and BN mode as the run says (the seed's by default), the BN statistics
+    /// re-estimated on the calibration set after every epoch; the epoch that scores best on
+    /// held-out training images is returned (the starting model counts), and a diverging
     /// fine-tune stops early. Chosen by measurement (README, "The fine-tune recipe"): a tenth of
     /// the lr for the factors, or every layer at lr 0.001, lost 1.7 points on the seed's
     /// `ratio:0.2` model, and BN frozen at its recalibrated statistics diverged in the first
@@ -64,6 +65,12 @@ impl Recipe {
 
     /// Whether the recipe chooses its epoch on held-out images (and so holds some out).
     pub fn selects_on_held_out(self) -> bool {
+        self == Recipe::Distill
+    }
+
+    /// Whether the recipe re-estimates the BN statistics on the calibration set after every
+    /// epoch ([`FineTuneConfig::epoch_recalibration`]), when the run recalibrates at all.
+    pub fn recalibrates_each_epoch(self) -> bool {
         self == Recipe::Distill
     }
 }
@@ -101,6 +108,13 @@ pub struct FineTuneConfig {
     /// are spread over the whole dataset): quick runs and benchmarks. `None`: every batch.
     #[serde(default)]
     pub max_batches: Option<usize>,
+    /// Re-estimate the BN running statistics after every epoch, before the epoch is validated and
+    /// scored, on this many training images (the run's calibration set: the first after a shuffle
+    /// seeded with the training loader's seed, eval transform, in the validation loader's
+    /// batches). Training in batch-statistics mode leaves running statistics of augmented
+    /// batches, which undo the recalibration after compression; `None`: as the seed.
+    #[serde(default)]
+    pub epoch_recalibration: Option<usize>,
     /// Checkpoints go here after every epoch; `None` writes none.
     #[serde(skip)]
     pub checkpoint_dir: Option<PathBuf>,
@@ -130,6 +144,7 @@ impl Default for FineTuneConfig {
             channels_last: true,
             distill: None,
             max_batches: None,
+            epoch_recalibration: None,
             checkpoint_dir: None,
             resume: false,
         }
@@ -227,6 +242,9 @@ impl FineTuneConfig {
         )?;
         if let Some(n) = self.max_batches {
             crate::error::check_count("max batches", n)?;
+        }
+        if let Some(n) = self.epoch_recalibration {
+            crate::error::check_count("epoch recalibration images", n)?;
         }
         Ok(())
     }

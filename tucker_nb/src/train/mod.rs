@@ -226,11 +226,18 @@ fn fine_tune_epochs(
     for p in sgd.parameters() {
         let _ = p.set_requires_grad(true);
     }
+    let calibration = match (config.epoch_recalibration, config.bn) {
+        (Some(n), BnMode::Statistics | BnMode::Train) => {
+            Some(train.calibration_set(n, train.seed, val.batch_size)?)
+        }
+        _ => None,
+    };
     let one_epoch = Epoch {
         train,
         val,
         teacher,
         config,
+        calibration,
     };
     let mut result = Ok(());
     let mut stopped = None;
@@ -386,6 +393,9 @@ struct Epoch<'a> {
     val: &'a Loader,
     teacher: Option<&'a ResNet18>,
     config: &'a FineTuneConfig,
+    /// The images the BN statistics are re-estimated on after the epoch
+    /// ([`FineTuneConfig::epoch_recalibration`]).
+    calibration: Option<Loader>,
 }
 
 fn train_epoch(
@@ -395,6 +405,7 @@ fn train_epoch(
         val,
         teacher,
         config,
+        calibration,
     }: &Epoch,
     sgd: &mut Sgd,
     epoch: usize,
@@ -453,6 +464,9 @@ fn train_epoch(
     progress.finish(format!(
         "loss {train_loss:.4}  acc {train_acc:.4}  lr {lr:.0e}"
     ));
+    if let Some(calibration) = calibration {
+        recalibrate_bn(model, calibration)?;
+    }
     let options = EvalOptions {
         bf16: config.bf16,
         ..EvalOptions::default()
