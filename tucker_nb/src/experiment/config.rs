@@ -174,15 +174,8 @@ impl RunConfig {
             trainable,
             checkpoint_dir: Some(self.out.join(phase)),
             resume: self.resume,
-            epoch_recalibration: self.epoch_recalibration(),
             ..self.fine_tune.clone()
         }
-    }
-
-    /// The calibration images a compressed model's fine-tune re-estimates BN statistics on after
-    /// every epoch: the run's calibration set when the recipe does this and the run recalibrates.
-    pub fn epoch_recalibration(&self) -> Option<usize> {
-        (self.recipe.recalibrates_each_epoch() && self.recalibrate_bn).then_some(self.calib_images)
     }
 
     /// The seed's fine-tune of the original model: fc only (never distilled: there is no

@@ -317,7 +317,6 @@ pub fn run_sweep(config: &RunConfig, policies: &[CompressionPolicy]) -> Result<D
     let model = initial_model(config)?;
     let fine_tune = config.recipe.apply(FineTuneConfig {
         epochs: config.compressed_epochs,
-        epoch_recalibration: config.epoch_recalibration(),
         ..config.fine_tune.clone()
     });
     let loaders = (&train, &val, &calibration);
