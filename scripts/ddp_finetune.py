@@ -52,7 +52,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_RECORD = 2 + 3 * 32 * 32
 DEFAULT_MIXED_STORAGE = 256
 METRICS_COLUMNS = ("phase", "epoch", "lr", "train_loss", "train_acc", "val_top1", "val_top5",
-                   "val_loss", "seconds", "images_per_s", "warmup_seconds", "val_images_per_s")
+                   "val_loss", "seconds", "images_per_s", "warmup_seconds", "val_images_per_s",
+                   "held_out_top1", "held_out_loss", "chosen_epoch")
 OUTPUTS = ("finetuned.safetensors", "metrics.csv", "ddp.json")
 # What the launcher hands the ranks: its arguments, the device kind, an ImageFolder's storage size.
 ARGS_ENV = "TUCKER_NB_DDP_ARGS"
@@ -523,7 +524,11 @@ def metrics_csv(rows):
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(METRICS_COLUMNS)
+    # No held-out selection here (the seed's fine-tune): held-out figures empty, and the model
+    # written is the last epoch's.
+    last = rows[-1]["epoch"] if rows else 0
     for row in rows:
+        row = dict(row, held_out_top1="", held_out_loss="", chosen_epoch=last)
         writer.writerow([row[c] for c in METRICS_COLUMNS])
     return out.getvalue().encode()
 
