@@ -221,6 +221,18 @@ fn one_class(n: i64, label: i64, seed: i64) -> Loader {
     Loader::new(&data, 8, transform, Device::Cpu, false)
 }
 
+/// A two-class model whose fc says class `class` for every image, with logits ±10.
+fn always_says(class: usize) -> ResNet18 {
+    let mut model = ResNet18::new(2, Device::Cpu);
+    let mut bias = [-10.0f32; 2];
+    bias[class] = 10.0;
+    tch::no_grad(|| {
+        let _ = model.fc.weight.zero_();
+        let _ = model.fc.bias.copy_(&Tensor::from_slice(&bias));
+    });
+    model
+}
+
 #[test]
 fn a_fine_tune_whose_every_epoch_is_worse_returns_the_starting_weights_bit_for_bit() {
     tucker_nb::runtime::init();
@@ -230,11 +242,7 @@ fn a_fine_tune_whose_every_epoch_is_worse_returns_the_starting_weights_bit_for_b
     // enough for the guard to end the phase early: the start is returned either way).
     let train = one_class(16, 0, 1);
     let held_out = one_class(8, 1, 2);
-    let mut model = ResNet18::new(2, Device::Cpu);
-    tch::no_grad(|| {
-        let _ = model.fc.weight.zero_();
-        let _ = model.fc.bias.copy_(&Tensor::from_slice(&[-10.0f32, 10.0]));
-    });
+    let mut model = always_says(1);
     let start = HeldOutScore::of(&model, &held_out, false, None).unwrap();
     assert_eq!(start.top1, 1.0);
     let before = tensors(&model);
@@ -264,11 +272,7 @@ fn an_epoch_that_ties_the_best_top1_is_chosen_over_it() {
     // only grows under the weight decay), and the last epoch is returned.
     let train = one_class(16, 0, 3);
     let held_out = one_class(8, 0, 4);
-    let mut model = ResNet18::new(2, Device::Cpu);
-    tch::no_grad(|| {
-        let _ = model.fc.weight.zero_();
-        let _ = model.fc.bias.copy_(&Tensor::from_slice(&[10.0f32, -10.0]));
-    });
+    let mut model = always_says(0);
     let start = HeldOutScore::of(&model, &held_out, false, None).unwrap();
     let config = FineTuneConfig {
         epochs: 2,
