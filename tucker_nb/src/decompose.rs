@@ -67,22 +67,20 @@ fn as_f64(t: &Tensor) -> Tensor {
     t.detach().to_device(Device::Cpu).to_kind(Kind::Double)
 }
 
-/// The leading `rank` left singular vectors of `m` (rows × cols); `rank` may exceed cols (a 1×1
-/// conv's r_out can exceed C_in), in which case the full basis is computed.
+/// The leading `rank` left singular vectors of `m` (rows × cols), as the leading eigenvectors of
+/// the rows × rows Gram matrix m·mᵀ: one symmetric eigenproblem instead of an SVD of the whole
+/// unfolding (a conv's is C × 9C), several times faster and the same subspace up to each vector's
+/// sign. `rank` may exceed cols (a 1×1 conv's r_out can exceed C_in): the basis is always full.
 fn leading_left_singular_vectors(m: &Tensor, rank: i64) -> Tensor {
-    let [rows, cols] = m.size()[..] else {
-        unreachable!("unfolding is a matrix")
-    };
-    let (u, _, _) = m.svd(rank <= rows.min(cols), true);
-    u.narrow(1, 0, rank)
-}
-
-/// The leading `rank` eigenvectors of m·mᵀ, i.e. m's leading left singular vectors: one
-/// rows×rows symmetric eigenproblem, cheaper than an SVD inside HOOI's loop.
-fn leading_gram_eigenvectors(m: &Tensor, rank: i64) -> Tensor {
     let rows = m.size()[0];
     let (_, vectors) = m.matmul(&m.tr()).linalg_eigh("L"); // ascending eigenvalues
     vectors.narrow(1, rows - rank, rank).flip([1])
+}
+
+/// All of `m`'s left singular vectors (rows × rows: a full orthonormal basis), by descending
+/// singular value, those of singular value 0 last.
+fn left_singular_basis(m: &Tensor) -> Tensor {
+    leading_left_singular_vectors(m, m.size()[0])
 }
 
 /// The truncated-HOSVD Tucker-2 factors of a kernel at ranks (r_out, r_in).
@@ -130,9 +128,9 @@ pub fn tucker2_hooi(weight: &Tensor, ranks: (i64, i64)) -> Tucker2Factors {
     for _ in 0..HOOI_MAX_SWEEPS {
         // W ×1 U1ᵀ unfolded on mode 0, then W ×0 U0ᵀ unfolded on mode 1.
         let y0 = project_and_unfold(&factors.u1, &by_input, [c_out, kh, kw]);
-        let u0 = leading_gram_eigenvectors(&y0, r_out);
+        let u0 = leading_left_singular_vectors(&y0, r_out);
         let y1 = project_and_unfold(&u0, &by_output, [c_in, kh, kw]);
-        let u1 = leading_gram_eigenvectors(&y1, r_in);
+        let u1 = leading_left_singular_vectors(&y1, r_in);
         let core = mode_products(&w, &u0.tr(), &u1.tr());
         let new_error = rel_error(&core);
         let gained = error - new_error;
@@ -226,11 +224,11 @@ pub fn rank_pair_energy(weight: &Tensor, moments: Option<&ActivationMoments>) ->
             (vectors.flip([1]), sqrt_and_inverse(&m.shrunk_input()).0)
         }
         None => (
-            by_output.svd(true, true).0,
+            left_singular_basis(&by_output),
             Tensor::eye(c_in, (Kind::Double, Device::Cpu)),
         ),
     };
-    let (v, _, _) = root.matmul(&by_input).svd(true, true);
+    let v = left_singular_basis(&root.matmul(&by_input));
     let b = mode_products(&w, &u.tr(), &v.tr().matmul(&root));
     let energy = b
         .square()
