@@ -57,10 +57,22 @@ pub fn unfoldings(weight: &Tensor) -> (Tensor, Tensor) {
     )
 }
 
-/// Singular values of `m` (rows × cols), descending, in f64.
+/// Singular values of `m` (rows × cols), min(rows, cols) of them, descending, in f64: the square
+/// roots of the eigenvalues of the smaller Gram matrix (m·mᵀ or mᵀ·m), several times faster than
+/// an SVD's bidiagonalisation of a C × 9C unfolding. A value is exact to about 1e-8 of the largest
+/// (the Gram squares them), far below what the rank policies tell apart.
 pub fn singular_values(m: &Tensor) -> Vec<f64> {
-    let (_, s, _) = as_f64(m).svd(true, false);
-    Vec::<f64>::try_from(s).expect("1-D")
+    let m = as_f64(m);
+    let [rows, cols] = m.size()[..] else {
+        unreachable!("singular values of a matrix")
+    };
+    let gram = if rows <= cols {
+        m.matmul(&m.tr())
+    } else {
+        m.tr().matmul(&m)
+    };
+    let ascending = gram.linalg_eigvalsh("L").clamp_min(0.0).sqrt();
+    Vec::<f64>::try_from(ascending.flip([0])).expect("1-D")
 }
 
 fn as_f64(t: &Tensor) -> Tensor {
@@ -535,6 +547,21 @@ mod tests {
         let ours = rank_pair_energy(&pointwise, Some(&moments)).svd_error(2);
         assert!((data - ours).abs() < 1e-9, "{data} vs {ours}");
         assert!(rank_pair_energy(&pointwise, None).svd_error(6) < 1e-12);
+    }
+
+    #[test]
+    fn singular_values_from_the_gram_equal_the_svds_for_wide_and_tall_matrices() {
+        tch::manual_seed(4);
+        for [rows, cols] in [[64, 576], [128, 64], [9, 9]] {
+            let m = Tensor::randn([rows, cols], (Kind::Double, Device::Cpu));
+            let ours = singular_values(&m);
+            let (_, svd, _) = m.svd(true, false);
+            let svd = Vec::<f64>::try_from(svd).unwrap();
+            assert_eq!(ours.len(), svd.len(), "{rows}×{cols}");
+            for (a, b) in ours.iter().zip(&svd) {
+                assert!((a - b).abs() < 1e-8 * svd[0], "{rows}×{cols}: {a} vs {b}");
+            }
+        }
     }
 
     #[test]
