@@ -892,7 +892,10 @@ fn the_seed_recipe_reproduces_the_training_run_from_before_recipes() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/seed-recipe-metrics.csv");
     let then = Csv::read(&fixture);
     let now = Csv::read(&out.join("metrics.csv"));
-    assert_eq!(then.column("phase"), ["original", "original", "original", "compressed"]);
+    assert_eq!(
+        then.column("phase"),
+        ["original", "original", "original", "compressed"]
+    );
     for column in &then.header {
         let (a, b) = (then.column(column), now.column(column));
         assert_eq!(a.len(), b.len(), "{column}");
