@@ -84,15 +84,55 @@ fn as_f64(t: &Tensor) -> Tensor {
 /// unfolding (a conv's is C × 9C), several times faster and the same subspace up to each vector's
 /// sign. `rank` may exceed cols (a 1×1 conv's r_out can exceed C_in): the basis is always full.
 fn leading_left_singular_vectors(m: &Tensor, rank: i64) -> Tensor {
-    let rows = m.size()[0];
-    let (_, vectors) = m.matmul(&m.tr()).linalg_eigh("L"); // ascending eigenvalues
-    vectors.narrow(1, rows - rank, rank).flip([1])
+    left_singular_pairs(m).1.narrow(1, 0, rank)
 }
 
-/// All of `m`'s left singular vectors (rows × rows: a full orthonormal basis), by descending
-/// singular value, those of singular value 0 last.
-fn left_singular_basis(m: &Tensor) -> Tensor {
-    leading_left_singular_vectors(m, m.size()[0])
+/// `m`'s singular values (min(rows, cols) of them, as [`singular_values`]) and all its left
+/// singular vectors (rows × rows: a full orthonormal basis, those of singular value 0 last), both
+/// descending, from one eigenproblem of the Gram matrix m·mᵀ.
+fn left_singular_pairs(m: &Tensor) -> (Vec<f64>, Tensor) {
+    let [rows, cols] = m.size()[..] else {
+        unreachable!("singular vectors of a matrix")
+    };
+    let (values, vectors) = m.matmul(&m.tr()).linalg_eigh("L"); // ascending eigenvalues
+    let singular = values
+        .flip([0])
+        .narrow(0, 0, rows.min(cols))
+        .clamp_min(0.0)
+        .sqrt();
+    let singular = Vec::<f64>::try_from(singular).expect("1-D");
+    (singular, vectors.flip([1]))
+}
+
+/// Both channel modes' spectra and full left singular bases of a kernel, from one Gram
+/// eigenproblem per mode: what the planner prices with ([`Self::rank_pair_energy`], the rank
+/// policies' spectra) and what HOSVD, and HOOI's start, narrow to their ranks
+/// ([`Self::tucker2`]), so that planning and fitting a layer form each Gram once.
+#[derive(Debug)]
+pub struct KernelSpectra {
+    /// Singular values of the mode-0 and mode-1 unfoldings, descending.
+    pub s0: Vec<f64>,
+    pub s1: Vec<f64>,
+    /// The unfoldings' full left singular bases (C_out × C_out, C_in × C_in).
+    u0: Tensor,
+    u1: Tensor,
+}
+
+impl KernelSpectra {
+    pub fn of(weight: &Tensor) -> Self {
+        let (by_output, by_input) = unfoldings(&as_f64(weight));
+        let (s0, u0) = left_singular_pairs(&by_output);
+        let (s1, u1) = left_singular_pairs(&by_input);
+        Self { s0, s1, u0, u1 }
+    }
+
+    /// The truncated-HOSVD factors of `weight` (the kernel these spectra are of) at ranks
+    /// (r_out, r_in): [`tucker2`] without its eigenproblems.
+    pub fn tucker2(&self, weight: &Tensor, (r_out, r_in): (i64, i64)) -> Tucker2Factors {
+        let (u0, u1) = (self.u0.narrow(1, 0, r_out), self.u1.narrow(1, 0, r_in));
+        let core = mode_products(&as_f64(weight), &u0.tr(), &u1.tr());
+        Tucker2Factors { u0, core, u1 }
+    }
 }
 
 /// The truncated-HOSVD Tucker-2 factors of a kernel at ranks (r_out, r_in).
@@ -123,18 +163,28 @@ fn project_and_unfold(u: &Tensor, by_mode: &Tensor, [c_other, kh, kw]: [i64; 3])
 
 /// The Tucker-2 factors fitted by HOOI from the HOSVD start.
 pub fn tucker2_hooi(weight: &Tensor, ranks: (i64, i64)) -> Tucker2Factors {
-    let (r_out, r_in) = ranks;
+    tucker2_hooi_from(weight, tucker2(weight, ranks))
+}
+
+/// HOOI from the HOSVD factors `start` of `weight` (at the ranks to fit).
+fn tucker2_hooi_from(weight: &Tensor, start: Tucker2Factors) -> Tucker2Factors {
+    let (r_out, r_in) = (start.u0.size()[1], start.u1.size()[1]);
     let w = as_f64(weight);
     let [c_out, c_in, kh, kw] = w.size()[..] else {
         unreachable!("conv kernel is 4-way")
     };
+    if r_out == c_out || r_in == c_in {
+        // One mode kept whole: the HOSVD projection of the other is the truncated SVD of its
+        // unfolding, optimal by Eckart–Young, so no sweep can improve it (Tucker-1 forms).
+        return start;
+    }
     let norm2 = w.square().sum(Kind::Double).double_value(&[]);
     let rel_error = |core: &Tensor| {
         (1.0 - core.square().sum(Kind::Double).double_value(&[]) / norm2)
             .max(0.0)
             .sqrt()
     };
-    let mut factors = tucker2(&w, ranks);
+    let mut factors = start;
     let mut error = rel_error(&factors.core);
     let (by_output, by_input) = unfoldings(&w);
     for _ in 0..HOOI_MAX_SWEEPS {
@@ -155,11 +205,21 @@ pub fn tucker2_hooi(weight: &Tensor, ranks: (i64, i64)) -> Tucker2Factors {
     factors
 }
 
-/// Tucker-2 factors by `method`.
-pub fn fit_tucker2(weight: &Tensor, ranks: (i64, i64), method: Method) -> Tucker2Factors {
+/// Tucker-2 factors by `method`; with the kernel's `spectra` (when the planner has them), HOSVD
+/// takes its bases from them.
+pub fn fit_tucker2(
+    weight: &Tensor,
+    ranks: (i64, i64),
+    method: Method,
+    spectra: Option<&KernelSpectra>,
+) -> Tucker2Factors {
+    let hosvd = match spectra {
+        Some(spectra) => spectra.tucker2(weight, ranks),
+        None => tucker2(weight, ranks),
+    };
     match method {
-        Method::Hosvd => tucker2(weight, ranks),
-        Method::Hooi => tucker2_hooi(weight, ranks),
+        Method::Hosvd => hosvd,
+        Method::Hooi => tucker2_hooi_from(weight, hosvd),
     }
 }
 
@@ -225,47 +285,56 @@ impl RankPairEnergy {
 /// [`RankPairEnergy`] of `weight`, in the output-error metric of `moments` when given (the bases
 /// [`tucker2_whitened`] and [`svd_factors_whitened`] use), else in the kernel's (HOSVD's bases).
 pub fn rank_pair_energy(weight: &Tensor, moments: Option<&ActivationMoments>) -> RankPairEnergy {
-    let w = as_f64(weight);
-    let [c_out, c_in, kh, kw] = w.size()[..] else {
-        unreachable!("conv kernel is 4-way")
-    };
-    let (by_output, by_input) = unfoldings(&w);
-    let (u, root) = match moments {
-        Some(m) => {
-            let (_, vectors) = as_f64(&m.output).linalg_eigh("L"); // ascending
-            (vectors.flip([1]), sqrt_and_inverse(&m.shrunk_input()).0)
+    KernelSpectra::of(weight).rank_pair_energy(weight, moments)
+}
+
+impl KernelSpectra {
+    /// [`rank_pair_energy`] of `weight`, the kernel these spectra are of: on the weights its
+    /// bases are these spectra's.
+    pub fn rank_pair_energy(
+        &self,
+        weight: &Tensor,
+        moments: Option<&ActivationMoments>,
+    ) -> RankPairEnergy {
+        let w = as_f64(weight);
+        let [c_out, c_in, kh, kw] = w.size()[..] else {
+            unreachable!("conv kernel is 4-way")
+        };
+        let (u, v, root) = match moments {
+            Some(m) => {
+                let (_, vectors) = as_f64(&m.output).linalg_eigh("L"); // ascending
+                let root = sqrt_and_inverse(&m.shrunk_input()).0;
+                let v = left_singular_pairs(&root.matmul(&unfoldings(&w).1)).1;
+                (vectors.flip([1]), v, root)
+            }
+            None => (
+                self.u0.shallow_clone(),
+                self.u1.shallow_clone(),
+                Tensor::eye(c_in, (Kind::Double, Device::Cpu)),
+            ),
+        };
+        let b = mode_products(&w, &u.tr(), &v.tr().matmul(&root));
+        let energy = b
+            .square()
+            .sum_dim_intlist([2, 3].as_slice(), false, Kind::Double);
+        let total = energy
+            .sum(Kind::Double)
+            .double_value(&[])
+            .max(f64::MIN_POSITIVE);
+        let kept = energy.cumsum(0, Kind::Double).cumsum(1, Kind::Double);
+        let (n0, n1) = (kept.size()[0] as usize, kept.size()[1] as usize);
+        let svd = match (moments, [kh, kw]) {
+            (_, [k, l]) if [k, l] != [1, 1] => Vec::new(),
+            (Some(_), _) => singular_values(&w.reshape([c_out, c_in]).matmul(&root)),
+            (None, _) => self.s0.clone(), // the 1×1 kernel is its own mode-0 unfolding
+        };
+        RankPairEnergy {
+            kept: Vec::<f64>::try_from(kept.reshape([-1])).expect("1-D"),
+            n0,
+            n1,
+            svd: svd.into_iter().map(|s| s * s).collect(),
+            total,
         }
-        None => (
-            left_singular_basis(&by_output),
-            Tensor::eye(c_in, (Kind::Double, Device::Cpu)),
-        ),
-    };
-    let v = left_singular_basis(&root.matmul(&by_input));
-    let b = mode_products(&w, &u.tr(), &v.tr().matmul(&root));
-    let energy = b
-        .square()
-        .sum_dim_intlist([2, 3].as_slice(), false, Kind::Double);
-    let total = energy
-        .sum(Kind::Double)
-        .double_value(&[])
-        .max(f64::MIN_POSITIVE);
-    let kept = energy.cumsum(0, Kind::Double).cumsum(1, Kind::Double);
-    let (n0, n1) = (kept.size()[0] as usize, kept.size()[1] as usize);
-    let svd = if [kh, kw] == [1, 1] {
-        let whitened = w.reshape([c_out, c_in]).matmul(&root);
-        singular_values(&whitened)
-            .into_iter()
-            .map(|s| s * s)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    RankPairEnergy {
-        kept: Vec::<f64>::try_from(kept.reshape([-1])).expect("1-D"),
-        n0,
-        n1,
-        svd,
-        total,
     }
 }
 

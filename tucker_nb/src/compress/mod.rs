@@ -33,7 +33,7 @@ use crate::compress::policy::{CompressionPolicy, Fit, RankPolicy};
 use crate::conv::{Conv2d, ConvConfig, ConvSlot, Form, TuckerConv, TwoLayerConv};
 use crate::decompose::{
     fit_tucker2, relative_error, relative_output_error, svd_factors, svd_factors_whitened,
-    tucker2_whitened, ActivationMoments, Method,
+    tucker2_whitened, ActivationMoments, KernelSpectra, Method,
 };
 use crate::error::{Error, Result};
 use crate::model::ResNet18;
@@ -58,26 +58,19 @@ pub fn plan_layers(
         check_ungrouped(name, &slot.config())?;
     }
     if policy.ranks.is_rule_based() {
-        return Ok(Plan::of(plan_rule_based(
-            &slots,
-            &policy.ranks,
-            policy.round_to,
-        )?));
+        let layers = plan_rule_based(&slots, &policy.ranks, policy.round_to)?;
+        return Ok(Plan::of(layers, Vec::new()));
     }
     let facts: Vec<LayerFacts> = slots
         .iter()
         .map(|slot| LayerFacts::new(slot, moments.and_then(|m| m.get(&slot.0))))
         .collect();
     let RankPolicy::Budget { cost, fraction } = &policy.ranks else {
-        return Ok(Plan::of(plan_spectral(&facts, policy)));
+        return Ok(Plan::of(plan_spectral(&facts, policy), facts));
     };
     if let Some(counted) = cost.counted() {
-        return Ok(Plan::of(plan_budget(
-            &facts,
-            fraction.get(),
-            &counted,
-            policy.round_to,
-        )));
+        let layers = plan_budget(&facts, fraction.get(), &counted, policy.round_to);
+        return Ok(Plan::of(layers, facts));
     }
     // Time: ranks on the device's natural grid, priced by a table measured on it.
     let step = policy
@@ -143,12 +136,12 @@ pub fn plan_layers(
         table.measured
     );
     Ok(Plan {
-        layers,
         timing: Some(PlanTiming {
             table,
             planned,
             aim,
         }),
+        ..Plan::of(layers, facts)
     })
 }
 
@@ -203,13 +196,17 @@ fn latency_slots(facts: &[LayerFacts], step: i64) -> Vec<SlotForms> {
 pub struct Plan {
     pub layers: BTreeMap<String, LayerPlan>,
     pub timing: Option<PlanTiming>,
+    /// Each conv's kernel spectra where the policy computed them (all but the rule-based ones),
+    /// which the weight fit reuses.
+    pub spectra: BTreeMap<String, KernelSpectra>,
 }
 
 impl Plan {
-    fn of(layers: BTreeMap<String, LayerPlan>) -> Self {
+    fn of(layers: BTreeMap<String, LayerPlan>, facts: Vec<LayerFacts>) -> Self {
         Self {
             layers,
             timing: None,
+            spectra: facts.into_iter().map(|f| (f.name, f.spectra)).collect(),
         }
     }
 }
@@ -260,6 +257,26 @@ pub fn factorise_fitted(
     method: Method,
     moments: Option<&ActivationMoments>,
 ) -> Result<ConvSlot> {
+    let fit = moments.map_or(FitTo::Weights(None), FitTo::Data);
+    factorise_by(layer, conv, form, method, fit)
+}
+
+/// What a factorisation is fitted to: the weights (with the kernel's spectra when the planner
+/// computed them), or the layer's activation moments on calibration data.
+#[derive(Clone, Copy)]
+enum FitTo<'a> {
+    Weights(Option<&'a KernelSpectra>),
+    Data(&'a ActivationMoments),
+}
+
+/// [`factorise_fitted`] with what the fit reuses.
+fn factorise_by(
+    layer: &str,
+    conv: &Conv2d,
+    form: Form,
+    method: Method,
+    fit: FitTo,
+) -> Result<ConvSlot> {
     let [c_out, c_in, kh, kw] = conv.geometry().shape;
     check_ungrouped(layer, &conv.config)?;
     match form {
@@ -270,9 +287,11 @@ pub fn factorise_fitted(
         })),
         Form::Tucker2 { r_out, r_in } => {
             check_ranks(layer, [c_out, c_in], (r_out, r_in))?;
-            let factors = match moments {
-                Some(m) => tucker2_whitened(&conv.weight, (r_out, r_in), m),
-                None => fit_tucker2(&conv.weight, (r_out, r_in), method),
+            let factors = match fit {
+                FitTo::Data(m) => tucker2_whitened(&conv.weight, (r_out, r_in), m),
+                FitTo::Weights(spectra) => {
+                    fit_tucker2(&conv.weight, (r_out, r_in), method, spectra)
+                }
             };
             Ok(ConvSlot::Tucker(TuckerConv::from_factors(&factors, conv)))
         }
@@ -298,9 +317,9 @@ pub fn factorise_fitted(
                 ));
             }
             check_ranks(layer, [c_out, c_in], ranks)?;
-            let factors = match moments {
-                Some(m) => tucker2_whitened(&conv.weight, ranks, m),
-                None => fit_tucker2(&conv.weight, ranks, method),
+            let factors = match fit {
+                FitTo::Data(m) => tucker2_whitened(&conv.weight, ranks, m),
+                FitTo::Weights(spectra) => fit_tucker2(&conv.weight, ranks, method, spectra),
             };
             Ok(ConvSlot::TwoLayer(TwoLayerConv::tucker1_from_factors(
                 &factors, conv, form,
@@ -321,9 +340,9 @@ pub fn factorise_fitted(
                 ));
             }
             let matrix = conv.weight.reshape([c_out, c_in]);
-            let (first, last) = match moments {
-                Some(m) => svd_factors_whitened(&matrix, rank, m),
-                None => svd_factors(&matrix, rank),
+            let (first, last) = match fit {
+                FitTo::Data(m) => svd_factors_whitened(&matrix, rank, m),
+                FitTo::Weights(_) => svd_factors(&matrix, rank),
             };
             Ok(ConvSlot::TwoLayer(TwoLayerConv::from_factors(
                 &first, &last, conv,
@@ -364,6 +383,7 @@ pub fn compress_model_fitted(
     let Plan {
         layers: mut plan,
         timing,
+        spectra,
     } = plan_layers(model, policy, moments)?;
     let method = policy.method();
     let mut layers = Vec::new();
@@ -377,7 +397,11 @@ pub fn compress_model_fitted(
         if let Some(form) = layer_plan.as_ref().and_then(|p| p.form) {
             let original = slot.to_dense();
             let data = moments.map(|m| &m[&name]);
-            let new_slot = factorise_fitted(&name, &original, form, method, data)?;
+            let fit = match data {
+                Some(m) => FitTo::Data(m),
+                None => FitTo::Weights(spectra.get(&name)),
+            };
+            let new_slot = factorise_by(&name, &original, form, method, fit)?;
             let approx = new_slot.dense_weight();
             rel_error = match data {
                 Some(m) => relative_output_error(&original.weight, &approx, &m.input),

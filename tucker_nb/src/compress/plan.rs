@@ -12,9 +12,7 @@ use crate::compress::cost::SlotCost;
 use crate::compress::policy::{CompressionPolicy, RankPolicy};
 use crate::compress::spectra::{energy_rank, evbmf_rank};
 use crate::conv::{ConvGeometry, ConvSlot, Form};
-use crate::decompose::{
-    rank_pair_energy, singular_values, unfoldings, ActivationMoments, RankPairEnergy,
-};
+use crate::decompose::{ActivationMoments, KernelSpectra, RankPairEnergy};
 use crate::error::{Error, Result};
 
 /// Convs reading at most this many channels (the image) keep their full input rank.
@@ -115,9 +113,8 @@ pub struct LayerFacts {
     pub name: String,
     pub geometry: ConvGeometry,
     pub input: [i64; 2],
-    /// Singular values of the mode-0 and mode-1 unfoldings.
-    pub s0: Vec<f64>,
-    pub s1: Vec<f64>,
+    /// The kernel's spectra and bases, for the rank policies and for fitting the chosen form.
+    pub spectra: KernelSpectra,
     norm2: f64,
     /// The exact error of every rank pair, on calibration data when the plan has it.
     energy: RankPairEnergy,
@@ -133,15 +130,14 @@ impl LayerFacts {
     /// output errors.
     pub fn new((name, slot, input): &SlotAt, moments: Option<&ActivationMoments>) -> Self {
         let weight = slot.dense_weight().detach();
-        let (by_output, by_input) = unfoldings(&weight);
+        let spectra = KernelSpectra::of(&weight);
         Self {
             name: name.clone(),
             geometry: slot.geometry(),
             input: *input,
-            s0: singular_values(&by_output),
-            s1: singular_values(&by_input),
             norm2: weight.square().sum(Kind::Double).double_value(&[]),
-            energy: rank_pair_energy(&weight, moments),
+            energy: spectra.rank_pair_energy(&weight, moments),
+            spectra,
             on_data: moments.is_some(),
             current: SlotCost {
                 form: slot.form(),
@@ -282,13 +278,16 @@ pub fn plan_spectral(
             }
         };
         let form = if f.takes_svd() {
-            f.form(round(pick(&f.s0, c_out, c_in, "rank"), c_out.min(c_in)), 0)
+            f.form(
+                round(pick(&f.spectra.s0, c_out, c_in, "rank"), c_out.min(c_in)),
+                0,
+            )
         } else {
-            let r_out = round(pick(&f.s0, c_out, c_in * kh * kw, "r_out"), c_out);
+            let r_out = round(pick(&f.spectra.s0, c_out, c_in * kh * kw, "r_out"), c_out);
             let r_in = if f.reads_image() {
                 c_in
             } else {
-                round(pick(&f.s1, c_in, c_out * kh * kw, "r_in"), c_in)
+                round(pick(&f.spectra.s1, c_in, c_out * kh * kw, "r_in"), c_in)
             };
             f.form(r_out, r_in)
         };
