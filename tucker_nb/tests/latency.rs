@@ -1,7 +1,8 @@
 //! `budget-latency:F` end to end on the CPU at tiny sizes: the table is measured once and then
 //! read from its cache, every layer's predicted time is reported and none is slower than dense,
 //! the forecast is checked against a measurement; `bench --model` and `bench --policy` on folded
-//! and unfolded files; a cache that cannot be written is refused before any work.
+//! and unfolded files; `bench`'s compression figures beside the seed's compressor; a cache that
+//! cannot be written is refused before any work.
 
 mod common;
 
@@ -74,7 +75,8 @@ fn a_latency_budget_measures_once_reports_each_layer_and_checks_its_forecast() {
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
 }
 
-/// `bench` at tiny sizes with `args`: its side-by-side rows and the JSON's.
+/// `bench` at tiny sizes with `args` (no compression figures unless asked): its side-by-side
+/// rows and the JSON's.
 fn bench(dir: &Path, args: &[&str]) -> (String, serde_json::Value) {
     let json = dir.join("bench.json");
     let mut full = vec![
@@ -93,6 +95,9 @@ fn bench(dir: &Path, args: &[&str]) -> (String, serde_json::Value) {
         path_str(&json),
     ];
     full.extend_from_slice(args);
+    if !args.contains(&"--compress-repeats") {
+        full.extend_from_slice(&["--compress-repeats", "0"]);
+    }
     let run = tucker_nb_ok(&full);
     (
         String::from_utf8_lossy(&run.stdout).into_owned(),
@@ -153,6 +158,38 @@ fn bench_takes_any_model_file_and_any_policy() {
         let (_, json) = bench(dir.path(), &args);
         assert_eq!(json["policy"], policy);
         assert_eq!(models(&json), ["compressed", "compressed-folded"]);
+    }
+}
+
+#[test]
+fn bench_times_compression_beside_the_seeds_compressor() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = torchvision_weights(dir.path(), 4);
+    let python = python();
+    let args = [
+        "--weights",
+        path_str(&weights),
+        "--num-classes",
+        "10",
+        "--compress-repeats",
+        "1",
+        "--seed-python",
+        path_str(&python),
+    ];
+    let (out, json) = bench(dir.path(), &args);
+    assert!(out.contains("== compress the dense model"), "{out}");
+    let rows = json["compress_seconds"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["what"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "ratio:0.2",
+            "budget-macs:0.2",
+            "seed TuckerCompressor ratio:0.2"
+        ]
+    );
+    for r in rows {
+        assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
     }
 }
 

@@ -3,8 +3,10 @@
 //! seed's torchvision pipeline on the same files and cores (when there is data), and training /
 //! evaluation images/s of the original (dense) model against a compressed one: compressed here with
 //! any policy, or any model file `tucker-nb` wrote (folded or not); and the two models' eval
-//! forward times timed in alternating turns, the speedup a user gets.
+//! forward times timed in alternating turns, the speedup a user gets; and the seconds to
+//! compress the dense model, ours against the seed's compressor (`compress.rs`).
 
+mod compress;
 mod python;
 
 use std::collections::BTreeMap;
@@ -41,6 +43,8 @@ pub struct BenchConfig {
     pub repeats: usize,
     /// Batches per model throughput measurement.
     pub model_batches: usize,
+    /// Timed rounds of the compression figures (after one untimed round); 0 skips them.
+    pub compress_repeats: usize,
     /// A python with torch (e.g. .venv/bin/python): also run the seed's torchvision data pipeline
     /// and PyTorch's model-only figures with it.
     pub seed_python: Option<PathBuf>,
@@ -54,7 +58,7 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
-    /// 32 px, batch 64, 3 repeats of 5 batches.
+    /// 32 px, batch 64, 3 repeats of 5 batches, 3 rounds of compression.
     pub fn new(data: impl Into<PathBuf>, device: Device) -> Self {
         let mut run = RunConfig::new(data, "", device);
         run.image_size = 32;
@@ -65,6 +69,7 @@ impl BenchConfig {
             weights: None,
             repeats: 3,
             model_batches: 5,
+            compress_repeats: 3,
             seed_python: None,
             workers: None,
             cudnn_benchmark: true,
@@ -504,6 +509,13 @@ pub fn run(config: &BenchConfig) -> Result<()> {
         run.batch_size,
         config.repeats * config.model_batches,
     );
+    let compress_times = if config.compress_repeats > 0 {
+        let times = compress::compress_times(config, &models.original)?;
+        compress::print_compress_times(&times, config.compress_repeats);
+        times
+    } else {
+        Vec::new()
+    };
     if let Some(path) = &config.json {
         let doc = serde_json::json!({
             "device": format!("{:?}", run.device),
@@ -521,6 +533,7 @@ pub fn run(config: &BenchConfig) -> Result<()> {
             "data_path": data_path,
             "model": rates,
             "side_by_side": speeds,
+            "compress_seconds": compress_times,
         });
         let text = serde_json::to_vec_pretty(&doc).expect("serialisable");
         crate::io::write_atomic(path, &text)?;

@@ -505,10 +505,16 @@ pub struct BenchArgs {
         bench_defaults().model_batches,
     ))]
     pub model_batches: Option<usize>,
+    #[arg(long, value_parser = non_negative::<usize>, help = with_default(
+        "Timed rounds of compressing the dense model (the seed's rule, budget-macs at its \
+         fraction, --policy; with --seed-python, the seed's compressor in turns); 0 skips them.",
+        bench_defaults().compress_repeats,
+    ))]
+    pub compress_repeats: Option<usize>,
     #[command(flatten)]
     pub device: DeviceArg,
     /// A python with torch (e.g. .venv/bin/python): also time the seed's torchvision pipeline and
-    /// PyTorch's model-only figures on the same libtorch.
+    /// PyTorch's model-only figures on the same libtorch, and the seed's compressor.
     #[arg(long)]
     pub seed_python: Option<PathBuf>,
     /// Also write every figure to this JSON file.

@@ -305,6 +305,7 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
     config.weights = args.weights;
     set(&mut config.repeats, args.repeats);
     set(&mut config.model_batches, args.model_batches);
+    set(&mut config.compress_repeats, args.compress_repeats);
     config.run.policy.round_to = args.round_to;
     config.run.fine_tune.channels_last = !args.no_channels_last;
     config.seed_python = args.seed_python;
