@@ -231,6 +231,48 @@ pub(super) struct Axes<'a> {
     pub y: std::ops::Range<f64>,
     /// (number of x labels, their text) when not plotters' defaults.
     pub x_labels: Option<(usize, &'a LabelFormat)>,
+    /// The y tick labels' text, for a value on the y axis (a log axis plots log10 of its values
+    /// and writes them back as values).
+    pub y_format: &'a LabelFormat,
+}
+
+/// How many y tick labels plotters is asked for.
+const Y_LABELS: usize = 10;
+/// Font sizes of tick labels and axis descriptions.
+const TICK_FONT: f64 = 16.0;
+const DESC_FONT: f64 = 18.0;
+
+/// The y tick values plotters draws for an axis over `range` (its key points for [`Y_LABELS`]).
+pub(super) fn y_ticks(range: std::ops::Range<f64>) -> Vec<f64> {
+    use plotters::coord::ranged1d::Ranged;
+    RangedCoordf64::from(range).key_points(Y_LABELS)
+}
+
+/// The width of the y label area: the widest tick label, the tick mark and gaps, and the rotated
+/// axis description's line, so the description never reaches a tick label whatever their width.
+pub(super) fn y_label_area_width(axes: &Axes) -> u32 {
+    let widest = y_ticks(axes.y.clone())
+        .iter()
+        .map(|v| TextBackend::measure(TICK_FONT, &(axes.y_format)(v)).0)
+        .max()
+        .unwrap_or(0);
+    let (_, desc_height) = TextBackend::measure(DESC_FONT, axes.y_desc);
+    (widest + desc_height + 5 + 2 * 8) as u32
+}
+
+/// A y tick label for a linear axis over `range`: as many decimals as its tick step needs.
+pub(super) fn linear_label(range: &std::ops::Range<f64>) -> impl Fn(&f64) -> String {
+    let ticks = y_ticks(range.clone());
+    let step = ticks
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .fold(f64::INFINITY, f64::min);
+    let decimals = if step.is_finite() && step > 0.0 {
+        (-step.log10().floor()).clamp(0.0, 6.0) as usize
+    } else {
+        2
+    };
+    move |v: &f64| format!("{v:.decimals$}")
 }
 
 pub(super) type Plot<'a, 'b> =
@@ -259,14 +301,16 @@ pub(super) fn render(
         let mut chart = ChartBuilder::on(&plot_area)
             .margin(16)
             .x_label_area_size(48)
-            .y_label_area_size(64)
-            .build_cartesian_2d(axes.x, axes.y)
+            .y_label_area_size(y_label_area_width(&axes))
+            .build_cartesian_2d(axes.x, axes.y.clone())
             .map_err(|e| err(&e))?;
         let mut mesh = chart.configure_mesh();
         mesh.x_desc(axes.x_desc)
             .y_desc(axes.y_desc)
-            .label_style((FAMILY, 16))
-            .axis_desc_style((FAMILY, 18));
+            .label_style((FAMILY, TICK_FONT))
+            .axis_desc_style((FAMILY, DESC_FONT))
+            .y_labels(Y_LABELS)
+            .y_label_formatter(axes.y_format);
         if let Some((count, format)) = axes.x_labels {
             mesh.x_labels(count).x_label_formatter(format);
         }

@@ -62,25 +62,113 @@ fn series_of(metrics: &DataFrame, columns: &[(&str, &str, Mark)]) -> Result<Vec<
     Ok(series)
 }
 
-/// Values per epoch, one line per series, in the shared frame.
+/// Positive values spanning more than this ratio get a log y axis (two decades).
+const LOG_SPAN: f64 = 100.0;
+
+/// A line chart's y axis: linear, or log10 when its values span more than [`LOG_SPAN`], where one
+/// outlier (a diverged validation loss of 5 300 beside losses near 2) would flatten every other
+/// line to the floor. A log axis plots log10 of each value and labels its ticks with values.
+#[derive(Debug, Clone, PartialEq)]
+struct YAxis {
+    log: bool,
+    range: std::ops::Range<f64>,
+}
+
+impl YAxis {
+    /// The axis for `values`: `fixed` when given (linear), else fitted to them with a margin.
+    fn fit(values: &[f64], fixed: Option<(f64, f64)>) -> Self {
+        if let Some((lo, hi)) = fixed {
+            return Self {
+                log: false,
+                range: lo..hi,
+            };
+        }
+        let finite = || values.iter().copied().filter(|v| v.is_finite());
+        let lo = finite().fold(f64::INFINITY, f64::min);
+        let hi = finite().fold(f64::NEG_INFINITY, f64::max);
+        if !lo.is_finite() {
+            return Self {
+                log: false,
+                range: 0.0..1.0,
+            };
+        }
+        if lo > 0.0 && hi / lo > LOG_SPAN {
+            let (lo, hi) = (lo.log10(), hi.log10());
+            let pad = (hi - lo) * 0.05;
+            return Self {
+                log: true,
+                range: lo - pad..hi + pad,
+            };
+        }
+        let pad = ((hi - lo) * 0.1).max(1e-3);
+        Self {
+            log: false,
+            range: (lo - pad).max(0.0)..hi + pad,
+        }
+    }
+
+    /// Where `value` is plotted.
+    fn at(&self, value: f64) -> f64 {
+        if self.log {
+            value.max(f64::MIN_POSITIVE).log10()
+        } else {
+            value
+        }
+    }
+
+    /// The axis description, saying when the scale is logarithmic.
+    fn desc(&self, words: &str) -> String {
+        if self.log {
+            format!("{words} (log scale)")
+        } else {
+            words.to_string()
+        }
+    }
+
+    /// The tick labels' text; a log axis labels only its ticks at 1, 2 and 5 × 10^k (its other
+    /// ticks, such as 10^0.5 = 3.16, stay blank).
+    fn label(&self) -> Box<dyn Fn(&f64) -> String> {
+        if self.log {
+            Box::new(|v: &f64| {
+                let mantissa = 10f64.powf(v - v.floor());
+                let round = [1.0, 2.0, 5.0, 10.0]
+                    .iter()
+                    .any(|m| (mantissa / m - 1.0).abs() < 0.01);
+                if round {
+                    significant(10f64.powf(*v))
+                } else {
+                    String::new()
+                }
+            })
+        } else {
+            Box::new(canvas::linear_label(&self.range))
+        }
+    }
+}
+
+/// `x` with two significant digits (whole numbers from 10 up).
+fn significant(x: f64) -> String {
+    let decimals = (1.0 - x.abs().log10().floor()).clamp(0.0, 6.0) as usize;
+    format!("{x:.decimals$}")
+}
+
+/// Values per epoch, one line per series, in the shared frame; the y axis `fixed`, or fitted to
+/// the values ([`YAxis::fit`]: log10 when they span more than two decades).
 fn line_chart(
     title: &str,
     y_desc: &str,
     series: Vec<Series>,
-    y: Option<(f64, f64)>,
+    fixed: Option<(f64, f64)>,
 ) -> Result<Chart> {
-    let all = || series.iter().flat_map(|s| s.points.iter());
-    let max_x = all().map(|p| p.0).fold(1.0, f64::max);
-    let (lo, hi) = y.unwrap_or_else(|| {
-        let lo = all().map(|p| p.1).fold(f64::INFINITY, f64::min);
-        let hi = all().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
-        if lo.is_finite() && hi.is_finite() {
-            let pad = ((hi - lo) * 0.1).max(1e-3);
-            ((lo - pad).max(0.0), hi + pad)
-        } else {
-            (0.0, 1.0)
-        }
-    });
+    let values: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .collect();
+    let y = YAxis::fit(&values, fixed);
+    let max_x = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .fold(1.0, f64::max);
     let whole_epochs = |x: &f64| {
         if x.fract().abs() < 1e-9 && *x >= 1.0 {
             format!("{x:.0}")
@@ -88,15 +176,23 @@ fn line_chart(
             String::new()
         }
     };
+    let desc = y.desc(y_desc);
+    let y_format = y.label();
     let axes = Axes {
         x_desc: "epoch",
-        y_desc,
+        y_desc: &desc,
         x: 0.5..max_x + 0.5,
-        y: lo..hi,
+        y: y.range.clone(),
         x_labels: Some((max_x as usize + 1, &whole_epochs)),
+        y_format: &*y_format,
     };
-    let (entries, points): (Vec<LegendEntry>, Vec<Vec<(f64, f64)>>) =
-        series.into_iter().map(|s| (s.entry, s.points)).unzip();
+    let (entries, points): (Vec<LegendEntry>, Vec<Vec<(f64, f64)>>) = series
+        .into_iter()
+        .map(|s| {
+            let points = s.points.iter().map(|&(x, v)| (x, y.at(v))).collect();
+            (s.entry, points)
+        })
+        .unzip();
     render(title, axes, &entries, |chart| {
         let err = chart_error(title);
         for (entry, points) in entries.iter().zip(points) {
@@ -152,9 +248,29 @@ pub fn loss_chart(metrics: &DataFrame) -> Result<Chart> {
 const POINT_LABEL: f64 = 15.0;
 
 /// Where each point's label goes, relative to the point: right and above it unless that would
-/// cover an earlier label or leave the plot area, then below, then on the left.
-fn label_offsets(chart: &Plot, points: &[(String, f64, f64, bool)]) -> Vec<(i32, i32)> {
+/// cover an earlier label or the `line` (data coordinates) or leave the plot area, then below,
+/// then on the left, above and below.
+fn label_offsets(
+    chart: &Plot,
+    points: &[(String, f64, f64, bool)],
+    line: &[(f64, f64)],
+) -> Vec<(i32, i32)> {
     let area = chart.plotting_area().get_pixel_range();
+    // The line as pixels, each segment sampled every few pixels.
+    let line: Vec<(i32, i32)> = line
+        .windows(2)
+        .flat_map(|w| {
+            let (a, b) = (chart.backend_coord(&w[0]), chart.backend_coord(&w[1]));
+            let steps = ((b.0 - a.0).abs().max((b.1 - a.1).abs()) / 3).max(1);
+            (0..=steps).map(move |k| {
+                let t = k as f64 / steps as f64;
+                (
+                    a.0 + ((b.0 - a.0) as f64 * t) as i32,
+                    a.1 + ((b.1 - a.1) as f64 * t) as i32,
+                )
+            })
+        })
+        .collect();
     let mut placed: Vec<[i32; 4]> = Vec::new();
     let mut offsets = Vec::new();
     for (label, x, y, _) in points {
@@ -167,7 +283,10 @@ fn label_offsets(chart: &Plot, points: &[(String, f64, f64, bool)]) -> Vec<(i32,
             let free = placed
                 .iter()
                 .all(|p| b[2] < p[0] || p[2] < b[0] || b[3] < p[1] || p[3] < b[1]);
-            inside && free
+            let off_line = line
+                .iter()
+                .all(|&(x, y)| x < b[0] - 2 || x > b[2] + 2 || y < b[1] - 2 || y > b[3] + 2);
+            inside && free && off_line
         };
         let (dx, dy) = candidates
             .iter()
@@ -250,25 +369,26 @@ fn front_chart(sweep: &DataFrame, axis: &FrontAxis) -> Result<Chart> {
         x: 0.0..max_x,
         y: 0.0..100.0,
         x_labels: None,
+        y_format: &|v: &f64| format!("{v:.0}"),
     };
-    let legend = [
-        LegendEntry {
-            label: "Pareto front".into(),
-            color: front_color,
-            mark: Mark::Line,
-        },
-        LegendEntry {
+    let mut legend = vec![LegendEntry {
+        label: "Pareto front".into(),
+        color: front_color,
+        mark: Mark::Line,
+    }];
+    if points.iter().any(|p| !p.3) {
+        legend.push(LegendEntry {
             label: "dominated".into(),
             color: other_color,
             mark: Mark::Point,
-        },
-    ];
+        });
+    }
     render(title, axes, &legend, |chart| {
         let err = chart_error(title);
         chart
-            .draw_series(LineSeries::new(line, front_color.stroke_width(2)))
+            .draw_series(LineSeries::new(line.clone(), front_color.stroke_width(2)))
             .map_err(|e| err(&e))?;
-        let offsets = label_offsets(chart, &points);
+        let offsets = label_offsets(chart, &points, &line);
         let labelled = points
             .iter()
             .zip(offsets)
@@ -345,6 +465,115 @@ mod tests {
         let path = dir.path().join("accuracy.png");
         accuracy_chart(&frame).unwrap().save_png(&path).unwrap();
         assert!(image::open(&path).is_ok());
+    }
+
+    /// `rows()` with every loss times `scale`, and the compressed model's first validation loss
+    /// `outlier` when given (the smoke run's diverged 5 300).
+    fn losses(scale: f64, outlier: Option<f64>) -> DataFrame {
+        let mut rows = rows();
+        for r in &mut rows {
+            r.train_loss *= scale;
+            r.val_loss *= scale;
+        }
+        if let Some(v) = outlier {
+            rows[2].val_loss = v;
+        }
+        metrics_frame(&rows)
+    }
+
+    #[test]
+    fn one_outlier_gives_a_log_axis_and_flattens_no_line() {
+        let frame = losses(1.0, Some(5300.0));
+        let series = series_of(
+            &frame,
+            &[
+                ("train_loss", "", Mark::Line),
+                ("val_loss", "", Mark::Dashed),
+            ],
+        )
+        .unwrap();
+        let values: Vec<f64> = series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .collect();
+        // Each line's rise as a share of the axis height; the lines here halve from epoch 1 to 2,
+        // so each must rise visibly (≥ 5 % of the axis, ~18 px), not lie flat on the floor.
+        let rises = |axis: &YAxis| -> Vec<f64> {
+            let height = axis.range.end - axis.range.start;
+            series
+                .iter()
+                .filter(|s| s.points.iter().all(|p| p.1 < 100.0))
+                .map(|s| (axis.at(s.points[0].1) - axis.at(s.points[1].1)).abs() / height)
+                .collect()
+        };
+        let log = YAxis::fit(&values, None);
+        assert!(log.log, "{log:?}");
+        assert!(rises(&log).iter().all(|&r| r >= 0.05), "{:?}", rises(&log));
+        // The linear axis it replaces flattens them (the test would catch it).
+        let linear = YAxis {
+            log: false,
+            range: 0.0..5300.0,
+        };
+        assert!(rises(&linear).iter().all(|&r| r < 0.001));
+        assert_eq!(log.desc("cross-entropy"), "cross-entropy (log scale)");
+        assert_eq!(log.label()(&2f64.log10()), "2.0");
+        assert_eq!(log.label()(&1000f64.log10()), "1000");
+        assert_eq!(log.label()(&0.5f64.log10()), "0.50");
+        assert_eq!(log.label()(&0.5), "", "10^0.5 is not a round value");
+        // Losses within two decades keep a linear axis.
+        let plain: Vec<f64> = vec![0.05, 2.5, 1.0];
+        assert!(!YAxis::fit(&plain, None).log);
+    }
+
+    /// The column ranges with ink left of the y axis, over the plot area's rows: the axis
+    /// description, then the tick labels, as separate runs of columns when they do not touch.
+    fn ink_runs_left_of_the_axis(img: &image::RgbImage) -> Vec<std::ops::Range<u32>> {
+        let rows = 70..400;
+        let dark = |x: u32, y: u32| img.get_pixel(x, y).0.iter().all(|&c| c < 100);
+        // The axis: the first column dark over most of the plot's rows.
+        let axis = (0..SIZE.0 / 2)
+            .find(|&x| rows.clone().filter(|&y| dark(x, y)).count() > 300)
+            .expect("a y axis line");
+        let inked: Vec<bool> = (0..axis.saturating_sub(6))
+            .map(|x| rows.clone().any(|y| dark(x, y)))
+            .collect();
+        let mut runs = Vec::new();
+        let mut start = None;
+        for (x, &on) in inked.iter().chain([&false]).enumerate() {
+            match (on, start) {
+                (true, None) => start = Some(x as u32),
+                (false, Some(s)) => {
+                    runs.push(s..x as u32);
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        runs
+    }
+
+    #[test]
+    fn the_y_axis_description_never_touches_a_tick_label() {
+        // Tick labels from "0.0001" to "5300000", and a log axis.
+        let cases = [
+            (1e-4, None),
+            (1.0, None),
+            (123.456, None),
+            (2.0e6, None),
+            (1.0, Some(5300.0)),
+        ];
+        for (scale, outlier) in cases {
+            let chart = loss_chart(&losses(scale, outlier)).unwrap();
+            let img = image::load_from_memory(&chart.png).unwrap().to_rgb8();
+            let runs = ink_runs_left_of_the_axis(&img);
+            // The rotated description alone (no wider than its line), then a gap of at least
+            // 3 px, then the tick labels.
+            let (_, line) = TextBackend::measure(18.0, "cross-entropy");
+            let case = format!("scale {scale}, outlier {outlier:?}: {runs:?}");
+            assert!(runs.len() >= 2, "{case}");
+            assert!(runs[0].len() as i32 <= line, "{case}");
+            assert!(runs[1].start >= runs[0].end + 3, "{case}");
+        }
     }
 
     fn count_in(img: &image::RgbImage, c: [u8; 3]) -> usize {
