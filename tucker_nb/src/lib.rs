@@ -68,6 +68,6 @@ pub use plots::Chart;
 pub use polars::prelude::DataFrame;
 pub use report::CompressionReport;
 pub use train::{
-    evaluate, fine_tune, recalibrate_bn, BnMode, EvalResult, FineTune, FineTuneConfig, History,
-    Recipe, Trainable,
+    evaluate, evaluate_as, fine_tune, recalibrate_bn, BnMode, EvalResult, FineTune, FineTuneConfig,
+    History, Recipe, Trainable,
 };

@@ -1,127 +1,204 @@
-//! Progress bars that show everywhere: indicatif's bar on a terminal, and where the output is
-//! piped (a notebook cell, a log file) the same bar text as a plain line at most every few
-//! seconds, plus the final state, instead of nothing.
+//! Progress that reads well wherever it shows: indicatif's in-place bar on a terminal; where
+//! stderr is piped (a notebook cell, whose kernel forwards output line by line, or a log file), at
+//! most [`LINES`] plain lines per run of the bar, each naming what runs and saying how far it is,
+//! its images/s and its message (the running loss), then one summary line.
 
 use std::io::{self, IsTerminal, Write};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// Seconds between plain lines when stderr is not a terminal.
-const PLAIN_INTERVAL: Duration = Duration::from_secs(5);
+/// Plain lines per bar before its summary line.
+pub const LINES: usize = 10;
 
-#[derive(Debug, Default)]
-struct PlainState {
-    last_line: String,
-    last_printed: Option<Instant>,
-    printed_last: bool,
-}
+/// Batches between the running figures a terminal bar shows.
+const BAR_REFRESH: usize = 10;
 
-/// A `TermLike` that turns each redraw into a throttled plain line on stderr.
-#[derive(Debug, Clone)]
-struct PlainLines(Arc<Mutex<PlainState>>);
-
-impl PlainLines {
-    fn emit(&self, line: &str, force: bool) {
-        let mut s = self.0.lock().unwrap();
-        let line = line.trim_end();
-        if line.is_empty() {
-            return;
-        }
-        s.last_line = line.to_string();
-        let due = s.last_printed.is_none_or(|t| t.elapsed() >= PLAIN_INTERVAL);
-        if force || due {
-            let _ = writeln!(io::stderr(), "{line}");
-            s.last_printed = Some(Instant::now());
-            s.printed_last = true;
-        } else {
-            s.printed_last = false;
-        }
-    }
-
-    fn flush_last(&self) {
-        let s = self.0.lock().unwrap();
-        if !s.printed_last && !s.last_line.is_empty() {
-            let _ = writeln!(io::stderr(), "{}", s.last_line);
-        }
-    }
-}
-
-impl TermLike for PlainLines {
-    fn width(&self) -> u16 {
-        100
-    }
-    fn move_cursor_up(&self, _: usize) -> io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_down(&self, _: usize) -> io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_right(&self, _: usize) -> io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_left(&self, _: usize) -> io::Result<()> {
-        Ok(())
-    }
-    fn write_line(&self, s: &str) -> io::Result<()> {
-        self.emit(s, false);
-        Ok(())
-    }
-    fn write_str(&self, s: &str) -> io::Result<()> {
-        self.emit(s, false);
-        Ok(())
-    }
-    fn clear_line(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn flush(&self) -> io::Result<()> {
-        io::stderr().flush()
-    }
-}
-
-/// A progress bar over `len` steps.
+/// A progress report over `len` steps (batches), labelled with what runs.
 #[derive(Debug)]
 pub struct Progress {
-    bar: ProgressBar,
-    plain: Option<PlainLines>,
+    out: Output,
+    /// Images per step, for the lines' images/s (0: not shown).
+    images_per_step: usize,
+}
+
+#[derive(Debug)]
+enum Output {
+    Bar(ProgressBar),
+    Lines(Mutex<Lines>),
+}
+
+/// The state of the plain lines.
+#[derive(Debug)]
+struct Lines {
+    label: String,
+    len: usize,
+    pos: usize,
+    message: String,
+    start: Instant,
+}
+
+impl Lines {
+    /// Steps between lines: [`LINES`] lines over the run, the last one left to the summary.
+    fn every(&self) -> usize {
+        self.len.div_ceil(LINES).max(1)
+    }
+
+    /// "label: pos/len, N images/s, message" (without the parts that are empty).
+    fn line(&self, images_per_step: usize, summary: bool) -> String {
+        let seconds = self.start.elapsed().as_secs_f64();
+        let mut parts = vec![format!("{}: {}/{}", self.label, self.pos, self.len)];
+        if summary {
+            parts.push(format!("done in {seconds:.1} s"));
+        }
+        if images_per_step > 0 && seconds > 0.0 {
+            let rate = (self.pos * images_per_step) as f64 / seconds;
+            parts.push(format!("{rate:.0} images/s"));
+        }
+        if !self.message.is_empty() {
+            parts.push(self.message.clone());
+        }
+        parts.join(", ")
+    }
 }
 
 impl Progress {
     pub fn new(len: usize, label: &str) -> Self {
-        let style = ProgressStyle::with_template(
-            "{prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("█▉▊▋▌▍▎▏ ");
-        let (target, plain) = if io::stderr().is_terminal() {
-            (ProgressDrawTarget::stderr(), None)
-        } else {
-            let plain = PlainLines(Arc::default());
-            (
-                ProgressDrawTarget::term_like_with_hz(Box::new(plain.clone()), 1),
-                Some(plain),
+        let out = if io::stderr().is_terminal() {
+            let style = ProgressStyle::with_template(
+                "{prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
             )
+            .expect("valid template")
+            .progress_chars("█▉▊▋▌▍▎▏ ");
+            let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr())
+                .with_style(style)
+                .with_prefix(label.to_string());
+            Output::Bar(bar)
+        } else {
+            Output::Lines(Mutex::new(Lines {
+                label: label.to_string(),
+                len,
+                pos: 0,
+                message: String::new(),
+                start: Instant::now(),
+            }))
         };
-        let bar = ProgressBar::with_draw_target(Some(len as u64), target)
-            .with_style(style)
-            .with_prefix(label.to_string());
-        Self { bar, plain }
+        Self {
+            out,
+            images_per_step: 0,
+        }
+    }
+
+    /// Also report images/s, each step being `n` images (the last batch may be smaller: the
+    /// rate is then a slight overestimate until the summary).
+    pub fn counting_images(self, n: usize) -> Self {
+        Self {
+            images_per_step: n,
+            ..self
+        }
+    }
+
+    /// How often (in steps) the caller need refresh its message: before each plain line, or at
+    /// the bar's refresh.
+    pub fn message_every(&self) -> usize {
+        match &self.out {
+            Output::Bar(_) => BAR_REFRESH,
+            Output::Lines(lines) => lines.lock().expect("not poisoned").every(),
+        }
     }
 
     pub fn inc(&self, n: u64) {
-        self.bar.inc(n);
+        match &self.out {
+            Output::Bar(bar) => bar.inc(n),
+            Output::Lines(lines) => {
+                let mut lines = lines.lock().expect("not poisoned");
+                let before = lines.pos;
+                lines.pos += n as usize;
+                let every = lines.every();
+                // A line each time the position crosses a multiple of `every`, except at the end,
+                // which the summary line reports.
+                if lines.pos / every > before / every && lines.pos < lines.len {
+                    let _ = writeln!(io::stderr(), "{}", lines.line(self.images_per_step, false));
+                }
+            }
+        }
     }
 
     pub fn set_message(&self, msg: impl Into<String>) {
-        self.bar.set_message(msg.into());
+        match &self.out {
+            Output::Bar(bar) => bar.set_message(msg.into()),
+            Output::Lines(lines) => lines.lock().expect("not poisoned").message = msg.into(),
+        }
     }
 
-    /// Leaves the bar at its final state with `msg`, printed even when piped.
+    /// Leaves the bar at its final state with `msg`; as plain lines, one summary line.
     pub fn finish(&self, msg: impl Into<String>) {
-        self.bar.finish_with_message(msg.into());
-        if let Some(plain) = &self.plain {
-            plain.flush_last();
+        match &self.out {
+            Output::Bar(bar) => bar.finish_with_message(msg.into()),
+            Output::Lines(lines) => {
+                let mut lines = lines.lock().expect("not poisoned");
+                lines.message = msg.into();
+                let _ = writeln!(io::stderr(), "{}", lines.line(self.images_per_step, true));
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(len: usize) -> Lines {
+        Lines {
+            label: "compressed epoch 1/3".into(),
+            len,
+            pos: 0,
+            message: String::new(),
+            start: Instant::now(),
+        }
+    }
+
+    /// Which positions print a line, stepping one at a time to the end.
+    fn printed_at(len: usize) -> Vec<usize> {
+        let mut l = lines(len);
+        let mut at = Vec::new();
+        for _ in 0..len {
+            let before = l.pos;
+            l.pos += 1;
+            if l.pos / l.every() > before / l.every() && l.pos < l.len {
+                at.push(l.pos);
+            }
+        }
+        at
+    }
+
+    #[test]
+    fn at_most_ten_lines_per_run_and_none_at_the_start() {
+        for len in [1, 7, 10, 15, 99, 100, 391, 10_000] {
+            let at = printed_at(len);
+            assert!(at.len() < LINES, "{len}: {at:?}");
+            assert!(!at.contains(&0) && !at.contains(&len), "{len}: {at:?}");
+        }
+        assert_eq!(printed_at(15), [2, 4, 6, 8, 10, 12, 14]);
+        assert_eq!(printed_at(100).len(), 9);
+    }
+
+    #[test]
+    fn a_line_names_what_runs_and_its_figures() {
+        let mut l = lines(20);
+        l.pos = 4;
+        l.message = "loss 1.2345".into();
+        let line = l.line(32, false);
+        assert!(
+            line.starts_with("compressed epoch 1/3: 4/20, ")
+                && line.ends_with(" images/s, loss 1.2345"),
+            "{line}"
+        );
+        let summary = l.line(0, true);
+        assert!(
+            summary.contains("done in") && !summary.contains("images/s"),
+            "{summary}"
+        );
     }
 }

@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::frame::{column, frame_of};
 use crate::loader::Loader;
 use crate::model::ResNet18;
-use crate::train::{evaluate, recalibrate_bn, FineTune, FineTuneConfig, History, Trainable};
+use crate::train::{evaluate_as, recalibrate_bn, FineTune, FineTuneConfig, History, Trainable};
 
 /// The policies `tucker-nb sweep` compares unless told others.
 pub const DEFAULT_POLICIES: &str =
@@ -113,7 +113,7 @@ pub fn sweep_with_history<'a>(
         true => Some(activation_moments(model, loaders.2)?),
         false => None,
     };
-    let base = evaluate(model, loaders.1)?;
+    let base = evaluate_as(model, loaders.1, "the dense model")?;
     let timing = policies
         .first()
         .map(|p| p.timing.clone())
@@ -172,9 +172,9 @@ fn sweep_point(
     let mut compressed = model.deep_copy();
     let mut report = compress_model_fitted(&mut compressed, policy, moments)?;
     check_forecast(&mut report, model, &compressed, policy);
-    let top1_compressed = evaluate(&compressed, val)?.top1;
+    let top1_compressed = evaluate_as(&compressed, val, &format!("{spec}, compressed"))?.top1;
     recalibrate_bn(&mut compressed, calibration)?;
-    let top1_recalibrated = evaluate(&compressed, val)?.top1;
+    let top1_recalibrated = evaluate_as(&compressed, val, &format!("{spec}, recalibrated"))?.top1;
     let config = FineTuneConfig {
         phase: spec.clone(),
         trainable: Trainable::TuckerAndClassifier,
@@ -188,7 +188,7 @@ fn sweep_point(
     };
     let history = crate::train::fine_tune(&mut compressed, train, val, run)?;
     let chosen_epoch = history.rows().last().map_or(0, |r| r.chosen_epoch);
-    let after = evaluate(&compressed, val)?;
+    let after = evaluate_as(&compressed, val, &format!("{spec}, fine-tuned"))?;
     let speed = measure_side_by_side(
         model,
         &compressed,

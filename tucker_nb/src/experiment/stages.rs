@@ -13,7 +13,7 @@ use crate::loader::Loader;
 use crate::model::ResNet18;
 use crate::report::CompressionReport;
 use crate::train::{
-    evaluate, fine_tune, metrics_frame, recalibrate_bn, EpochMetrics, EvalResult, FineTune,
+    evaluate_as, fine_tune, metrics_frame, recalibrate_bn, EpochMetrics, EvalResult, FineTune,
     FineTuneConfig, Trainable,
 };
 
@@ -43,9 +43,10 @@ pub struct Evaluated {
 }
 
 impl Evaluated {
-    /// `model` evaluated on `val`, its MACs counted at `image_size` px.
-    pub fn of(model: &ResNet18, val: &Loader, image_size: i64) -> Result<Self> {
-        let eval = evaluate(model, val)?;
+    /// `model` evaluated on `val` (its progress saying `what`), its MACs counted at
+    /// `image_size` px.
+    pub fn of(model: &ResNet18, val: &Loader, image_size: i64, what: &str) -> Result<Self> {
+        let eval = evaluate_as(model, val, what)?;
         let figures = ModelFigures::new(model, &eval, image_size);
         Ok(Self { eval, figures })
     }
@@ -151,11 +152,13 @@ pub fn compress_in_stages<'a>(
             check_forecast(&mut report, before, model, policy);
         }
         let size = policy.input_size[0];
-        let compressed = Evaluated::of(model, val, size)?;
+        let stage = format!("stage {} ({})", i + 1, policy.ranks);
+        let compressed = Evaluated::of(model, val, size, &format!("{stage}, compressed"))?;
         let recalibrated = match calibration.filter(|c| c.recalibrate_bn) {
             Some(c) => {
                 recalibrate_bn(model, c.images)?;
-                Some(Evaluated::of(model, val, size)?)
+                let what = format!("{stage}, recalibrated");
+                Some(Evaluated::of(model, val, size, &what)?)
             }
             None => None,
         };

@@ -50,13 +50,25 @@ pub fn evaluate(model: &ResNet18, loader: &Loader) -> Result<EvalResult> {
     evaluate_with(model, loader, EvalOptions::default())
 }
 
-/// What an evaluation does besides counting (both off by default).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// [`evaluate`], its progress lines saying `what` is evaluated.
+pub fn evaluate_as(model: &ResNet18, loader: &Loader, what: &str) -> Result<EvalResult> {
+    let options = EvalOptions {
+        label: Some(format!("evaluate {what}")),
+        ..EvalOptions::default()
+    };
+    evaluate_with(model, loader, options)
+}
+
+/// What an evaluation does besides counting, and what its progress says (defaults: neither, and
+/// "evaluate N images").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EvalOptions {
     /// Keep every image's predicted class ([`EvalResult::predictions`]).
     pub keep_predictions: bool,
     /// Run the forward pass under bf16 autocast (CUDA; plain fp32 elsewhere).
     pub bf16: bool,
+    /// What the progress lines call this evaluation (default: "evaluate N images").
+    pub label: Option<String>,
 }
 
 /// [`evaluate`] with `options`.
@@ -68,6 +80,7 @@ pub fn evaluate_with(
     let EvalOptions {
         keep_predictions,
         bf16,
+        label,
     } = options;
     let start = Instant::now();
     let device = loader.device;
@@ -78,7 +91,8 @@ pub fn evaluate_with(
         Tensor::zeros([], (Kind::Int64, device)),
     );
     let mut predictions = Vec::new();
-    let progress = Progress::new(loader.num_batches(), "evaluate");
+    let label = label.unwrap_or_else(|| format!("evaluate {} images", loader.len()));
+    let progress = Progress::new(loader.num_batches(), &label).counting_images(loader.batch_size);
     tch::no_grad(|| {
         for batch in loader.epoch(0) {
             let logits =

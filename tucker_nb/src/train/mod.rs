@@ -23,7 +23,7 @@ pub use config::{
     metrics_frame, BnMode, Distillation, EpochMetrics, FineTuneConfig, Recipe, Trainable,
     METRICS_COLUMNS,
 };
-pub use evaluate::{evaluate, evaluate_with, recalibrate_bn, EvalOptions, EvalResult};
+pub use evaluate::{evaluate, evaluate_as, evaluate_with, recalibrate_bn, EvalOptions, EvalResult};
 use select::Selection;
 pub use select::{HeldOutScore, SelectionState, DIVERGED_FACTOR, DIVERGED_MARGIN};
 use sgd::Sgd;
@@ -414,14 +414,17 @@ fn train_epoch(
     let lr = config.lr_at(epoch);
     let device = train.device;
     let batches = config.batches_per_epoch(train.num_batches());
-    let progress = Progress::new(
-        batches,
-        &format!("{} epoch {}/{}", config.phase, epoch + 1, config.epochs),
+    let what = format!(
+        "fine-tune {} epoch {}/{}",
+        config.phase,
+        epoch + 1,
+        config.epochs
     );
+    let progress = Progress::new(batches, &what).counting_images(train.batch_size);
     let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
     let mut correct = Tensor::zeros([], (Kind::Int64, device));
     let mut seen = 0usize;
-    let check_every = 10;
+    let check_every = progress.message_every();
     let last = batches.saturating_sub(1);
     let mut steady = SteadyState::default();
     for (b, batch) in train.epoch(epoch).take(batches).enumerate() {
@@ -469,6 +472,7 @@ fn train_epoch(
     }
     let options = EvalOptions {
         bf16: config.bf16,
+        label: Some(format!("{what}: validate")),
         ..EvalOptions::default()
     };
     let eval = evaluate_with(model, val, options)?;

@@ -237,6 +237,12 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
     let options = train::EvalOptions {
         keep_predictions: args.predictions.is_some(),
         bf16: args.bf16,
+        label: Some(format!(
+            "evaluate {} on {} {:?} images",
+            args.model.display(),
+            loader.len(),
+            args.split
+        )),
     };
     let result = train::evaluate_with(&net, &loader, options)?;
     if let (Some(path), Some(pred)) = (&args.predictions, &result.predictions) {
