@@ -3,7 +3,7 @@
 //! `EVCXR_BEGIN_CONTENT <mime>` … `EVCXR_END_CONTENT`). evcxr keeps one item per MIME type per cell,
 //! so several charts and tables go into one HTML block ([`Html::concat`]).
 
-use polars::prelude::{AnyValue, DataFrame};
+use polars::prelude::{AnyValue, Column, DataFrame};
 
 use crate::conv::Form;
 use crate::plots::Chart;
@@ -57,13 +57,19 @@ fn escape(s: &str) -> String {
 fn table(header: &[String], rows: &[Vec<String>]) -> Html {
     let mut s = String::from("<table class=\"tucker-nb\"><thead><tr>");
     for h in header {
-        s.push_str(&format!("<th>{}</th>", escape(h)));
+        s.push_str(&format!(
+            "<th style=\"white-space:nowrap\">{}</th>",
+            escape(h)
+        ));
     }
     s.push_str("</tr></thead><tbody>");
     for row in rows {
         s.push_str("<tr>");
         for cell in row {
-            s.push_str(&format!("<td>{}</td>", escape(cell)));
+            s.push_str(&format!(
+                "<td style=\"white-space:nowrap\">{}</td>",
+                escape(cell)
+            ));
         }
         s.push_str("</tr>");
     }
@@ -107,6 +113,65 @@ pub fn frame_table(frame: &DataFrame) -> Html {
         })
         .collect::<Vec<Vec<String>>>();
     table(&header, &rows)
+}
+
+/// The columns of `frame` named in `columns` (column, heading), in that order, as an HTML table;
+/// a column the frame lacks is left out. The full frame is [`frame_table`].
+pub fn frame_columns(frame: &DataFrame, columns: &[(&str, &str)]) -> Html {
+    let present: Vec<(&Column, &str)> = columns
+        .iter()
+        .filter_map(|&(name, heading)| frame.column(name).ok().map(|c| (c, heading)))
+        .collect();
+    let header: Vec<String> = present.iter().map(|(_, h)| h.to_string()).collect();
+    let rows = (0..frame.height())
+        .map(|i| {
+            present
+                .iter()
+                .map(|(c, _)| c.get(i).map(cell).unwrap_or_default())
+                .collect()
+        })
+        .collect::<Vec<Vec<String>>>();
+    table(&header, &rows)
+}
+
+/// A fine-tune's `metrics.csv` frame, the columns a reader follows epoch by epoch (validation
+/// first, then the held-out selection and the speed); [`frame_table`] has every column.
+pub fn metrics_table(frame: &DataFrame) -> Html {
+    frame_columns(
+        frame,
+        &[
+            ("phase", "phase"),
+            ("epoch", "epoch"),
+            ("val_top1", "val top-1"),
+            ("val_top5", "val top-5"),
+            ("val_loss", "val loss"),
+            ("train_loss", "train loss"),
+            ("held_out_top1", "held-out top-1"),
+            ("chosen_epoch", "chosen epoch"),
+            ("images_per_s", "train images/s"),
+            ("seconds", "seconds"),
+        ],
+    )
+}
+
+/// A sweep's frame ([`crate::sweep::sweep`]), its key columns first: each policy's top-1 after
+/// the fine-tune, whether it is on the MACs front, what it costs and how fast it runs, then the
+/// top-1 right after compression and after recalibration; [`frame_table`] has every column.
+pub fn sweep_table(frame: &DataFrame) -> Html {
+    frame_columns(
+        frame,
+        &[
+            ("policy", "policy"),
+            ("top1", "top-1"),
+            ("top5", "top-5"),
+            ("pareto", "on the front"),
+            ("macs_ratio", "MACs (× dense)"),
+            ("speedup", "speedup"),
+            ("top1_compressed", "top-1 compressed"),
+            ("top1_recalibrated", "top-1 recalibrated"),
+            ("chosen_epoch", "chosen epoch"),
+        ],
+    )
 }
 
 /// The per-layer report as an HTML table with a totals line.

@@ -180,9 +180,9 @@ impl NotebookConfig {
     fn describe(&self) -> String {
         let run = &self.run;
         format!(
-            "{:?} profile on {:?}: {} ({}), {} px, {} + {} epochs, policy {}, output in {}",
+            "{:?} profile on {}: {} ({}), {} px, {} + {} epochs, policy {}, output in {}",
             self.profile,
-            run.device,
+            device_words(run.device),
             run.data.display(),
             run.weights
                 .as_ref()
@@ -427,16 +427,38 @@ pub fn summarize(
     }
 }
 
-/// The closing table: one row per model, ratios against the first.
+/// A device as the notebook's plan line says it ("the CPU", "CUDA device 0").
+fn device_words(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("CUDA device {i}"),
+        Device::Cpu => "the CPU".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// How `a` compares with the first row's `b`, in the words of the layer report's totals: "(N×
+/// fewer)" below it, "(N× more)" above it (or the words given), nothing when equal.
+fn versus(a: f64, b: Option<f64>, [less, more]: [&str; 2]) -> String {
+    match b {
+        Some(b) if a > 0.0 && b > 0.0 && a < b => format!(" ({:.2}× {less})", b / a),
+        Some(b) if a > 0.0 && b > 0.0 && a > b => format!(" ({:.2}× {more})", a / b),
+        _ => String::new(),
+    }
+}
+
+/// The closing table: one row per model, each figure against the first row's.
 pub fn summary_table(rows: &[&ModelSummary]) -> Html {
     let base = rows.first().map(|r| &r.figures);
-    let ratio = |a: f64, b: Option<f64>| b.map_or(String::new(), |b| format!(" ({:.2}×)", a / b));
+    let ratio = |a: f64, b: Option<f64>| versus(a, b, ["fewer", "more"]);
     let body: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
             let f = &r.figures;
             let latency = match f.latency_ms {
-                Some(ms) => format!("{ms:.2} ms{}", ratio(ms, base.and_then(|b| b.latency_ms))),
+                Some(ms) => {
+                    let than = versus(ms, base.and_then(|b| b.latency_ms), ["faster", "slower"]);
+                    format!("{ms:.2} ms{than}")
+                }
                 None => "not measured".into(),
             };
             vec![

@@ -1,16 +1,20 @@
 //! Progress that reads well wherever it shows: indicatif's in-place bar on a terminal; where
 //! stderr is piped (a notebook cell, whose kernel forwards output line by line, or a log file), at
 //! most [`LINES`] plain lines per run of the bar, each naming what runs and saying how far it is,
-//! its images/s and its message (the running loss), then one summary line.
+//! its images/s and its message (the running loss), then one summary line. A run shorter than
+//! [`MIN_GAP`] prints its summary line alone.
 
 use std::io::{self, IsTerminal, Write};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Plain lines per bar before its summary line.
 pub const LINES: usize = 10;
+
+/// The least time between plain lines (the summary line excepted).
+pub const MIN_GAP: Duration = Duration::from_secs(1);
 
 /// Batches between the running figures a terminal bar shows.
 const BAR_REFRESH: usize = 10;
@@ -37,12 +41,29 @@ struct Lines {
     pos: usize,
     message: String,
     start: Instant,
+    /// When the last line was printed (the start before any).
+    last: Instant,
 }
 
 impl Lines {
     /// Steps between lines: [`LINES`] lines over the run, the last one left to the summary.
     fn every(&self) -> usize {
         self.len.div_ceil(LINES).max(1)
+    }
+
+    /// Moves `n` steps on; the line to print, if one is due: each time the position crosses a
+    /// multiple of [`Self::every`], except at the end (the summary line reports it) and within
+    /// `min_gap` of the last line.
+    fn advance(&mut self, n: usize, images_per_step: usize, min_gap: Duration) -> Option<String> {
+        let before = self.pos;
+        self.pos += n;
+        let every = self.every();
+        let crossed = self.pos / every > before / every && self.pos < self.len;
+        if !crossed || self.last.elapsed() < min_gap {
+            return None;
+        }
+        self.last = Instant::now();
+        Some(self.line(images_per_step, false))
     }
 
     /// "label: pos/len, N images/s, message" (without the parts that are empty).
@@ -82,6 +103,7 @@ impl Progress {
                 pos: 0,
                 message: String::new(),
                 start: Instant::now(),
+                last: Instant::now(),
             }))
         };
         Self {
@@ -113,13 +135,8 @@ impl Progress {
             Output::Bar(bar) => bar.inc(n),
             Output::Lines(lines) => {
                 let mut lines = lines.lock().expect("not poisoned");
-                let before = lines.pos;
-                lines.pos += n as usize;
-                let every = lines.every();
-                // A line each time the position crosses a multiple of `every`, except at the end,
-                // which the summary line reports.
-                if lines.pos / every > before / every && lines.pos < lines.len {
-                    let _ = writeln!(io::stderr(), "{}", lines.line(self.images_per_step, false));
+                if let Some(line) = lines.advance(n as usize, self.images_per_step, MIN_GAP) {
+                    let _ = writeln!(io::stderr(), "{line}");
                 }
             }
         }
@@ -156,21 +173,16 @@ mod tests {
             pos: 0,
             message: String::new(),
             start: Instant::now(),
+            last: Instant::now(),
         }
     }
 
-    /// Which positions print a line, stepping one at a time to the end.
+    /// Which positions print a line, stepping one at a time to the end, with no least gap.
     fn printed_at(len: usize) -> Vec<usize> {
         let mut l = lines(len);
-        let mut at = Vec::new();
-        for _ in 0..len {
-            let before = l.pos;
-            l.pos += 1;
-            if l.pos / l.every() > before / l.every() && l.pos < l.len {
-                at.push(l.pos);
-            }
-        }
-        at
+        (0..len)
+            .filter_map(|_| l.advance(1, 8, Duration::ZERO).map(|_| l.pos))
+            .collect()
     }
 
     #[test]
@@ -182,6 +194,9 @@ mod tests {
         }
         assert_eq!(printed_at(15), [2, 4, 6, 8, 10, 12, 14]);
         assert_eq!(printed_at(100).len(), 9);
+        // A run quicker than the least gap prints none before its summary.
+        let mut quick = lines(15);
+        assert!((0..15).all(|_| quick.advance(1, 8, MIN_GAP).is_none()));
     }
 
     #[test]
