@@ -37,8 +37,21 @@ def client_for(nb):
 
 
 def execute(nb):
-    client_for(nb).execute()
+    try:
+        client_for(nb).execute()
+    finally:
+        number_outputs_as_cells(nb)
     return nb
+
+
+def number_outputs_as_cells(nb):
+    """nbclient numbers the cells it runs from 1; evcxr_jupyter 0.22 numbers its results from 2 (it
+    counts before its first reply), so every saved [n]: was answered by [n+1]:. The saved notebook
+    gives each result its cell's number."""
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if "execution_count" in out and cell.get("execution_count") is not None:
+                out["execution_count"] = cell.execution_count
 
 
 def warm():
@@ -70,6 +83,9 @@ def check(nb, out_dir):
     inline = [h for h in html if "data:image/png;base64," in h]
     inline += [o for _, o in outputs(nb) if "data" in o and "image/png" in o["data"]]
     results.append(("inline chart images", len(inline) >= 1, f"{len(inline)} found"))
+    mismatched = [i for i, cell in enumerate(nb.cells) for o in cell.get("outputs", [])
+                  if "execution_count" in o and o["execution_count"] != cell.get("execution_count")]
+    results.append(("each result numbered as its cell", not mismatched, f"cells {mismatched}"))
     results.append(("HTML metrics table", any("train loss" in h and "<table" in h for h in html), ""))
     results.append(("HTML layer report", any("rel. error" in h and "layer4.1.conv2" in h for h in html), ""))
     results.append(("HTML summary table", any("latency (batch 1)" in h for h in html), ""))
@@ -163,6 +179,7 @@ def timing(out_dir):
                      timed(nb.cells[again], again)))
     for what, source, seconds in rows:
         print(f"{what:<18} {seconds:8.1f} s  {source}")
+    number_outputs_as_cells(nb)
     target = os.path.join(out_dir, "resnet18_tucker.ipynb")
     nbformat.write(nb, target + ".tmp")
     os.replace(target + ".tmp", target)
