@@ -62,6 +62,9 @@ fn series_of(metrics: &DataFrame, columns: &[(&str, &str, Mark)]) -> Result<Vec<
     Ok(series)
 }
 
+/// Half the width, in epochs, of the stroke drawn through a one-epoch phase's point.
+const SINGLE_EPOCH_HALF_WIDTH: f64 = 0.2;
+
 /// Positive values spanning more than this ratio get a log y axis (two decades).
 const LOG_SPAN: f64 = 100.0;
 
@@ -201,6 +204,15 @@ fn line_chart(
                 .iter()
                 .map(|&p| Circle::new(p, 4, entry.color.filled()));
             chart.draw_series(dots).map_err(|e| err(&e))?;
+            // A one-epoch phase has no line to draw: a short level stroke through its point, in
+            // the series' style, says which series it is instead of a loose dot.
+            let points = match points[..] {
+                [(x, y)] => vec![
+                    (x - SINGLE_EPOCH_HALF_WIDTH, y),
+                    (x + SINGLE_EPOCH_HALF_WIDTH, y),
+                ],
+                _ => points,
+            };
             let drawn = if entry.mark == Mark::Dashed {
                 chart.draw_series(DashedLineSeries::new(points, 10, 6, style))
             } else {
@@ -574,6 +586,26 @@ mod tests {
             assert!(runs[0].len() as i32 <= line, "{case}");
             assert!(runs[1].start >= runs[0].end + 3, "{case}");
         }
+    }
+
+    #[test]
+    fn a_one_epoch_phase_is_drawn_as_a_stroke_not_a_loose_dot() {
+        let mut rows = rows();
+        rows.truncate(3); // "compressed" keeps its epoch 1 only
+        let chart = accuracy_chart(&metrics_frame(&rows)).unwrap();
+        let img = image::load_from_memory(&chart.png).unwrap().to_rgb8();
+        let red = PALETTE[1];
+        let red_columns: Vec<u32> = (0..SIZE.0 - 240)
+            .filter(|&x| {
+                (60..400).any(|y| {
+                    let p = img.get_pixel(x, y).0;
+                    p == [red.0, red.1, red.2]
+                })
+            })
+            .collect();
+        // A dot alone is 9 px wide; the stroke spans 0.4 epoch of a 2-epoch axis (~70 px).
+        let span = red_columns.last().unwrap() - red_columns.first().unwrap();
+        assert!(span > 40, "red spans {span} px");
     }
 
     fn count_in(img: &image::RgbImage, c: [u8; 3]) -> usize {
