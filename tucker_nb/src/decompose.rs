@@ -84,7 +84,13 @@ fn as_f64(t: &Tensor) -> Tensor {
 /// unfolding (a conv's is C × 9C), several times faster and the same subspace up to each vector's
 /// sign. `rank` may exceed cols (a 1×1 conv's r_out can exceed C_in): the basis is always full.
 fn leading_left_singular_vectors(m: &Tensor, rank: i64) -> Tensor {
-    left_singular_pairs(m).1.narrow(1, 0, rank)
+    gram_eigen_descending(m).1.narrow(1, 0, rank)
+}
+
+/// The eigenvalues and eigenvectors of the Gram matrix m·mᵀ, by descending eigenvalue.
+fn gram_eigen_descending(m: &Tensor) -> (Tensor, Tensor) {
+    let (values, vectors) = m.matmul(&m.tr()).linalg_eigh("L"); // ascending eigenvalues
+    (values.flip([0]), vectors.flip([1]))
 }
 
 /// `m`'s singular values (min(rows, cols) of them, as [`singular_values`]) and all its left
@@ -94,14 +100,9 @@ fn left_singular_pairs(m: &Tensor) -> (Vec<f64>, Tensor) {
     let [rows, cols] = m.size()[..] else {
         unreachable!("singular vectors of a matrix")
     };
-    let (values, vectors) = m.matmul(&m.tr()).linalg_eigh("L"); // ascending eigenvalues
-    let singular = values
-        .flip([0])
-        .narrow(0, 0, rows.min(cols))
-        .clamp_min(0.0)
-        .sqrt();
-    let singular = Vec::<f64>::try_from(singular).expect("1-D");
-    (singular, vectors.flip([1]))
+    let (values, vectors) = gram_eigen_descending(m);
+    let singular = values.narrow(0, 0, rows.min(cols)).clamp_min(0.0).sqrt();
+    (Vec::<f64>::try_from(singular).expect("1-D"), vectors)
 }
 
 /// Both channel modes' spectra and full left singular bases of a kernel, from one Gram
@@ -136,13 +137,8 @@ impl KernelSpectra {
 }
 
 /// The truncated-HOSVD Tucker-2 factors of a kernel at ranks (r_out, r_in).
-pub fn tucker2(weight: &Tensor, (r_out, r_in): (i64, i64)) -> Tucker2Factors {
-    let w = as_f64(weight);
-    let (by_output, by_input) = unfoldings(&w);
-    let u0 = leading_left_singular_vectors(&by_output, r_out);
-    let u1 = leading_left_singular_vectors(&by_input, r_in);
-    let core = mode_products(&w, &u0.tr(), &u1.tr());
-    Tucker2Factors { u0, core, u1 }
+pub fn tucker2(weight: &Tensor, ranks: (i64, i64)) -> Tucker2Factors {
+    KernelSpectra::of(weight).tucker2(weight, ranks)
 }
 
 /// HOOI stops when a sweep lowers the relative error ‖W − Ŵ‖/‖W‖ by less than this, or after

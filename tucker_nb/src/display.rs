@@ -98,21 +98,13 @@ fn format_float(x: f64) -> String {
 
 /// A DataFrame as an HTML table.
 pub fn frame_table(frame: &DataFrame) -> Html {
-    let header: Vec<String> = frame
+    let names: Vec<String> = frame
         .get_column_names()
         .iter()
         .map(|c| c.to_string())
         .collect();
-    let rows = (0..frame.height())
-        .map(|i| {
-            frame
-                .columns()
-                .iter()
-                .map(|c| c.get(i).map(cell).unwrap_or_default())
-                .collect()
-        })
-        .collect::<Vec<Vec<String>>>();
-    table(&header, &rows)
+    let columns: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), n.as_str())).collect();
+    frame_columns(frame, &columns)
 }
 
 /// The columns of `frame` named in `columns` (column, heading), in that order, as an HTML table;
