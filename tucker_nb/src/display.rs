@@ -202,6 +202,7 @@ pub fn report_table(report: &CompressionReport) -> Html {
                     Form::Svd { rank } => format!("SVD {rank}"),
                     Form::Tucker1Out { r_out, .. } => format!("({r_out}, whole)"),
                     Form::Tucker1In { r_in, .. } => format!("(whole, {r_in})"),
+                    Form::Cp { rank } => format!("CP {rank}"),
                 },
                 l.params_before.to_string(),
                 l.params_after.to_string(),

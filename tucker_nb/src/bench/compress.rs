@@ -36,6 +36,7 @@ fn policies(run_policy: &RankPolicy) -> (f64, Vec<RankPolicy>) {
         RankPolicy::Budget {
             cost: Cost::Macs,
             fraction,
+            cp: false,
         },
     ];
     if !list.contains(run_policy) {

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 
 use crate::compress::cost::Price;
-use crate::compress::plan::{LayerFacts, LayerPlan};
+use crate::compress::plan::{round_rank, LayerFacts, LayerPlan};
 use crate::conv::Form;
 
 /// One candidate for a layer under a budget.
@@ -52,9 +52,25 @@ fn rank_grid(dim: i64, round_to: Option<i64>) -> Vec<i64> {
     g
 }
 
+/// The shares of min(C_in, C_out) at which a budget that allows CP fits it: coarse, because each
+/// rank is a fit of its own (ALS), and a CP of rank R costs about R·(C_in + C_out) MACs a pixel, so
+/// these span about 30× to 4× fewer than a 3×3 conv's.
+const CP_SHARES: [f64; 7] = [1.0 / 16.0, 1.0 / 8.0, 0.25, 0.375, 0.5, 0.75, 1.0];
+
+/// The CP ranks a budget fits for a conv of min(C_in, C_out) = `dim` (rounded up to `round_to`).
+pub(crate) fn cp_rank_grid(dim: i64, round_to: Option<i64>) -> Vec<i64> {
+    let mut ranks: Vec<i64> = CP_SHARES
+        .iter()
+        .map(|share| round_rank(((dim as f64 * share).round() as i64).max(1), round_to, dim))
+        .collect();
+    ranks.dedup();
+    ranks
+}
+
 impl LayerFacts {
     /// Every factorisation a budget prices on the rank grid: Tucker-2 pairs and both Tucker-1
-    /// forms for a k×k conv, SVD ranks for a 1×1 one.
+    /// forms for a k×k conv (and CP at the ranks fitted, [`LayerFacts::fit_cp`]), SVD ranks for a
+    /// 1×1 one.
     pub(crate) fn budget_forms(&self, round_to: Option<i64>) -> Vec<Form> {
         let [c_out, c_in, _, _] = self.shape();
         if self.takes_svd() {
@@ -79,6 +95,7 @@ impl LayerFacts {
             if !self.reads_image() {
                 forms.extend(r_ins.iter().map(|&r_in| Form::Tucker1In { c_out, r_in }));
             }
+            forms.extend(self.cp.keys().map(|&rank| Form::Cp { rank }));
             forms
         }
     }
@@ -169,7 +186,7 @@ pub fn plan_budget(
             };
             let head = format!(
                 "budget {what} {target:.3}: model at {achieved:.3}; {measured} {error:.4} \
-                 (relative squared, this rank pair; keeps {:.1} % of the energy)",
+                 (relative squared, these ranks; keeps {:.1} % of the energy)",
                 100.0 * (1.0 - error)
             );
             let note = f.budget_note(form, head);
@@ -243,6 +260,9 @@ mod tests {
         assert_eq!((g[0], *g.last().unwrap(), g.len()), (1, 512, 65));
         assert_eq!(rank_grid(20, Some(8)), vec![8, 16, 20]);
         assert_eq!(rank_grid(3, Some(8)), vec![1, 3]);
+        assert_eq!(cp_rank_grid(64, None), vec![4, 8, 16, 24, 32, 48, 64]);
+        assert_eq!(cp_rank_grid(64, Some(32)), vec![32, 64]);
+        assert_eq!(cp_rank_grid(8, None), vec![1, 2, 3, 4, 6, 8]);
     }
 
     #[test]

@@ -30,13 +30,15 @@ use crate::compress::plan::{
     check_ranks, plan_rule_based, plan_spectral, LayerFacts, LayerPlan, SlotAt,
 };
 use crate::compress::policy::{CompressionPolicy, Fit, RankPolicy};
-use crate::conv::{Conv2d, ConvConfig, ConvSlot, Form, TuckerConv, TwoLayerConv};
+use crate::conv::{Conv2d, ConvConfig, ConvSlot, CpConv, Form, TuckerConv, TwoLayerConv};
 use crate::decompose::{
-    fit_tucker2, relative_error, relative_output_error, svd_factors, svd_factors_whitened,
-    tucker2_whitened, ActivationMoments, KernelSpectra, Method,
+    cp_als, cp_als_from, fit_tucker2, relative_error, relative_output_error, svd_factors,
+    svd_factors_whitened, tucker2_whitened, ActivationMoments, CpFactors, CpOptions, KernelSpectra,
+    Method,
 };
 use crate::error::{Error, Result};
 use crate::model::ResNet18;
+use crate::progress::Progress;
 use crate::report::{CompressionReport, LayerReport};
 
 /// Decides every conv's factorisation. Rule-based policies (ratio, explicit) apply their rule to
@@ -55,7 +57,7 @@ pub fn plan_layers(
     policy.validate()?;
     let slots = slots_at(model, policy.input_size);
     for (name, slot, _) in &slots {
-        check_ungrouped(name, &slot.config())?;
+        check_ungrouped(name, &slot.config(), "Tucker-2, CP or SVD")?;
     }
     if policy.ranks.is_rule_based() {
         let layers = plan_rule_based(&slots, &policy.ranks, policy.round_to)?;
@@ -65,9 +67,13 @@ pub fn plan_layers(
         .iter()
         .map(|slot| LayerFacts::new(slot, moments.and_then(|m| m.get(&slot.0))))
         .collect();
-    let RankPolicy::Budget { cost, fraction } = &policy.ranks else {
+    let RankPolicy::Budget { cost, fraction, cp } = &policy.ranks else {
         return Ok(Plan::of(plan_spectral(&facts, policy), facts));
     };
+    let mut facts = facts;
+    if *cp {
+        fit_cp_grid(&mut facts, policy.round_to, moments);
+    }
     if let Some(counted) = cost.counted() {
         let layers = plan_budget(&facts, fraction.get(), &counted, policy.round_to);
         return Ok(Plan::of(layers, facts));
@@ -145,6 +151,24 @@ pub fn plan_layers(
     })
 }
 
+/// Fits CP on [`budget::cp_rank_grid`] to every k×k conv that can take it, showing progress.
+fn fit_cp_grid(facts: &mut [LayerFacts], round_to: Option<i64>, moments: Option<&Moments>) {
+    let start = std::time::Instant::now();
+    let cp_layers: Vec<&mut LayerFacts> = facts.iter_mut().filter(|f| f.takes_cp()).collect();
+    let bar = Progress::new(cp_layers.len(), "CP fits on the rank grid");
+    for f in cp_layers {
+        let [c_out, c_in, _, _] = f.shape();
+        let ranks = budget::cp_rank_grid(c_out.min(c_in), round_to);
+        let data = moments.and_then(|m| m.get(&f.name));
+        f.fit_cp(&ranks, data);
+        bar.inc(1);
+    }
+    bar.finish(format!(
+        "CP fitted on the rank grid in {:.1} s",
+        start.elapsed().as_secs_f64()
+    ));
+}
+
 /// How many times a latency plan is re-aimed after it is timed whole; by how much its time may
 /// exceed the budget (timing noise), and undershoot it (compression given away) before it is.
 const REAIM_ROUNDS: usize = 4;
@@ -199,25 +223,47 @@ pub struct Plan {
     /// Each conv's kernel spectra where the policy computed them (all but the rule-based ones),
     /// which the weight fit reuses.
     pub spectra: BTreeMap<String, KernelSpectra>,
+    /// Each conv's CP fits by rank where a budget priced CP, which compression reuses.
+    pub cp: BTreeMap<String, BTreeMap<i64, CpFactors>>,
 }
 
 impl Plan {
     fn of(layers: BTreeMap<String, LayerPlan>, facts: Vec<LayerFacts>) -> Self {
+        let mut spectra = BTreeMap::new();
+        let mut cp = BTreeMap::new();
+        for f in facts {
+            let fits = f.cp.into_iter().map(|(rank, fit)| (rank, fit.factors));
+            cp.insert(f.name.clone(), fits.collect());
+            spectra.insert(f.name, f.spectra);
+        }
         Self {
             layers,
             timing: None,
-            spectra: facts.into_iter().map(|f| (f.name, f.spectra)).collect(),
+            spectra,
+            cp,
+        }
+    }
+
+    /// What the fit of layer `name` can reuse: its spectra, and its CP fit at `form`'s rank.
+    fn prefit(&self, name: &str, form: Form) -> Prefit<'_> {
+        let cp = match form {
+            Form::Cp { rank } => self.cp.get(name).and_then(|fits| fits.get(&rank)),
+            _ => None,
+        };
+        Prefit {
+            spectra: self.spectra.get(name),
+            cp,
         }
     }
 }
 
-/// Grouped convolutions have no Tucker-2 factorisation here; the error names `layer`.
-fn check_ungrouped(layer: &str, config: &ConvConfig) -> Result<()> {
+/// Grouped convolutions have no factorisation here; the error names `layer`, and `what` was asked.
+fn check_ungrouped(layer: &str, config: &ConvConfig, what: &str) -> Result<()> {
     match config.groups {
         1 => Ok(()),
         groups => Err(Error::layer(
             layer,
-            format!("grouped convolution (groups = {groups}) cannot be Tucker-2 compressed"),
+            format!("grouped convolution (groups = {groups}) cannot be factorised as {what}"),
         )),
     }
 }
@@ -257,16 +303,24 @@ pub fn factorise_fitted(
     method: Method,
     moments: Option<&ActivationMoments>,
 ) -> Result<ConvSlot> {
-    let fit = moments.map_or(FitTo::Weights(None), FitTo::Data);
-    factorise_by(layer, conv, form, method, fit)
+    let fit = moments.map_or(FitTo::Weights, FitTo::Data);
+    factorise_by(layer, conv, form, method, fit, Prefit::default())
 }
 
-/// What a factorisation is fitted to: the weights (with the kernel's spectra when the planner
-/// computed them), or the layer's activation moments on calibration data.
+/// What a factorisation is fitted to: the weights, or the layer's activation moments on
+/// calibration data (a CP is always fitted to the weights).
 #[derive(Clone, Copy)]
 enum FitTo<'a> {
-    Weights(Option<&'a KernelSpectra>),
+    Weights,
     Data(&'a ActivationMoments),
+}
+
+/// What the planner computed that a fit of the same kernel reuses: its spectra (for Tucker), its
+/// CP fit at the rank chosen.
+#[derive(Clone, Copy, Default)]
+struct Prefit<'a> {
+    spectra: Option<&'a KernelSpectra>,
+    cp: Option<&'a CpFactors>,
 }
 
 /// [`factorise_fitted`] with what the fit reuses.
@@ -276,9 +330,10 @@ fn factorise_by(
     form: Form,
     method: Method,
     fit: FitTo,
+    prefit: Prefit,
 ) -> Result<ConvSlot> {
     let [c_out, c_in, kh, kw] = conv.geometry().shape;
-    check_ungrouped(layer, &conv.config)?;
+    check_ungrouped(layer, &conv.config, form.name())?;
     match form {
         Form::Dense => Ok(ConvSlot::Dense(Conv2d {
             weight: conv.weight.detach().copy(),
@@ -289,9 +344,7 @@ fn factorise_by(
             check_ranks(layer, [c_out, c_in], (r_out, r_in))?;
             let factors = match fit {
                 FitTo::Data(m) => tucker2_whitened(&conv.weight, (r_out, r_in), m),
-                FitTo::Weights(spectra) => {
-                    fit_tucker2(&conv.weight, (r_out, r_in), method, spectra)
-                }
+                FitTo::Weights => fit_tucker2(&conv.weight, (r_out, r_in), method, prefit.spectra),
             };
             Ok(ConvSlot::Tucker(TuckerConv::from_factors(&factors, conv)))
         }
@@ -319,7 +372,7 @@ fn factorise_by(
             check_ranks(layer, [c_out, c_in], ranks)?;
             let factors = match fit {
                 FitTo::Data(m) => tucker2_whitened(&conv.weight, ranks, m),
-                FitTo::Weights(spectra) => fit_tucker2(&conv.weight, ranks, method, spectra),
+                FitTo::Weights => fit_tucker2(&conv.weight, ranks, method, prefit.spectra),
             };
             Ok(ConvSlot::TwoLayer(TwoLayerConv::tucker1_from_factors(
                 &factors, conv, form,
@@ -342,11 +395,31 @@ fn factorise_by(
             let matrix = conv.weight.reshape([c_out, c_in]);
             let (first, last) = match fit {
                 FitTo::Data(m) => svd_factors_whitened(&matrix, rank, m),
-                FitTo::Weights(_) => svd_factors(&matrix, rank),
+                FitTo::Weights => svd_factors(&matrix, rank),
             };
             Ok(ConvSlot::TwoLayer(TwoLayerConv::from_factors(
                 &first, &last, conv,
             )))
+        }
+        Form::Cp { rank } => {
+            if [kh, kw] == [1, 1] {
+                return Err(Error::layer(
+                    layer,
+                    "a CP factorisation needs a k×k conv, not 1×1 (its SVD is the 1×1 form)",
+                ));
+            }
+            let max = c_out.min(c_in);
+            if rank < 1 || rank > max {
+                return Err(Error::layer(
+                    layer,
+                    format!("CP rank = {rank} is outside 1..={max} for a {c_out}×{c_in} conv"),
+                ));
+            }
+            let factors = match prefit.cp.filter(|f| f.rank() == rank) {
+                Some(start) => cp_als_from(&conv.weight, start, CpOptions::default()),
+                None => cp_als(&conv.weight, rank, CpOptions::default()),
+            };
+            Ok(ConvSlot::Cp(CpConv::from_factors(&factors, conv)))
         }
     }
 }
@@ -380,11 +453,8 @@ pub fn compress_model_fitted(
         _ => None,
     };
     let sizes = model.conv_input_sizes(policy.input_size);
-    let Plan {
-        layers: mut plan,
-        timing,
-        spectra,
-    } = plan_layers(model, policy, moments)?;
+    let mut plan = plan_layers(model, policy, moments)?;
+    let timing = plan.timing.take();
     let method = policy.method();
     let mut layers = Vec::new();
     for unit in model.units_mut() {
@@ -392,16 +462,14 @@ pub fn compress_model_fitted(
         let input = sizes[&name];
         let (macs_before, _) = slot.macs(input);
         let params_before = slot.num_params();
-        let layer_plan = plan.remove(&name);
+        let layer_plan = plan.layers.remove(&name);
         let mut rel_error = 0.0;
         if let Some(form) = layer_plan.as_ref().and_then(|p| p.form) {
             let original = slot.to_dense();
             let data = moments.map(|m| &m[&name]);
-            let fit = match data {
-                Some(m) => FitTo::Data(m),
-                None => FitTo::Weights(spectra.get(&name)),
-            };
-            let new_slot = factorise_by(&name, &original, form, method, fit)?;
+            let fit = data.map_or(FitTo::Weights, FitTo::Data);
+            let prefit = plan.prefit(&name, form);
+            let new_slot = factorise_by(&name, &original, form, method, fit, prefit)?;
             let approx = new_slot.dense_weight();
             rel_error = match data {
                 Some(m) => relative_output_error(&original.weight, &approx, &m.input),
@@ -447,5 +515,7 @@ pub fn compress_model_fitted(
     })
 }
 
+#[cfg(test)]
+mod cp_tests;
 #[cfg(test)]
 mod tests;

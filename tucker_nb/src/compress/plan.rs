@@ -6,13 +6,16 @@
 
 use std::collections::BTreeMap;
 
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 use crate::compress::cost::SlotCost;
 use crate::compress::policy::{CompressionPolicy, RankPolicy};
 use crate::compress::spectra::{energy_rank, evbmf_rank};
 use crate::conv::{ConvGeometry, ConvSlot, Form};
-use crate::decompose::{ActivationMoments, KernelSpectra, RankPairEnergy};
+use crate::decompose::{
+    cp_als, relative_error, relative_output_error, ActivationMoments, CpFactors, CpOptions,
+    KernelSpectra, RankPairEnergy,
+};
 use crate::error::{Error, Result};
 
 /// Convs reading at most this many channels (the image) keep their full input rank.
@@ -61,7 +64,8 @@ pub fn check_ranks(layer: &str, [c_out, c_in]: [i64; 2], (r_out, r_in): (i64, i6
 }
 
 /// The rule-based policies (ratio, explicit ranks): Tucker-2 on the dense convs, like the seed;
-/// already factorised slots are left as they are. `round_to` rounds the ratio rule's ranks up
+/// CP (`cp:R`): CP on the k×k ones, SVD on the 1×1s, the RGB stem dense unless asked. Already
+/// factorised slots are left as they are. `round_to` rounds the ratio and CP rules' ranks up
 /// (explicit ranks are taken as given).
 pub fn plan_rule_based(
     slots: &[SlotAt],
@@ -79,6 +83,13 @@ pub fn plan_rule_based(
     let mut plans = BTreeMap::new();
     for (name, slot, _) in slots.iter().filter(|s| s.1.is_dense()) {
         let shape = slot.dense_shape();
+        if let RankPolicy::Cp { fraction, stem } = policy {
+            plans.insert(
+                name.clone(),
+                cp_rule(shape, fraction.get(), *stem, round_to),
+            );
+            continue;
+        }
         let (ranks, note) = match policy {
             RankPolicy::Ratio(ratio) => {
                 let note = if reads_image(shape) { RGB_NOTE } else { "" };
@@ -107,6 +118,29 @@ pub fn plan_rule_based(
     Ok(plans)
 }
 
+/// The `cp:R` rule for a dense conv of `shape`: rank max(1, ⌊R · min(C_in, C_out)⌋) (rounded up to
+/// `round_to`), CP for a k×k conv, SVD for a 1×1 one; the RGB stem stays dense unless `stem`.
+fn cp_rule(shape: [i64; 4], fraction: f64, stem: bool, round_to: Option<i64>) -> LayerPlan {
+    let [c_out, c_in, kh, kw] = shape;
+    let max = c_out.min(c_in);
+    let rank = round_rank(((max as f64 * fraction) as i64).max(1), round_to, max);
+    let (form, note) = if [kh, kw] == [1, 1] {
+        (
+            Some(Form::Svd { rank }),
+            "1×1: its SVD at the CP rule's rank",
+        )
+    } else if reads_image(shape) && !stem {
+        (None, "RGB stem left dense (cp:R+stem includes it)")
+    } else {
+        (Some(Form::Cp { rank }), "")
+    };
+    LayerPlan {
+        form,
+        note: note.into(),
+        predicted_ms: None,
+    }
+}
+
 /// What planning needs to know of a conv slot: its shape, where it runs, the spectra of the
 /// kernel it computes now, what each factorisation of it would lose, and what it costs now.
 pub struct LayerFacts {
@@ -123,6 +157,24 @@ pub struct LayerFacts {
     /// What the slot costs as it is (dense, or factorised by an earlier stage).
     pub current: SlotCost,
     is_dense: bool,
+    /// The kernel the slot computes now.
+    weight: Tensor,
+    /// CP fits of the kernel by rank, when the policy prices CP ([`Self::fit_cp`]).
+    pub cp: BTreeMap<i64, CpFit>,
+}
+
+/// The ALS sweeps a budget's CP fit of each grid rank runs before it is priced: a quarter of a
+/// full fit (most of the error falls in the first sweeps); the fit of the rank chosen is continued
+/// to the full count when the model is compressed, so a CP layer ends no worse than priced.
+pub const CP_PLAN_SWEEPS: usize = 25;
+
+/// A CP fit of a layer at one rank, and what it loses.
+#[derive(Debug)]
+pub struct CpFit {
+    pub factors: CpFactors,
+    /// The relative squared error: the output error on calibration data when the facts have
+    /// it, else the kernel error.
+    pub error: f64,
 }
 
 impl LayerFacts {
@@ -145,7 +197,34 @@ impl LayerFacts {
                 params: slot.num_params(),
             },
             is_dense: slot.is_dense(),
+            weight,
+            cp: BTreeMap::new(),
         }
+    }
+
+    /// Fits CP at each of `ranks` by ALS ([`cp_als`], [`CP_PLAN_SWEEPS`] sweeps: compression
+    /// continues the chosen rank's fit), and measures each fit's error like the other forms' (on
+    /// the calibration data's `moments` when given).
+    pub fn fit_cp(&mut self, ranks: &[i64], moments: Option<&ActivationMoments>) {
+        let options = CpOptions {
+            max_iterations: CP_PLAN_SWEEPS,
+            ..CpOptions::default()
+        };
+        for &rank in ranks {
+            let factors = cp_als(&self.weight, rank, options);
+            let approx = factors.reconstruct();
+            let error = match moments {
+                Some(m) => relative_output_error(&self.weight, &approx, &m.input),
+                None => relative_error(&self.weight, &approx),
+            };
+            let error = error * error;
+            self.cp.insert(rank, CpFit { factors, error });
+        }
+    }
+
+    /// Whether CP can replace this conv: a k×k kernel not reading the image.
+    pub fn takes_cp(&self) -> bool {
+        !self.geometry.is_pointwise() && !self.reads_image()
     }
 
     pub fn shape(&self) -> [i64; 4] {
@@ -196,7 +275,10 @@ impl LayerFacts {
 
     /// The relative squared error of a factorisation of the current kernel, exact for the pair of
     /// ranks ([`RankPairEnergy`]): the output error on calibration data for the data fit, else
-    /// the kernel error of HOSVD (HOOI only does better).
+    /// the kernel error of HOSVD (HOOI only does better); a CP's is its fit's ([`Self::fit_cp`]).
+    ///
+    /// # Panics
+    /// For a CP rank that was not fitted (the budget only prices fitted ranks).
     pub fn error(&self, form: Form) -> f64 {
         match form {
             Form::Dense => 0.0,
@@ -204,6 +286,10 @@ impl LayerFacts {
             Form::Svd { rank } => self.energy.svd_error(rank),
             Form::Tucker1Out { r_out, c_in } => self.energy.tucker2_error(r_out, c_in),
             Form::Tucker1In { c_out, r_in } => self.energy.tucker2_error(c_out, r_in),
+            Form::Cp { rank } => match self.cp.get(&rank) {
+                Some(fit) => fit.error,
+                None => panic!("{}: CP at rank {rank} was priced but not fitted", self.name),
+            },
         }
     }
 
@@ -241,6 +327,9 @@ impl LayerFacts {
             }
             Some(Form::Tucker1In { .. }) => {
                 format!("{head}; Tucker-1 on the input mode: the output kept whole, no 1×1 after")
+            }
+            Some(Form::Cp { .. }) => {
+                format!("{head}; CP: its fitted error costs less here than any Tucker option's")
             }
             Some(_) if self.reads_image() => format!("{head}; {RGB_NOTE}"),
             Some(_) => head,

@@ -53,8 +53,16 @@ pub enum RankPolicy {
     /// Per mode, the rank EVBMF estimates (Kim et al. 2016); at least 1.
     Vbmf,
     /// One budget for the whole model: this fraction of its convs' cost, as the cost model counts
-    /// it (MACs at the policy's input size, or parameters).
-    Budget { cost: Cost, fraction: Fraction },
+    /// it (MACs at the policy's input size, or parameters); with `cp` (`+cp`) the k×k convs may
+    /// also take CP on a coarse rank grid, each rank priced by its fitted error.
+    Budget {
+        cost: Cost,
+        fraction: Fraction,
+        cp: bool,
+    },
+    /// CP of every k×k conv at rank max(1, ⌊R · min(C_in, C_out)⌋), a 1×1 conv's SVD at the same
+    /// rule; the RGB stem stays dense unless `stem` (`+stem`).
+    Cp { fraction: Fraction, stem: bool },
 }
 
 impl RankPolicy {
@@ -69,6 +77,7 @@ impl RankPolicy {
         Ok(RankPolicy::Budget {
             fraction: Fraction::new(&what, fraction)?,
             cost,
+            cp: false,
         })
     }
 
@@ -84,10 +93,21 @@ impl RankPolicy {
         Ok(RankPolicy::Explicit(ranks))
     }
 
-    /// Whether the policy applies a fixed rule to dense convs (ratio, explicit ranks) rather than
-    /// reading the kernels (energy, VBMF, budgets).
+    /// Whether the policy applies a fixed rule to dense convs (ratio, explicit ranks, CP) rather
+    /// than reading the kernels (energy, VBMF, budgets).
     pub fn is_rule_based(&self) -> bool {
-        matches!(self, RankPolicy::Ratio(_) | RankPolicy::Explicit(_))
+        matches!(
+            self,
+            RankPolicy::Ratio(_) | RankPolicy::Explicit(_) | RankPolicy::Cp { .. }
+        )
+    }
+
+    /// Whether the policy's plan may contain CP layers.
+    pub fn uses_cp(&self) -> bool {
+        matches!(
+            self,
+            RankPolicy::Cp { .. } | RankPolicy::Budget { cp: true, .. }
+        )
     }
 
     /// HOSVD for the seed-compatible policies (ratio, explicit ranks), HOOI otherwise.
@@ -100,12 +120,29 @@ impl RankPolicy {
     }
 }
 
-/// `ratio:0.2`, `energy:0.9`, `vbmf`, `budget-macs:0.33` or `budget-params:0.25`.
+/// `ratio:0.2`, `energy:0.9`, `vbmf`, `cp:0.25` (`cp:0.25+stem`), `budget-macs:0.33` or
+/// `budget-params:0.25` (`+cp`: CP allowed).
 impl FromStr for RankPolicy {
     type Err = Error;
 
     fn from_str(spec: &str) -> Result<Self> {
         let (kind, value) = spec.split_once(':').unwrap_or((spec, ""));
+        let (value, option) = match value.split_once('+') {
+            Some((v, o)) => (v, Some(o)),
+            None => (value, None),
+        };
+        let bad_option = |o: &str| {
+            Error::value(
+                "policy",
+                format!(
+                    "`{spec}`: {kind} takes no `+{o}` (+cp goes with budget-…, +stem with cp:)"
+                ),
+            )
+        };
+        let no_option = |policy: RankPolicy| match option {
+            None => Ok(policy),
+            Some(o) => Err(bad_option(o)),
+        };
         let fraction = || {
             let number = value.parse::<f64>().map_err(|_| {
                 Error::value(
@@ -123,20 +160,27 @@ impl FromStr for RankPolicy {
             Error::value(
                 "policy",
                 format!(
-                    "`{spec}` (expected ratio:R, energy:E, vbmf, {})",
+                    "`{spec}` (expected ratio:R, energy:E, vbmf, cp:R, {}, a budget with +cp)",
                     budgets.join(" or ")
                 ),
             )
         };
         match kind {
-            "ratio" => Ok(RankPolicy::Ratio(fraction()?)),
-            "energy" => Ok(RankPolicy::Energy(fraction()?)),
-            "vbmf" if value.is_empty() => Ok(RankPolicy::Vbmf),
+            "ratio" => no_option(RankPolicy::Ratio(fraction()?)),
+            "energy" => no_option(RankPolicy::Energy(fraction()?)),
+            "vbmf" if value.is_empty() => no_option(RankPolicy::Vbmf),
+            "cp" if matches!(option, None | Some("stem")) => Ok(RankPolicy::Cp {
+                fraction: fraction()?,
+                stem: option.is_some(),
+            }),
+            "cp" => Err(bad_option(option.unwrap_or_default())),
             _ => match kind.strip_prefix("budget-").map(Cost::from_name) {
-                Some(Ok(cost)) => Ok(RankPolicy::Budget {
+                Some(Ok(cost)) if matches!(option, None | Some("cp")) => Ok(RankPolicy::Budget {
                     cost,
                     fraction: fraction()?,
+                    cp: option.is_some(),
                 }),
+                Some(Ok(_)) => Err(bad_option(option.unwrap_or_default())),
                 _ => Err(unknown()),
             },
         }
@@ -151,7 +195,13 @@ impl std::fmt::Display for RankPolicy {
             RankPolicy::Explicit(_) => write!(f, "explicit"),
             RankPolicy::Energy(e) => write!(f, "energy:{e}"),
             RankPolicy::Vbmf => write!(f, "vbmf"),
-            RankPolicy::Budget { cost, fraction } => write!(f, "budget-{}:{fraction}", cost.name()),
+            RankPolicy::Budget { cost, fraction, cp } => {
+                let option = if *cp { "+cp" } else { "" };
+                write!(f, "budget-{}:{fraction}{option}", cost.name())
+            }
+            RankPolicy::Cp { fraction, stem } => {
+                write!(f, "cp:{fraction}{}", if *stem { "+stem" } else { "" })
+            }
         }
     }
 }
@@ -291,6 +341,25 @@ mod tests {
         assert!(err.to_string().contains("budget-macs") && err.to_string().contains('2'));
         assert!("energy:x".parse::<RankPolicy>().is_err());
         assert!("vbmf:3".parse::<RankPolicy>().is_err());
+        for bad in [
+            "cp:0",
+            "cp:2",
+            "cp:x",
+            "cp:0.2+cp",
+            "ratio:0.2+cp",
+            "budget-macs:0.2+stem",
+        ] {
+            let err = bad.parse::<RankPolicy>().unwrap_err().to_string();
+            assert!(
+                err.contains(bad.split(['+', ':']).next().unwrap()),
+                "{bad}: {err}"
+            );
+        }
+        assert!("cp:0"
+            .parse::<RankPolicy>()
+            .unwrap_err()
+            .to_string()
+            .contains("(0, 1]"));
     }
 
     #[test]
@@ -301,6 +370,9 @@ mod tests {
             "vbmf",
             "budget-macs:0.33",
             "budget-params:0.25",
+            "budget-macs:0.1+cp",
+            "cp:0.25",
+            "cp:0.5+stem",
         ] {
             assert_eq!(spec.parse::<RankPolicy>().unwrap().to_string(), spec);
         }

@@ -26,10 +26,14 @@ pub enum Form {
         c_out: i64,
         r_in: i64,
     },
+    /// 1×1 → depthwise kh×1 → depthwise 1×kw → 1×1 (k×k convs only): CP of rank `rank`.
+    Cp {
+        rank: i64,
+    },
 }
 
 impl Form {
-    /// `dense`, `tucker2`, `svd`, `tucker1-out` or `tucker1-in`.
+    /// `dense`, `tucker2`, `svd`, `tucker1-out`, `tucker1-in` or `cp`.
     pub fn name(&self) -> &'static str {
         match self {
             Form::Dense => "dense",
@@ -37,6 +41,7 @@ impl Form {
             Form::Svd { .. } => "svd",
             Form::Tucker1Out { .. } => "tucker1-out",
             Form::Tucker1In { .. } => "tucker1-in",
+            Form::Cp { .. } => "cp",
         }
     }
 
@@ -48,16 +53,17 @@ impl Form {
             ("svd", Some((rank, other))) if rank == other => Form::Svd { rank },
             ("tucker1-out", Some((r_out, c_in))) => Form::Tucker1Out { r_out, c_in },
             ("tucker1-in", Some((c_out, r_in))) => Form::Tucker1In { c_out, r_in },
+            ("cp", Some((rank, other))) if rank == other => Form::Cp { rank },
             _ => return None,
         })
     }
 
-    /// (r_out, r_in); an SVD's single rank is both, and Tucker-1 keeps one mode whole.
+    /// (r_out, r_in); an SVD's or a CP's single rank is both, and Tucker-1 keeps one mode whole.
     pub fn ranks(&self) -> Option<(i64, i64)> {
         match *self {
             Form::Dense => None,
             Form::Tucker2 { r_out, r_in } => Some((r_out, r_in)),
-            Form::Svd { rank } => Some((rank, rank)),
+            Form::Svd { rank } | Form::Cp { rank } => Some((rank, rank)),
             Form::Tucker1Out { r_out, c_in } => Some((r_out, c_in)),
             Form::Tucker1In { c_out, r_in } => Some((c_out, r_in)),
         }
@@ -70,7 +76,9 @@ impl Form {
     /// - Tucker-2: C_in·r_in·H_in·W_in + (r_out·r_in·kh·kw + C_out·r_out)·H_out·W_out;
     /// - SVD: (C_in + C_out)·r·H_out·W_out (a strided 1×1 samples first);
     /// - Tucker-1, output mode: (C_in·r_out·kh·kw + C_out·r_out)·H_out·W_out;
-    /// - Tucker-1, input mode: C_in·r_in·H_in·W_in + C_out·r_in·kh·kw·H_out·W_out.
+    /// - Tucker-1, input mode: C_in·r_in·H_in·W_in + C_out·r_in·kh·kw·H_out·W_out;
+    /// - CP: C_in·R·H_in·W_in + R·kh·H_out·W_in + R·kw·H_out·W_out + C_out·R·H_out·W_out (the
+    ///   height pass runs at the input's width).
     pub fn macs(&self, geometry: &ConvGeometry, input: [i64; 2]) -> (i64, [i64; 2]) {
         let [o, i, kh, kw] = geometry.shape;
         let output = geometry.config.output(input, geometry.kernel());
@@ -85,6 +93,9 @@ impl Form {
             Form::Tucker1In { r_in, .. } => {
                 i * r_in * input[0] * input[1] + o * r_in * kh * kw * out
             }
+            Form::Cp { rank } => {
+                rank * (i * input[0] * input[1] + kh * output[0] * input[1] + (kw + o) * out)
+            }
         };
         (macs, output)
     }
@@ -98,6 +109,7 @@ impl Form {
             Form::Svd { rank } => (i + o) * rank + o,
             Form::Tucker1Out { r_out, .. } => i * r_out * kh * kw + o * r_out + o,
             Form::Tucker1In { r_in, .. } => i * r_in + o * r_in * kh * kw + o,
+            Form::Cp { rank } => rank * (i + kh + kw + o) + o,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Convolution layers as plain tensors: a dense [`Conv2d`], a [`TuckerConv`] (1×1 → k×k core →
 //! 1×1), a [`TwoLayerConv`] (two layers: an SVD's 1×1 → 1×1, or a Tucker-1 form, k×k → 1×1 or
-//! 1×1 → k×k), and the [`ConvSlot`] a model holds, which is any of them and can be swapped in
+//! 1×1 → k×k), a [`CpConv`] (1×1 → depthwise kh×1 → depthwise 1×kw → 1×1), and the [`ConvSlot`] a
+//! model holds, which is any of them and can be swapped in
 //! place. [`Form::macs`] (`form.rs`) is the one cost model: layers, reports and the planner all
 //! count multiply-accumulates through it.
 
@@ -12,7 +13,7 @@ pub use form::Form;
 
 use tch::{Kind, Tensor};
 
-use crate::decompose::{mode_products, Tucker2Factors};
+use crate::decompose::{mode_products, CpFactors, Tucker2Factors};
 
 /// Geometry of a convolution, as in `torch.nn.Conv2d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -394,12 +395,125 @@ impl TwoLayerConv {
     }
 }
 
+/// A CP convolution (Lebedev et al., ICLR 2015), W[o, c, i, j] ≈ Σ_r A[o, r]·B[c, r]·K[i, r]·L[j, r],
+/// as four layers, `nn.Sequential(first, vertical, horizontal, last)`:
+///
+/// - `first` = Bᵀ (R × C_in × 1 × 1, stride 1, no bias);
+/// - `vertical` = K (R × 1 × kh × 1, depthwise: groups R), with the height's stride, padding and
+///   dilation;
+/// - `horizontal` = L (R × 1 × 1 × kw, depthwise), with the width's;
+/// - `last` = A (C_out × R × 1 × 1), with the original conv's bias (zeros when it had none).
+///
+/// A separable sum over a zero-padded window equals the two one-dimensional passes with each
+/// dimension's padding, so the split is exact for any stride, padding and dilation. Cost per image:
+/// C_in·R·H_in·W_in + R·kh·H_out·W_in + R·kw·H_out·W_out + C_out·R·H_out·W_out.
+#[derive(Debug)]
+pub struct CpConv {
+    pub first: Conv2d,
+    pub vertical: Conv2d,
+    pub horizontal: Conv2d,
+    pub last: Conv2d,
+}
+
+impl CpConv {
+    /// The four layers from their kernels as the model stores them: `first` R × C_in × 1 × 1,
+    /// `vertical` R × 1 × kh × 1, `horizontal` R × 1 × 1 × kw, `last` C_out × R × 1 × 1; `config` is
+    /// the dense conv's geometry, split between the two depthwise layers.
+    pub fn new(
+        [first, vertical, horizontal, last]: [Tensor; 4],
+        bias: Option<Tensor>,
+        config: ConvConfig,
+    ) -> Self {
+        let rank = first.size()[0];
+        let along = |d: usize| ConvConfig {
+            stride: only(d, config.stride[d], 1),
+            padding: only(d, config.padding[d], 0),
+            dilation: only(d, config.dilation[d], 1),
+            groups: rank,
+        };
+        Self {
+            first: Conv2d::pointwise(first, None),
+            vertical: Conv2d {
+                weight: vertical,
+                bias: None,
+                config: along(0),
+            },
+            horizontal: Conv2d {
+                weight: horizontal,
+                bias: None,
+                config: along(1),
+            },
+            last: Conv2d::pointwise(last, bias),
+        }
+    }
+
+    /// The layers for fitted factors of `dense`, in `dense`'s dtype, device and layout; the last
+    /// layer carries `dense`'s bias (zeros when it has none).
+    pub fn from_factors(factors: &CpFactors, dense: &Conv2d) -> Self {
+        let to_model = |t: Tensor| to_layer(&t, &dense.weight);
+        let rank = factors.rank();
+        let [kh, kw] = dense.kernel();
+        let kernels = [
+            to_model(factors.b.tr().reshape([rank, -1, 1, 1])),
+            to_model(factors.k.tr().reshape([rank, 1, kh, 1])),
+            to_model(factors.l.tr().reshape([rank, 1, 1, kw])),
+            to_model(factors.a.reshape([-1, rank, 1, 1])),
+        ];
+        Self::new(kernels, output_bias(dense), dense.config)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let x = self.first.forward(x);
+        let x = self.horizontal.forward(&self.vertical.forward(&x));
+        self.last.forward(&x)
+    }
+
+    pub fn rank(&self) -> i64 {
+        self.first.out_channels()
+    }
+
+    /// The dense conv's geometry: each depthwise layer's own dimension.
+    pub fn config(&self) -> ConvConfig {
+        let (v, h) = (&self.vertical.config, &self.horizontal.config);
+        ConvConfig {
+            stride: [v.stride[0], h.stride[1]],
+            padding: [v.padding[0], h.padding[1]],
+            dilation: [v.dilation[0], h.dilation[1]],
+            groups: 1,
+        }
+    }
+
+    /// The dense C_out × C_in × kh × kw kernel this layer computes.
+    pub fn reconstruct(&self) -> Tensor {
+        let rank = self.rank();
+        let column = |c: &Conv2d| c.weight.reshape([rank, -1]).tr();
+        Tensor::einsum(
+            "or,cr,ir,jr->ocij",
+            &[
+                &self.last.weight.reshape([-1, rank]),
+                &column(&self.first),
+                &column(&self.vertical),
+                &column(&self.horizontal),
+            ],
+            None::<&[i64]>,
+        )
+    }
+}
+
+/// `value` in dimension `d`, `neutral` in the other.
+fn only(d: usize, value: i64, neutral: i64) -> [i64; 2] {
+    let mut v = [neutral; 2];
+    v[d] = value;
+    v
+}
+
 /// A conv position in the model: dense, or replaced by a factorisation.
 #[derive(Debug)]
 pub enum ConvSlot {
     Dense(Conv2d),
     Tucker(TuckerConv),
     TwoLayer(TwoLayerConv),
+    Cp(CpConv),
 }
 
 impl ConvSlot {
@@ -408,6 +522,7 @@ impl ConvSlot {
             ConvSlot::Dense(c) => c.forward(x),
             ConvSlot::Tucker(t) => t.forward(x),
             ConvSlot::TwoLayer(s) => s.forward(x),
+            ConvSlot::Cp(c) => c.forward(x),
         }
     }
 
@@ -423,6 +538,7 @@ impl ConvSlot {
                 Form::Tucker2 { r_out, r_in }
             }
             ConvSlot::TwoLayer(s) => s.form(),
+            ConvSlot::Cp(c) => Form::Cp { rank: c.rank() },
         }
     }
 
@@ -432,6 +548,7 @@ impl ConvSlot {
             ConvSlot::Dense(c) => vec![c],
             ConvSlot::Tucker(t) => vec![&t.first, &t.core, &t.last],
             ConvSlot::TwoLayer(s) => vec![&s.first, &s.last],
+            ConvSlot::Cp(c) => vec![&c.first, &c.vertical, &c.horizontal, &c.last],
         }
     }
 
@@ -441,6 +558,7 @@ impl ConvSlot {
             ConvSlot::Dense(c) => c,
             ConvSlot::Tucker(t) => &mut t.last,
             ConvSlot::TwoLayer(s) => &mut s.last,
+            ConvSlot::Cp(c) => &mut c.last,
         }
     }
 
@@ -464,6 +582,15 @@ impl ConvSlot {
                     config: s.spatial().config,
                 }
             }
+            ConvSlot::Cp(c) => ConvGeometry {
+                shape: [
+                    c.last.out_channels(),
+                    c.first.in_channels(),
+                    c.vertical.kernel()[0],
+                    c.horizontal.kernel()[1],
+                ],
+                config: c.config(),
+            },
         }
     }
 
@@ -492,6 +619,7 @@ impl ConvSlot {
             ConvSlot::Dense(c) => c.weight.shallow_clone(),
             ConvSlot::Tucker(t) => t.reconstruct(),
             ConvSlot::TwoLayer(s) => s.reconstruct(),
+            ConvSlot::Cp(c) => c.reconstruct(),
         }
     }
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::{BatchNorm, Linear, ParamPath};
-use crate::conv::{Conv2d, ConvGeometry, ConvSlot, Form, TuckerConv, TwoLayerConv};
+use crate::conv::{Conv2d, ConvGeometry, ConvSlot, CpConv, Form, TuckerConv, TwoLayerConv};
 use crate::error::{Error, Result};
 
 /// The metadata key whose value (JSON) maps each conv slot to its [`FormRecord`].
@@ -237,8 +237,9 @@ impl<'a> StateDict<'a> {
         }
     }
 
-    /// A conv slot of `geometry`: dense (`NAME.weight`), Tucker-2 (`NAME.{0,1,2}.weight`) or two
-    /// layers (`NAME.{0,1}.weight`: a 1×1 conv's SVD or a k×k conv's Tucker-1). Read in the form
+    /// A conv slot of `geometry`: dense (`NAME.weight`), Tucker-2 (`NAME.{0,1,2}.weight`), two
+    /// layers (`NAME.{0,1}.weight`: a 1×1 conv's SVD or a k×k conv's Tucker-1) or CP
+    /// (`NAME.{0,1,2,3}.weight`, the middle two depthwise). Read in the form
     /// the file's metadata says, which its tensors must have; else told apart by the keys present
     /// and their shapes.
     pub(super) fn conv(&mut self, name: &str, geometry: ConvGeometry) -> Result<ConvSlot> {
@@ -251,6 +252,7 @@ impl<'a> StateDict<'a> {
             Form::Svd { .. } => self.svd_conv(name, geometry),
             Form::Tucker1Out { .. } => self.tucker1_conv(name, geometry, true),
             Form::Tucker1In { .. } => self.tucker1_conv(name, geometry, false),
+            Form::Cp { .. } => self.cp_conv(name, geometry),
         }?;
         let found = slot.form();
         if found != said {
@@ -279,6 +281,9 @@ impl<'a> StateDict<'a> {
         }
         if !self.tensors.contains_key(&key(name, "2.weight")) {
             return self.two_layer_conv(name, geometry);
+        }
+        if self.tensors.contains_key(&key(name, "3.weight")) {
+            return self.cp_conv(name, geometry);
         }
         self.tucker_conv(name, geometry)
     }
@@ -389,6 +394,32 @@ impl<'a> StateDict<'a> {
             }
         };
         Ok(ConvSlot::TwoLayer(conv))
+    }
+
+    /// A k×k conv's CP: `.0` R × C_in × 1 × 1, `.1` R × 1 × kh × 1 and `.2` R × 1 × 1 × kw (depthwise),
+    /// `.3` C_out × R × 1 × 1 with its bias; the rank comes from the first layer's shape.
+    fn cp_conv(&mut self, name: &str, geometry: ConvGeometry) -> Result<ConvSlot> {
+        let [c_out, c_in, kh, kw] = geometry.shape;
+        if geometry.is_pointwise() {
+            return Err(Error::layer(
+                name,
+                format!(
+                    "{}: a CP factorisation needs a k×k conv, not 1×1",
+                    self.path.display()
+                ),
+            ));
+        }
+        let first = self.take_kernel(
+            &key(name, "0.weight"),
+            |s| s[0] >= 1 && s[1] == c_in && s[2..] == [1, 1],
+            format!("[R, {c_in}, 1, 1]"),
+        )?;
+        let rank = first.size()[0];
+        let vertical = self.take(&key(name, "1.weight"), Some(&[rank, 1, kh, 1]))?;
+        let horizontal = self.take(&key(name, "2.weight"), Some(&[rank, 1, 1, kw]))?;
+        let (last, bias) = self.output_layer(name, 3, c_out, rank)?;
+        let kernels = [first, vertical, horizontal, last];
+        Ok(ConvSlot::Cp(CpConv::new(kernels, bias, geometry.config)))
     }
 
     /// A 1×1 conv stored as its two SVD factors (`.0.weight`, `.1.weight`, `.1.bias`); the rank

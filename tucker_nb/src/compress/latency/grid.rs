@@ -32,7 +32,7 @@ fn axes(form: Form, [c_out, c_in, _, _]: [i64; 4], step: i64) -> (Vec<Vec<i64>>,
         }
         Form::Tucker1Out { r_out, .. } => (vec![m(c_out)], vec![r_out]),
         Form::Tucker1In { r_in, .. } => (vec![m(c_in)], vec![r_in]),
-        Form::Svd { rank } => (vec![m(c_out.min(c_in))], vec![rank]),
+        Form::Svd { rank } | Form::Cp { rank } => (vec![m(c_out.min(c_in))], vec![rank]),
     }
 }
 
@@ -53,6 +53,7 @@ fn with_ranks(form: Form, ranks: &[i64]) -> Form {
             r_in: ranks[0],
         },
         Form::Svd { .. } => Form::Svd { rank: ranks[0] },
+        Form::Cp { .. } => Form::Cp { rank: ranks[0] },
     }
 }
 

@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{LatencyTable, TimingKey, TimingSettings};
 use crate::compress::policy::CompressionPolicy;
-use crate::conv::{Conv2d, ConvGeometry, ConvSlot, Form, TuckerConv, TwoLayerConv};
+use crate::conv::{Conv2d, ConvGeometry, ConvSlot, CpConv, Form, TuckerConv, TwoLayerConv};
 use crate::error::Result;
 use crate::layout::laid_out;
 use crate::model::{BatchNorm, ResNet18};
@@ -65,6 +65,16 @@ fn random_slot(geometry: &ConvGeometry, form: Form, key: &TimingKey, device: Dev
             first: Conv2d::pointwise(w([r_in, c_in, 1, 1]), None),
             last: conv(w([c_out, r_in, kh, kw]), bias()),
         }),
+        Form::Cp { rank } => ConvSlot::Cp(CpConv::new(
+            [
+                w([rank, c_in, 1, 1]),
+                w([rank, 1, kh, 1]),
+                w([rank, 1, 1, kw]),
+                w([c_out, rank, 1, 1]),
+            ],
+            bias(),
+            config,
+        )),
     }
 }
 

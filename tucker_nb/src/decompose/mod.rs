@@ -7,8 +7,13 @@
 //!                       S  = W ×0 U0ᵀ ×1 U1ᵀ  (r_out × r_in × kh × kw),
 //!
 //! which is the HOSVD truncated on modes 0 and 1; HOOI refines U0, U1 by alternating updates. A 1×1
-//! kernel can instead be split by its truncated SVD into two factors. Everything is computed in f64
-//! on the CPU.
+//! kernel can instead be split by its truncated SVD into two factors, and any kernel approximated by
+//! a sum of R rank-one terms (CP, `cp.rs` beside this file). Everything is computed in f64 on the
+//! CPU.
+
+mod cp;
+
+pub use cp::{cp_als, cp_als_from, random_cp_kernel, CpFactors, CpOptions};
 
 use tch::{Device, Kind, Tensor};
 
