@@ -99,13 +99,15 @@ def check(nb, out_dir):
                     any("seed&#x27;s recipe" in h or "seed's recipe" in h for h in html if "latency (batch 1)" in h), ""))
     results.append(("the compressed fine-tune's chosen epoch in its table",
                     any("chosen epoch" in h and "held-out top-1" in h for h in html), ""))
+    results.append(("a CP row beside Tucker-2 in a summary",
+                    any("cp:0." in h and "BN recalibrated" in h and "latency (batch 1)" in h for h in html), ""))
     results.append(("multi-stage and folded rows in a summary",
                     any("multi-stage" in h and "BNs folded" in h and "latency (batch 1)" in h for h in html), ""))
     for name in ["accuracy.png", "loss.png", "accuracy-multistage.png", "pareto.png", "pareto-speed.png"]:
         path = os.path.join(out_dir, name)
         ok = os.path.isfile(path) and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
         results.append((f"{name} is a PNG file", ok, path))
-    for name in ["metrics.csv", "layers.csv", "layers-multistage.csv", "sweep.csv",
+    for name in ["metrics.csv", "layers.csv", "layers-multistage.csv", "layers-cp.csv", "sweep.csv",
                  "multistage-folded.safetensors"]:
         results.append((f"{name} written", os.path.isfile(os.path.join(out_dir, name)), ""))
     passed = [r for r in results if r[1]]

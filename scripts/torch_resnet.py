@@ -1,8 +1,10 @@
 """ResNet18 in PyTorch rebuilt from a tucker_nb model file: each conv slot is dense
 (`name.weight`), the seed's Tucker-2 nn.Sequential(first 1×1, core k×k, last 1×1)
-(`name.{0,1,2}.weight`) or two layers (`name.{0,1}.weight`: a 1×1 conv's SVD, or a k×k conv's
-Tucker-1 with the k×k kernel first or last), with shapes, strides and biases from the file; the
-stride, padding and dilation go to the layer with the spatial kernel (the first of two 1×1s).
+(`name.{0,1,2}.weight`), two layers (`name.{0,1}.weight`: a 1×1 conv's SVD, or a k×k conv's
+Tucker-1 with the k×k kernel first or last) or a CP (`name.{0,1,2,3}.weight`: 1×1, depthwise kh×1,
+depthwise 1×kw, 1×1), with shapes, strides and biases from the file; the stride, padding and
+dilation go to the layer with the spatial kernel (the first of two 1×1s), a CP's split between its
+depthwise layers by dimension.
 A safetensors file tucker_nb wrote says each slot's form in its metadata (`tucker_nb.forms`:
 {name: {"form": ..., "ranks": [r_out, r_in]}}), and the factors must agree with it; for other
 files the form is inferred from the keys. Loaded strictly: a key that fits no slot is an error
@@ -23,7 +25,8 @@ def load_state(path):
 
 
 # Layers of each factorised form, and which of them has the spatial kernel and the geometry.
-FORM_LAYERS = {"tucker2": (3, 1), "svd": (2, 0), "tucker1-out": (2, 0), "tucker1-in": (2, 1)}
+FORM_LAYERS = {"tucker2": (3, 1), "svd": (2, 0), "tucker1-out": (2, 0), "tucker1-in": (2, 1),
+               "cp": (4, 1)}
 
 
 def load_forms(path):
@@ -46,6 +49,8 @@ def _ranks(form, shapes):
         return [shapes[0][0], shapes[0][0]]
     if form == "tucker1-out":
         return [shapes[0][0], shapes[0][1]]
+    if form == "cp":
+        return [shapes[0][0], shapes[0][0]]
     return [shapes[1][0], shapes[1][1]]
 
 
@@ -57,7 +62,7 @@ def _slot(conv, state, name, path, said=None):
     if form == "dense" or (form is None and has("weight")):
         return conv
     if form is None:
-        n = 3 if has("2.weight") else 2 if has("1.weight") else 0
+        n = 4 if has("3.weight") else 3 if has("2.weight") else 2 if has("1.weight") else 0
     elif form in FORM_LAYERS:
         n = FORM_LAYERS[form][0]
     else:
@@ -65,6 +70,8 @@ def _slot(conv, state, name, path, said=None):
     if n == 0 or not all(has(f"{i}.weight") for i in range(n)):
         raise ValueError(f"{path}: no weights for conv {name} (neither {name}.weight nor its factors)")
     shapes = [state[f"{name}.{i}.weight"].shape for i in range(n)]
+    if n == 4:
+        return _cp_slot(conv, shapes, said, name, path, has)
     _check_chain(conv, shapes, name, path)
     spatial = next((i for i, s in enumerate(shapes) if tuple(s[2:]) != (1, 1)), 0)
     if form is not None:
@@ -79,6 +86,27 @@ def _slot(conv, state, name, path, said=None):
                     if i == spatial else {})
         layers.append(nn.Conv2d(s[1], s[0], tuple(s[2:]), bias=has(f"{i}.bias"), **geometry))
     return nn.Sequential(*layers)
+
+
+def _cp_slot(conv, shapes, said, name, path, has):
+    """A CP slot: 1×1 (C_in → R), depthwise kh×1 with the height's stride, padding and dilation,
+    depthwise 1×kw with the width's, 1×1 (R → C_out)."""
+    rank = shapes[0][0]
+    kh, kw = conv.kernel_size
+    want = [(rank, conv.in_channels, 1, 1), (rank, 1, kh, 1), (rank, 1, 1, kw),
+            (conv.out_channels, rank, 1, 1)]
+    found = [tuple(s) for s in shapes]
+    if found != want or (said and list(said.get("ranks") or []) != [rank, rank]):
+        raise ValueError(f"{path}: conv {name}'s factors {[list(s) for s in shapes]} are not a CP of "
+                         f"conv {name} ({[list(s) for s in want]})")
+    along = lambda d, value, neutral: tuple(value[d] if i == d else neutral for i in range(2))  # noqa: E731
+    depthwise = lambda d, kernel: nn.Conv2d(  # noqa: E731
+        rank, rank, kernel, stride=along(d, conv.stride, 1), padding=along(d, conv.padding, 0),
+        dilation=along(d, conv.dilation, 1), groups=rank, bias=has(f"{1 + d}.bias"))
+    return nn.Sequential(
+        nn.Conv2d(conv.in_channels, rank, 1, bias=has("0.bias")),
+        depthwise(0, (kh, 1)), depthwise(1, (1, kw)),
+        nn.Conv2d(rank, conv.out_channels, 1, bias=has("3.bias")))
 
 
 def _check_chain(conv, shapes, name, path):
@@ -132,5 +160,5 @@ def resnet18_from_state(state, path="model"):
 def slot_names(model):
     """Names of the factorised conv slots (nn.Sequential in a conv's place)."""
     return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Sequential) and len(m) in (2, 3)
+            if isinstance(m, nn.Sequential) and len(m) in (2, 3, 4)
             and all(isinstance(c, nn.Conv2d) for c in m)]

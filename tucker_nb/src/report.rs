@@ -92,6 +92,12 @@ impl CompressionReport {
         (before, self.layers.iter().map(|l| l.macs_after).sum())
     }
 
+    /// The share of the conv MACs the compressed model keeps (after / before).
+    pub fn macs_kept(&self) -> f64 {
+        let (before, after) = self.conv_macs();
+        after as f64 / before as f64
+    }
+
     /// One line per layer; empty rank cells for dense layers.
     pub fn to_csv(&self) -> String {
         let mut s = format!("{CSV_HEADER}\n");

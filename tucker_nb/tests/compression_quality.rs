@@ -1,11 +1,14 @@
 //! Fit quality against the public tools: our HOOI against tensorly's `partial_tucker` (HOOI from
-//! an SVD start) at equal ranks, on random kernels and on planted low-rank-plus-noise kernels.
+//! an SVD start) and our CP-ALS against its `parafac` at equal ranks, on random kernels and on
+//! planted low-rank-plus-noise kernels (and, with `--ignored`, the kernels of a trained model).
 
 mod common;
 
 use common::*;
 use tch::{Device, Kind, Tensor};
-use tucker_nb::compress::decompose::{mode_products, tucker2, tucker2_hooi, Tucker2Factors};
+use tucker_nb::compress::decompose::{
+    cp_als, mode_products, random_cp_kernel, tucker2, tucker2_hooi, CpOptions, Tucker2Factors,
+};
 
 /// ‖W − S ×0 U0 ×1 U1‖ / ‖W‖.
 fn fit_error(w: &Tensor, f: Tucker2Factors) -> f64 {
@@ -60,6 +63,93 @@ fn hooi_fits_at_least_as_well_as_tensorly_and_hosvd() {
             "case {i}: hooi {hooi} worse than hosvd {hosvd}"
         );
     }
+}
+
+/// Our CP error and tensorly's `parafac`'s on each (kernel, rank), printed; ours must be within
+/// tensorly's + 1e-3.
+fn cp_against_tensorly(cases: &[(String, Tensor, i64)]) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("kernels.safetensors");
+    let mut named: Vec<(String, Tensor)> = Vec::new();
+    for (i, (_, w, rank)) in cases.iter().enumerate() {
+        named.push((format!("w{i}"), w.to_kind(Kind::Double)));
+        named.push((format!("r{i}"), Tensor::from_slice(&[*rank])));
+    }
+    Tensor::write_safetensors(&named, &input).unwrap();
+    let out = dir.path().join("parafac.safetensors");
+    oracle(&["parafac", path_str(&input), path_str(&out)]);
+    let theirs = read(&out);
+    for (i, (what, w, rank)) in cases.iter().enumerate() {
+        let fit = cp_als(w, *rank, CpOptions::default());
+        let ours = rel_err(&fit.reconstruct(), &w.to_kind(Kind::Double));
+        let tensorly = theirs[&format!("err{i}")].double_value(&[0]);
+        eprintln!("{what} rank {rank}: ours {ours:.6} tensorly {tensorly:.6}");
+        assert!(
+            ours <= tensorly + 1e-3,
+            "{what} rank {rank}: ours {ours} vs tensorly {tensorly}"
+        );
+    }
+}
+
+#[test]
+fn cp_fits_as_well_as_tensorlys_parafac() {
+    tch::manual_seed(0);
+    let opts = (Kind::Double, Device::Cpu);
+    let mut cases = vec![
+        (
+            "random 64×64".to_string(),
+            Tensor::randn([64, 64, 3, 3], opts),
+            16,
+        ),
+        (
+            "random 128×64".into(),
+            Tensor::randn([128, 64, 3, 3], opts),
+            48,
+        ),
+    ];
+    // Planted CP structure plus noise, at the planted rank and below it.
+    for (shape, planted, rank) in [([64, 64, 3, 3], 12, 12), ([128, 128, 3, 3], 40, 24)] {
+        let w = random_cp_kernel(shape, planted);
+        let noise = Tensor::randn(shape, opts) * (0.2 * w.std(true).double_value(&[]));
+        cases.push((
+            format!("planted {planted} + noise {shape:?}"),
+            w + noise,
+            rank,
+        ));
+    }
+    cp_against_tensorly(&cases);
+}
+
+/// On the kernels of a trained model (`TUCKER_NB_TRAINED`, default the quality benchmark's
+/// `data/quality/resnet18-digits.pth`, which `scripts/quality-bench` trains): run with
+/// `cargo test --test compression_quality -- --ignored`.
+#[test]
+#[ignore = "needs a trained model (scripts/quality-bench makes one)"]
+fn cp_fits_trained_kernels_as_well_as_tensorlys_parafac() {
+    let path = std::env::var("TUCKER_NB_TRAINED").unwrap_or_else(|_| {
+        format!(
+            "{}/../data/quality/resnet18-digits.pth",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    });
+    let model = tucker_nb::model::ResNet18::load(std::path::Path::new(&path), None, Device::Cpu)
+        .unwrap_or_else(|e| panic!("the trained model {path}: {e}"));
+    let mut cases = Vec::new();
+    for (name, slot) in model.conv_slots() {
+        let [c_out, c_in, kh, _] = slot.dense_shape();
+        if kh == 1 || c_in <= 3 {
+            continue;
+        }
+        let min = c_out.min(c_in);
+        for share in [0.125, 0.5] {
+            cases.push((
+                name.clone(),
+                slot.dense_weight().detach(),
+                (min as f64 * share) as i64,
+            ));
+        }
+    }
+    cp_against_tensorly(&cases);
 }
 
 fn conv_ratio(report: &tucker_nb::CompressionReport, macs: bool) -> f64 {

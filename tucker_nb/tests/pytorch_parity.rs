@@ -26,6 +26,7 @@ fn ranks_json(model: &ResNet18) -> String {
             ConvSlot::Tucker(t) => Some((name, vec![t.ranks().0, t.ranks().1])),
             ConvSlot::TwoLayer(s) => Some((name, vec![s.rank()])),
             ConvSlot::Dense(_) => None,
+            ConvSlot::Cp(_) => panic!("{name}: the seed's compressor has no CP form"),
         })
         .collect();
     serde_json::to_string(&ranks).unwrap()
@@ -325,7 +326,8 @@ fn svd_layers_and_folded_bns_load_strictly_into_pytorch_with_the_same_logits() {
 #[test]
 fn every_slot_form_rebuilds_in_pytorch_from_the_files_keys_alone() {
     // scripts/torch_resnet.py (the benchmarks' and scaling-out scripts' model) reads only the
-    // keys: dense, Tucker-2, SVD and both Tucker-1 forms, strided and not, give our logits and MACs.
+    // keys: dense, Tucker-2, SVD, both Tucker-1 forms and CP, strided and not, give our logits and
+    // MACs (counted by forward hooks).
     runtime::init();
     let dir = tempfile::tempdir().unwrap();
     let weights = torchvision_weights(dir.path(), 3);
@@ -361,6 +363,8 @@ fn every_slot_form_rebuilds_in_pytorch_from_the_files_keys_alone() {
                 r_in: 96,
             },
         ),
+        ("layer1.1.conv2", Form::Cp { rank: 20 }),
+        ("layer4.0.conv1", Form::Cp { rank: 48 }), // stride 2
     ];
     factorise_layers(&mut model, &forms, Method::Hosvd).unwrap();
     let out = dir.path().join("mixed.safetensors");

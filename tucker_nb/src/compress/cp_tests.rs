@@ -125,6 +125,36 @@ fn the_cp_rule_takes_every_kxk_conv_but_the_stem_and_svds_the_pointwise_ones() {
 }
 
 #[test]
+fn the_cp_policy_at_a_tucker_reports_macs_costs_the_same() {
+    let model = ResNet18::new(10, Device::Cpu);
+    let size = [64, 64];
+    let policy = |ranks| CompressionPolicy {
+        input_size: size,
+        ..CompressionPolicy::new(ranks)
+    };
+    let tucker_plan = plan_layers(&model, &policy("ratio:0.2".parse().unwrap()), None).unwrap();
+    let slots = slots_at(&model, size);
+    let kept = |plan: &Plan| {
+        let (mut dense, mut after) = (0, 0);
+        for (name, slot, input) in &slots {
+            dense += slot.macs(*input).0;
+            after += plan.layers[name]
+                .form
+                .map_or(slot.macs(*input).0, |f| f.macs(&slot.geometry(), *input).0);
+        }
+        after as f64 / dense as f64
+    };
+    let target = kept(&tucker_plan);
+    let cp = cp_policy_at_macs(&model, target, size).unwrap();
+    assert!(matches!(cp, RankPolicy::Cp { stem: false, .. }), "{cp}");
+    let achieved = kept(&plan_layers(&model, &policy(cp.clone()), None).unwrap());
+    assert!(
+        (achieved - target).abs() < 0.01 * target,
+        "{cp}: {achieved} vs {target}"
+    );
+}
+
+#[test]
 fn cp_slots_round_trip_through_a_file_and_fold_their_bn() {
     let mut model = ResNet18::new(10, Device::Cpu);
     let forms = [

@@ -151,6 +151,54 @@ pub fn plan_layers(
     })
 }
 
+/// The `cp:R` policy whose plan for `model` keeps the share of its conv MACs (at `input_size`)
+/// closest to `macs_kept` (for example a Tucker-2 report's, for a comparison at equal MACs): R by
+/// bisection, planning only (nothing is fitted). An `R` of 1 keeps the most a CP can.
+pub fn cp_policy_at_macs(
+    model: &ResNet18,
+    macs_kept: f64,
+    input_size: [i64; 2],
+) -> Result<RankPolicy> {
+    let slots = slots_at(model, input_size);
+    let dense: i64 = slots.iter().map(|(_, s, input)| s.macs(*input).0).sum();
+    let kept = |r: f64| -> Result<f64> {
+        let policy = RankPolicy::Cp {
+            fraction: policy::Fraction::new("cp", r)?,
+            stem: false,
+        };
+        let plans = plan_rule_based(&slots, &policy, None)?;
+        let macs: i64 = slots
+            .iter()
+            .map(
+                |(name, slot, input)| match plans.get(name).and_then(|p| p.form) {
+                    Some(form) => form.macs(&slot.geometry(), *input).0,
+                    None => slot.macs(*input).0,
+                },
+            )
+            .sum();
+        Ok(macs as f64 / dense as f64)
+    };
+    let (mut lo, mut hi) = (0.0, 1.0);
+    for _ in 0..40 {
+        let mid = (lo + hi) / 2.0;
+        if kept(mid)? < macs_kept {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    // The ranks are whole, so the two ends may differ; take the one nearer the target.
+    let r = match (kept(hi)? - macs_kept).abs() <= (macs_kept - kept(lo.max(1e-9))?).abs() {
+        true => hi,
+        false => lo.max(1e-9),
+    };
+    let r = (r * 1e4).round() / 1e4; // a spec a reader can retype
+    Ok(RankPolicy::Cp {
+        fraction: policy::Fraction::new("cp", r.max(1e-4))?,
+        stem: false,
+    })
+}
+
 /// Fits CP on [`budget::cp_rank_grid`] to every k×k conv that can take it, showing progress.
 fn fit_cp_grid(facts: &mut [LayerFacts], round_to: Option<i64>, moments: Option<&Moments>) {
     let start = std::time::Instant::now();

@@ -5,6 +5,7 @@ Subcommands write safetensors the Rust tests compare against; see each function'
 import argparse
 import json
 import os
+import time
 import sys
 
 import torch
@@ -171,6 +172,26 @@ def partial_tucker(args):
     save_file(out, args.out)
 
 
+def parafac(args):
+    """tensorly's parafac (CP by ALS, its defaults: SVD start, 100 sweeps, tol 1e-8) on each kernel
+    `w{i}` at rank `r{i}`: saves `err{i}`, its relative reconstruction error ‖W − Ŵ‖/‖W‖."""
+    import tensorly as tl
+    from tensorly.decomposition import parafac as tl_parafac
+    tl.set_backend("pytorch")
+    data = load_file(args.input)
+    out = {}
+    i = 0
+    while f"w{i}" in data:
+        w = data[f"w{i}"].double()
+        start = time.perf_counter()
+        cp = tl_parafac(w, rank=int(data[f"r{i}"][0]), init="svd", random_state=0)
+        out[f"err{i}"] = (torch.linalg.norm(w - tl.cp_to_tensor(cp)) / torch.linalg.norm(w)).reshape(1)
+        print(f"parafac {i}: {list(w.shape)} rank {int(data[f'r{i}'][0])} in {time.perf_counter() - start:.1f} s",
+              file=sys.stderr, flush=True)
+        i += 1
+    save_file(out, args.out)
+
+
 def run_export(args):
     """Logits of an exported model (ONNX in ONNX Runtime, or TorchScript through torch.jit.load)
     for `input`'s `images`, written as `logits`."""
@@ -216,6 +237,9 @@ def main():
     a = sub.add_parser("partial-tucker")
     a.add_argument("input")
     a.add_argument("out")
+    a = sub.add_parser("parafac")
+    a.add_argument("input")
+    a.add_argument("out")
     a = sub.add_parser("image-folder")
     a.add_argument("root")
     a.add_argument("out")
@@ -230,7 +254,8 @@ def main():
     a.add_argument("out")
     args = p.parse_args()
     {"run-export": run_export, "make-weights": make_weights, "reference": reference, "seed-reconstruct": seed_reconstruct,
-     "seed-load": seed_load, "keys-load": keys_load, "image-folder": image_folder, "eval-transform": eval_transform, "partial-tucker": partial_tucker}[args.cmd](args)
+     "seed-load": seed_load, "keys-load": keys_load, "image-folder": image_folder, "eval-transform": eval_transform, "partial-tucker": partial_tucker,
+     "parafac": parafac}[args.cmd](args)
 
 
 if __name__ == "__main__":

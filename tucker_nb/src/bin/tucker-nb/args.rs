@@ -203,8 +203,10 @@ pub struct RankArgs {
     /// JSON file {"layer1.0.conv1": [r_out, r_in], ...}; other layers stay dense.
     #[arg(long)]
     pub ranks: Option<PathBuf>,
-    /// ratio:R | energy:E | vbmf | budget-macs:F | budget-params:F | budget-latency:F (eval
-    /// forward time ≤ F × the dense model's, measured on the device in use)
+    /// ratio:R | energy:E | vbmf | cp:R (CP of every k×k conv at rank R·min(C_in, C_out); +stem
+    /// includes the RGB stem) | budget-macs:F | budget-params:F | budget-latency:F (eval forward
+    /// time ≤ F × the dense model's, measured on the device in use); a budget with +cp may also
+    /// choose CP (budget-macs:0.1+cp)
     #[arg(long)]
     pub policy: Option<RankPolicy>,
 }
@@ -534,8 +536,9 @@ pub struct BenchArgs {
         bench_defaults().run.policy.ranks,
     ))]
     pub ratio: Option<f64>,
-    /// Any policy for the compressed model: ratio:R | energy:E | vbmf | budget-macs:F |
-    /// budget-params:F | budget-latency:F (timed at --batch-size and --image-size).
+    /// Any policy for the compressed model: ratio:R | energy:E | vbmf | cp:R | budget-macs:F |
+    /// budget-params:F | budget-latency:F (timed at --batch-size and --image-size); +cp lets a
+    /// budget choose CP.
     #[arg(long)]
     pub policy: Option<RankPolicy>,
     /// Where budget-latency's measured tables are cached.
