@@ -116,6 +116,15 @@ fn the_cp_rule_takes_every_kxk_conv_but_the_stem_and_svds_the_pointwise_ones() {
     );
     let with_stem = plan_layers(&model, &policy("cp:0.5+stem"), None).unwrap();
     assert_eq!(with_stem.layers["conv1"].form, Some(Form::Cp { rank: 1 }));
+    // A 1×1's SVD at rank min(C_in, C_out) costs more than the conv: it stays dense.
+    let whole = plan_layers(&model, &policy("cp:1"), None).unwrap();
+    let shortcut = &whole.layers["layer2.0.downsample.0"];
+    assert_eq!(shortcut.form, None);
+    assert!(shortcut.note.contains("would not cut"), "{}", shortcut.note);
+    assert_eq!(
+        whole.layers["layer4.1.conv2"].form,
+        Some(Form::Cp { rank: 512 })
+    );
     // A later stage needs a policy that reads the kernels.
     let err = policy("cp:0.25")
         .validate_as_stage()

@@ -119,16 +119,23 @@ pub fn plan_rule_based(
 }
 
 /// The `cp:R` rule for a dense conv of `shape`: rank max(1, ⌊R · min(C_in, C_out)⌋) (rounded up to
-/// `round_to`), CP for a k×k conv, SVD for a 1×1 one; the RGB stem stays dense unless `stem`.
+/// `round_to`), CP for a k×k conv, SVD for a 1×1 one (dense where the SVD would cost more: above
+/// about 2/3 of min(C_in, C_out)); the RGB stem stays dense unless `stem`.
 fn cp_rule(shape: [i64; 4], fraction: f64, stem: bool, round_to: Option<i64>) -> LayerPlan {
     let [c_out, c_in, kh, kw] = shape;
     let max = c_out.min(c_in);
     let rank = round_rank(((max as f64 * fraction) as i64).max(1), round_to, max);
     let (form, note) = if [kh, kw] == [1, 1] {
-        (
-            Some(Form::Svd { rank }),
-            "1×1: its SVD at the CP rule's rank",
-        )
+        match (c_in + c_out) * rank < c_in * c_out {
+            true => (
+                Some(Form::Svd { rank }),
+                "1×1: its SVD at the CP rule's rank",
+            ),
+            false => (
+                None,
+                "left dense: its SVD at the CP rule's rank would not cut its MACs",
+            ),
+        }
     } else if reads_image(shape) && !stem {
         (None, "RGB stem left dense (cp:R+stem includes it)")
     } else {
