@@ -14,9 +14,9 @@ use tucker_nb::{runtime, ResNet18};
 
 const SIZE: &str = "32";
 
-/// (name, file): torchvision's dense weights, the seed's Tucker-2 at ratio 0.5, and energy-chosen
-/// ranks (SVDs on the 1×1 shortcuts) with every factorised conv's BN folded; made once for both
-/// formats' tests.
+/// (name, file): torchvision's dense weights, the seed's Tucker-2 at ratio 0.5, energy-chosen
+/// ranks (SVDs on the 1×1 shortcuts) and CP (depthwise layers), each with every factorised conv's BN
+/// folded; made once for both formats' tests.
 fn models() -> &'static [(&'static str, PathBuf)] {
     static MODELS: OnceLock<Vec<(&'static str, PathBuf)>> = OnceLock::new();
     MODELS.get_or_init(|| {
@@ -48,6 +48,7 @@ fn make_models(dir: &Path) -> Vec<(&'static str, PathBuf)> {
         "svd-folded",
         &["--policy", "energy:0.5", "--method", "hosvd", "--fold-bn"],
     );
+    let cp = compress("cp-folded", &["--policy", "cp:0.1", "--fold-bn"]);
     // The Tucker-2 file as the release before form metadata wrote it (libtorch's writer).
     let old = dir.join("tucker2-old-format.safetensors");
     let tensors: Vec<(String, Tensor)> = ResNet18::load(&tucker, None, Device::Cpu)
@@ -61,6 +62,7 @@ fn make_models(dir: &Path) -> Vec<(&'static str, PathBuf)> {
         ("dense", dense),
         ("tucker2", tucker),
         ("svd-folded", svd),
+        ("cp-folded", cp),
         ("tucker2-old-format", old),
     ]
 }
