@@ -5,7 +5,6 @@ Subcommands write safetensors the Rust tests compare against; see each function'
 import argparse
 import json
 import os
-import time
 import sys
 
 import torch
@@ -153,43 +152,41 @@ def eval_transform(args):
     save_file({"images": torch.stack([ds[i][0] for i in range(len(ds))]).contiguous()}, args.out)
 
 
-def partial_tucker(args):
-    """tensorly's partial_tucker (HOOI from an SVD start) on each kernel `w{i}` at ranks `r{i}`:
-    saves `err{i}`, its relative reconstruction error ‖W − Ŵ‖/‖W‖."""
+def fit_errors(args, fit):
+    """For each kernel `w{i}` (float64) and ranks `r{i}` of the file `args.input`, `fit(w, ranks)`'s
+    reconstruction; saves `err{i}`, its relative error ‖W − Ŵ‖/‖W‖, to `args.out`."""
     import tensorly as tl
-    from tensorly.decomposition import partial_tucker as tl_partial_tucker
     tl.set_backend("pytorch")
     data = load_file(args.input)
     out = {}
     i = 0
     while f"w{i}" in data:
         w = data[f"w{i}"].double()
-        rank = [int(r) for r in data[f"r{i}"]]
-        (core, factors), _ = tl_partial_tucker(w, rank=rank, modes=[0, 1], n_iter_max=500, tol=1e-12)
-        rec = tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1])
+        rec = fit(w, [int(r) for r in data[f"r{i}"]])
         out[f"err{i}"] = (torch.linalg.norm(w - rec) / torch.linalg.norm(w)).reshape(1)
         i += 1
     save_file(out, args.out)
 
 
+def partial_tucker(args):
+    """tensorly's partial_tucker (HOOI from an SVD start) at ranks [r_out, r_in]."""
+    import tensorly as tl
+    from tensorly.decomposition import partial_tucker as tl_partial_tucker
+
+    def fit(w, rank):
+        (core, factors), _ = tl_partial_tucker(w, rank=rank, modes=[0, 1], n_iter_max=500, tol=1e-12)
+        return tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1])
+    fit_errors(args, fit)
+
+
 def parafac(args):
-    """tensorly's parafac (CP by ALS, its defaults: SVD start, 100 sweeps, tol 1e-8) on each kernel
-    `w{i}` at rank `r{i}`: saves `err{i}`, its relative reconstruction error ‖W − Ŵ‖/‖W‖."""
+    """tensorly's parafac (CP by ALS, its defaults: SVD start, 100 sweeps, tol 1e-8) at rank [R]."""
     import tensorly as tl
     from tensorly.decomposition import parafac as tl_parafac
-    tl.set_backend("pytorch")
-    data = load_file(args.input)
-    out = {}
-    i = 0
-    while f"w{i}" in data:
-        w = data[f"w{i}"].double()
-        start = time.perf_counter()
-        cp = tl_parafac(w, rank=int(data[f"r{i}"][0]), init="svd", random_state=0)
-        out[f"err{i}"] = (torch.linalg.norm(w - tl.cp_to_tensor(cp)) / torch.linalg.norm(w)).reshape(1)
-        print(f"parafac {i}: {list(w.shape)} rank {int(data[f'r{i}'][0])} in {time.perf_counter() - start:.1f} s",
-              file=sys.stderr, flush=True)
-        i += 1
-    save_file(out, args.out)
+
+    def fit(w, rank):
+        return tl.cp_to_tensor(tl_parafac(w, rank=rank[0], init="svd", random_state=0))
+    fit_errors(args, fit)
 
 
 def run_export(args):
