@@ -3,8 +3,10 @@
 
 use super::*;
 use crate::compress::cost::Cost;
+use crate::conv::ConvGeometry;
 use crate::decompose::random_cp_kernel;
 use crate::model::ResNet18;
+use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 fn cp_conv(shape: [i64; 4], rank: i64, config: ConvConfig) -> Conv2d {
@@ -197,17 +199,24 @@ fn cp_slots_round_trip_through_a_file_and_fold_their_bn() {
     assert!(relative_error(&a, &c) < 1e-5, "{}", relative_error(&a, &c));
 }
 
-#[test]
-fn a_macs_budget_that_allows_cp_mixes_forms_and_lands_on_its_target() {
-    // One layer's kernel has CP rank 64 (a point of its CP grid): exact there, at half the MACs
-    // of the Tucker-2 (64, 64) that is also exact.
+/// A random model whose `layer3.0.conv2` kernel has CP rank 64 (a point of its CP grid): CP is
+/// exact there, at half the MACs of the Tucker-2 (64, 64) that is also exact.
+fn planted_model() -> ResNet18 {
     let mut model = ResNet18::new(10, Device::Cpu);
     for unit in model.units_mut() {
-        if unit.conv_name == "layer3.0.conv2" {
+        if unit.conv_name == PLANTED {
             let conv = cp_conv([256, 256, 3, 3], 64, ConvConfig::new(1, 1));
             *unit.conv = ConvSlot::Dense(Conv2d { bias: None, ..conv });
         }
     }
+    model
+}
+
+const PLANTED: &str = "layer3.0.conv2";
+
+#[test]
+fn a_macs_budget_that_allows_cp_mixes_forms_and_lands_on_its_target() {
+    let model = planted_model();
     let slots = slots_at(&model, [32, 32]);
     let mut facts: Vec<LayerFacts> = slots.iter().map(|s| LayerFacts::new(s, None)).collect();
     // Fitting every layer's grid takes a minute; the planted layer and the first stage show the
@@ -233,7 +242,7 @@ fn a_macs_budget_that_allows_cp_mixes_forms_and_lands_on_its_target() {
         );
         let names: Vec<&str> = facts.iter().map(|f| form(f).name()).collect();
         assert!(names.iter().any(|n| n.starts_with("tucker")), "{names:?}");
-        let planted = &plan["layer3.0.conv2"];
+        let planted = &plan[PLANTED];
         assert!(
             matches!(planted.form, Some(Form::Cp { .. })),
             "budget {target}: the planted layer took {:?}",
@@ -241,10 +250,94 @@ fn a_macs_budget_that_allows_cp_mixes_forms_and_lands_on_its_target() {
         );
         assert!(planted.note.contains("CP"), "{}", planted.note);
     }
-    let planted = facts.iter().find(|f| f.name == "layer3.0.conv2").unwrap();
+    let planted = facts.iter().find(|f| f.name == PLANTED).unwrap();
     // Its planning fit (a quarter of the sweeps) is already close; the random layers' are not.
     let error = planted.error(Form::Cp { rank: 64 });
     assert!(error < 0.01, "the planted layer's CP fit: {error}");
     let random = facts.iter().find(|f| f.name == "layer3.1.conv1").unwrap();
     assert!(random.error(Form::Cp { rank: 64 }) > 0.5);
+}
+
+/// A device where a launch is cheap next to the arithmetic (a CPU, say): each conv costs a little
+/// per launch and per MAC, each unfolded BN a pass over its output.
+fn launch_light_ms(geometry: &ConvGeometry, input: [i64; 2], form: Form) -> f64 {
+    let (macs, [h, w]) = form.macs(geometry, input);
+    let convs = match form {
+        Form::Dense => 1.0,
+        Form::Tucker2 { .. } => 3.0,
+        Form::Cp { .. } => 4.0,
+        _ => 2.0,
+    };
+    0.002 * convs + macs as f64 * 2e-8 + (geometry.shape[0] * h * w) as f64 * 1e-6
+}
+
+#[test]
+fn a_latency_budget_that_allows_cp_mixes_forms_slows_no_layer_and_meets_its_budget() {
+    let model = planted_model();
+    let mut policy = CompressionPolicy::new("budget-latency:0.5+cp".parse().unwrap());
+    policy.input_size = [64, 64];
+    let slots = slots_at(&model, policy.input_size);
+    let mut facts: Vec<LayerFacts> = slots.iter().map(|s| LayerFacts::new(s, None)).collect();
+    // The planted layer's CP grid is fitted (every layer's takes minutes); the others price Tucker.
+    let planted = facts.iter_mut().find(|f| f.name == PLANTED).unwrap();
+    planted.fit_cp(&budget::cp_rank_grid(256, None), None);
+    let wanted = latency_slots(&facts, 8);
+    assert!(
+        wanted
+            .iter()
+            .any(|s| s.forms.iter().any(|f| matches!(f, Form::Cp { .. }))),
+        "the latency table is not asked for CP"
+    );
+    let key = latency::TimingKey::current(&policy.timing, Device::Cpu, false);
+    let mut table = LatencyTable::from_entries(key, 8, BTreeMap::new(), 0.1);
+    for (geometry, input, form) in table.missing(&wanted) {
+        table.insert(
+            &geometry,
+            input,
+            form,
+            launch_light_ms(&geometry, input, form),
+        );
+    }
+    table.check(&wanted).unwrap();
+    let dense: f64 = table.outside_ms
+        + facts
+            .iter()
+            .map(|f| table.slot_ms(&f.geometry, f.input, Form::Dense))
+            .sum::<f64>();
+    for fraction in [0.3, 0.5] {
+        let plan = budget::plan_budget(&facts, fraction, &table, Some(8));
+        let mut chosen = Vec::new();
+        let mut names = Vec::new();
+        for f in &facts {
+            let p = &plan[&f.name];
+            let [before, after] = p.predicted_ms.expect("a time budget predicts each layer");
+            assert!(
+                after <= before,
+                "{}: {after} ms > dense {before} ms",
+                f.name
+            );
+            let form = p.form.unwrap_or(f.current.form);
+            assert_eq!(
+                after,
+                table.slot_ms(&f.geometry, f.input, form),
+                "{}",
+                f.name
+            );
+            chosen.push(after);
+            names.push(form.name());
+        }
+        let achieved = table.predicted_ms(chosen) / dense;
+        assert!(
+            (achieved - fraction).abs() <= 0.03 * fraction,
+            "budget {fraction}: the plan takes {achieved:.4} of the dense time"
+        );
+        assert!(names.iter().any(|n| n.starts_with("tucker")), "{names:?}");
+        let planted = &plan[PLANTED];
+        assert!(
+            matches!(planted.form, Some(Form::Cp { .. })),
+            "budget {fraction}: the planted layer took {:?}",
+            planted.form
+        );
+        assert!(planted.note.contains("CP"), "{}", planted.note);
+    }
 }
