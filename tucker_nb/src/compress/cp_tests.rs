@@ -6,7 +6,6 @@ use crate::compress::cost::Cost;
 use crate::conv::ConvGeometry;
 use crate::decompose::random_cp_kernel;
 use crate::model::ResNet18;
-use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 fn cp_conv(shape: [i64; 4], rank: i64, config: ConvConfig) -> Conv2d {
@@ -318,49 +317,13 @@ fn a_latency_budget_that_allows_cp_mixes_forms_slows_no_layer_and_meets_its_budg
             .any(|s| s.forms.iter().any(|f| matches!(f, Form::Cp { .. }))),
         "the latency table is not asked for CP"
     );
-    let key = latency::TimingKey::current(&policy.timing, Device::Cpu, false);
-    let mut table = LatencyTable::from_entries(key, 8, BTreeMap::new(), 0.1);
-    for (geometry, input, form) in table.missing(&wanted) {
-        table.insert(
-            &geometry,
-            input,
-            form,
-            launch_light_ms(&geometry, input, form),
-        );
-    }
-    table.check(&wanted).unwrap();
-    let dense: f64 = table.outside_ms
-        + facts
-            .iter()
-            .map(|f| table.slot_ms(&f.geometry, f.input, Form::Dense))
-            .sum::<f64>();
+    let (table, dense) = super::tests::synthetic_table(&facts, &policy, 0.1, launch_light_ms);
     for fraction in [0.3, 0.5] {
-        let plan = budget::plan_budget(&facts, fraction, &table, Some(8));
-        let mut chosen = Vec::new();
-        let mut names = Vec::new();
-        for f in &facts {
-            let p = &plan[&f.name];
-            let [before, after] = p.predicted_ms.expect("a time budget predicts each layer");
-            assert!(
-                after <= before,
-                "{}: {after} ms > dense {before} ms",
-                f.name
-            );
-            let form = p.form.unwrap_or(f.current.form);
-            assert_eq!(
-                after,
-                table.slot_ms(&f.geometry, f.input, form),
-                "{}",
-                f.name
-            );
-            chosen.push(after);
-            names.push(form.name());
-        }
-        let achieved = table.predicted_ms(chosen) / dense;
-        assert!(
-            (achieved - fraction).abs() <= 0.03 * fraction,
-            "budget {fraction}: the plan takes {achieved:.4} of the dense time"
-        );
+        let plan = super::tests::checked_latency_plan(&facts, &table, dense, fraction);
+        let names: Vec<&str> = facts
+            .iter()
+            .map(|f| plan[&f.name].form.unwrap_or(f.current.form).name())
+            .collect();
         assert!(names.iter().any(|n| n.starts_with("tucker")), "{names:?}");
         let planted = &plan[PLANTED];
         assert!(

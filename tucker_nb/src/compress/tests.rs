@@ -30,6 +30,64 @@ fn synthetic_ms(geometry: &ConvGeometry, input: [i64; 2], form: Form) -> f64 {
     0.02 * convs + macs as f64 * 2e-8 + (geometry.shape[0] * h * w) as f64 * 1e-6
 }
 
+/// A latency table at step 8 whose every entry `wanted` is priced by `ms`, and the dense model's
+/// predicted time on it.
+pub(super) fn synthetic_table(
+    facts: &[LayerFacts],
+    policy: &CompressionPolicy,
+    outside_ms: f64,
+    ms: fn(&ConvGeometry, [i64; 2], Form) -> f64,
+) -> (LatencyTable, f64) {
+    let wanted = latency_slots(facts, 8);
+    let key = latency::TimingKey::current(&policy.timing, Device::Cpu, false);
+    let mut table = LatencyTable::from_entries(key, 8, BTreeMap::new(), outside_ms);
+    for (geometry, input, form) in table.missing(&wanted) {
+        table.insert(&geometry, input, form, ms(&geometry, input, form));
+    }
+    table.check(&wanted).unwrap();
+    let dense = table.outside_ms
+        + facts
+            .iter()
+            .map(|f| table.slot_ms(&f.geometry, f.input, Form::Dense))
+            .sum::<f64>();
+    (table, dense)
+}
+
+/// The latency plan at `fraction` of the dense time on `table`, checked layer by layer (no layer
+/// slower than it was, each priced at its own entry) and as a whole (within 3 % of its budget).
+pub(super) fn checked_latency_plan(
+    facts: &[LayerFacts],
+    table: &LatencyTable,
+    dense_ms: f64,
+    fraction: f64,
+) -> BTreeMap<String, LayerPlan> {
+    let plan = plan_budget(facts, fraction, table, Some(8));
+    let mut chosen = Vec::new();
+    for f in facts {
+        let p = &plan[&f.name];
+        let [before, after] = p.predicted_ms.expect("a time budget predicts each layer");
+        assert!(
+            after <= before,
+            "{}: {after} ms > dense {before} ms",
+            f.name
+        );
+        let form = p.form.unwrap_or(f.current.form);
+        assert_eq!(
+            after,
+            table.slot_ms(&f.geometry, f.input, form),
+            "{}",
+            f.name
+        );
+        chosen.push(after);
+    }
+    let achieved = table.predicted_ms(chosen) / dense_ms;
+    assert!(
+        (achieved - fraction).abs() <= 0.03 * fraction,
+        "budget {fraction}: the plan takes {achieved:.4} of the dense time"
+    );
+    plan
+}
+
 #[test]
 fn a_latency_plan_on_a_synthetic_table_slows_no_layer_and_meets_its_budget() {
     let model = crate::model::ResNet18::new(10, Device::Cpu);
@@ -37,45 +95,17 @@ fn a_latency_plan_on_a_synthetic_table_slows_no_layer_and_meets_its_budget() {
     policy.input_size = [64, 64];
     let slots = slots_at(&model, policy.input_size);
     let facts: Vec<LayerFacts> = slots.iter().map(|s| LayerFacts::new(s, None)).collect();
-    let wanted = latency_slots(&facts, 8);
-    let key = latency::TimingKey::current(&policy.timing, Device::Cpu, false);
-    let mut table = LatencyTable::from_entries(key, 8, BTreeMap::new(), 0.2);
-    for (geometry, input, form) in table.missing(&wanted) {
-        table.insert(&geometry, input, form, synthetic_ms(&geometry, input, form));
-    }
-    table.check(&wanted).unwrap();
-    let dense: f64 = table.outside_ms
-        + facts
-            .iter()
-            .map(|f| table.slot_ms(&f.geometry, f.input, Form::Dense))
-            .sum::<f64>();
-    let mut slower_somewhere = false;
+    let (table, dense) = synthetic_table(&facts, &policy, 0.2, synthetic_ms);
     for fraction in [0.4, 0.55, 0.7] {
-        let plan = plan_budget(&facts, fraction, &table, Some(8));
-        let mut chosen = Vec::new();
-        for f in &facts {
-            let p = &plan[&f.name];
-            let [before, after] = p.predicted_ms.expect("a time budget predicts each layer");
-            assert!(
-                after <= before,
-                "{}: {after} ms > dense {before} ms",
-                f.name
-            );
-            let form = p.form.unwrap_or(Form::Dense);
-            assert_eq!(after, table.slot_ms(&f.geometry, f.input, form));
-            chosen.push(after);
-            // Some factorisation on the grid is slower than dense: the plan must avoid it.
-            slower_somewhere |= f
-                .budget_forms(Some(8))
-                .iter()
-                .any(|&g| table.slot_ms(&f.geometry, f.input, g) > before);
-        }
-        let achieved = table.predicted_ms(chosen) / dense;
-        assert!(
-            (achieved - fraction).abs() <= 0.03 * fraction,
-            "budget {fraction}: the plan takes {achieved:.4} of the dense time"
-        );
+        checked_latency_plan(&facts, &table, dense, fraction);
     }
+    // Some factorisation on the grid is slower than dense: the plans must have avoided it.
+    let slower_somewhere = facts.iter().any(|f| {
+        let dense = table.slot_ms(&f.geometry, f.input, Form::Dense);
+        f.budget_forms(Some(8))
+            .iter()
+            .any(|&g| table.slot_ms(&f.geometry, f.input, g) > dense)
+    });
     assert!(slower_somewhere, "the synthetic table tests nothing");
 }
 
