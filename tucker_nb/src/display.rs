@@ -10,16 +10,37 @@ use crate::plots::Chart;
 use crate::report::CompressionReport;
 use crate::train::EvalResult;
 
+/// `content` framed as evcxr's display protocol expects it on stdout, as `mime`.
+pub(crate) fn evcxr_content(mime: &str, content: &str) -> String {
+    format!("EVCXR_BEGIN_CONTENT {mime}\n{content}\nEVCXR_END_CONTENT")
+}
+
+/// Shows any `Debug` value in one build of its cell.
+///
+/// evcxr shows a cell's final expression by compiling `(expr).evcxr_display();`; when the type has
+/// no such method that build fails, and evcxr compiles the cell a second time, printing the value
+/// with `{:?}`. With this trait in scope (the kernel's prelude in `notebooks/evcxr.toml` brings it
+/// in) every `Debug` value has the method, so the first build succeeds and prints the same text: a
+/// cell such as `1 + 1` costs one build, not two. Types with their own `evcxr_display` ([`Html`],
+/// [`Chart`], [`CompressionReport`]) keep theirs: an inherent method wins over a trait's. evcxr's
+/// `:fmt` and `:types` settings no longer change how such values print.
+pub trait ShowDebug {
+    fn evcxr_display(&self);
+}
+
+impl<T: std::fmt::Debug + ?Sized> ShowDebug for T {
+    fn evcxr_display(&self) {
+        println!("{}", evcxr_content("text/plain", &format!("{self:?}")));
+    }
+}
+
 /// A block of HTML that displays itself in evcxr.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Html(pub String);
 
 impl Html {
     pub fn evcxr_display(&self) {
-        println!(
-            "EVCXR_BEGIN_CONTENT text/html\n{}\nEVCXR_END_CONTENT",
-            self.0
-        );
+        println!("{}", evcxr_content("text/html", &self.0));
     }
 
     /// Several blocks as one, in order.

@@ -63,7 +63,7 @@ impl Chart {
     /// evcxr's display hook: the chart as an inline PNG.
     pub fn evcxr_display(&self) {
         let data = base64::engine::general_purpose::STANDARD.encode(&self.png);
-        println!("EVCXR_BEGIN_CONTENT image/png\n{data}\nEVCXR_END_CONTENT");
+        println!("{}", crate::display::evcxr_content("image/png", &data));
     }
 }
 
