@@ -4,7 +4,10 @@ wheel ships, fetched with `pip download` (pip checks PyPI's hashes) and unpacked
 installing scikit-learn.
 
   prepare --out DIR [--size 64]   ImageFolder DIR/{train,val}/<digit>/*.png, upscaled (bilinear),
-                                  a seeded stratified 80/20 split
+                                  a seeded stratified 80/20 split, and DIR/held_out/<digit>/*.png:
+                                  5 % of each digit's training share, moved out of train/ (the
+                                  images the fine-tune chooses its epoch on, which the model below
+                                  never sees: --held-out-data)
   train --data DIR --out FILE     torchvision's ResNet18 trained on DIR/train from random weights,
                                   saved as a torchvision state_dict; prints the val top-1
   table RUN...                    the benchmark's table from the runs' sweep.csv files
@@ -24,6 +27,7 @@ import zipfile
 
 SKLEARN = "scikit-learn==1.9.1"
 DIGITS = "sklearn/datasets/data/digits.csv.gz"
+HELD_OUT_SHARE = 0.05
 
 
 def prepare(a):
@@ -42,7 +46,9 @@ def prepare(a):
     for label, images in sorted(by_class.items()):
         rng.shuffle(images)
         cut = int(len(images) * 0.8)
-        for split, part in (("train", images[:cut]), ("val", images[cut:])):
+        held = round(cut * HELD_OUT_SHARE)
+        for split, part in (("held_out", images[:held]), ("train", images[held:cut]),
+                            ("val", images[cut:])):
             folder = os.path.join(a.out, split, str(label))
             os.makedirs(folder, exist_ok=True)
             for i, pixels in enumerate(part):

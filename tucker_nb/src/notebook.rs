@@ -265,8 +265,10 @@ impl NotebookConfig {
         std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
         // The kernel writes into it from later cells: it keeps the lock while it lives.
         crate::lock::hold_for_process(out)?;
-        let (train, val) = experiment::loaders(&self.run)?;
-        let (train, held_out) = experiment::hold_out(&self.run, train)?;
+        let (train_data, val_data) = experiment::datasets(&self.run)?;
+        let held_out_data = experiment::held_out_folder(&self.run, &train_data.classes)?;
+        let (train, val) = experiment::loader_pair(&self.run, &train_data, &val_data);
+        let (train, held_out) = experiment::hold_out(&self.run, train, held_out_data.as_ref())?;
         Ok((train, val, held_out))
     }
 

@@ -920,3 +920,88 @@ fn the_seed_recipe_reproduces_the_training_run_from_before_recipes() {
     );
     assert!(now.column("held_out_loss").iter().all(|v| v.is_empty()));
 }
+
+/// An ImageFolder in `dir/other` with one class, `zebra`, of one of `data`'s images.
+fn zebra_folder(data: &Path, dir: &Path) -> PathBuf {
+    let other = dir.join("other");
+    std::fs::create_dir_all(other.join("zebra")).unwrap();
+    let val = tucker_nb::data::ImageFolder::scan(&data.join("val")).unwrap();
+    let (image, _) = &val.samples[0];
+    std::fs::copy(image, other.join("zebra/a.png")).unwrap();
+    other
+}
+
+#[test]
+fn held_out_data_replaces_the_slice_of_training_images_and_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 2, 8); // 16 training, 16 validation images
+    let mut config = RunConfig::new(&data, dir.path().join("out"), Device::Cpu);
+    config.image_size = 32;
+    config.held_out_data = Some(data.join("val"));
+    config.validate().unwrap();
+    let (train_data, val_data) = tucker_nb::experiment::datasets(&config).unwrap();
+    let folder = tucker_nb::experiment::held_out_folder(&config, &train_data.classes)
+        .unwrap()
+        .expect("the distill recipe selects on the folder");
+    assert_eq!(folder.key, val_data.key, "the folder's images, decoded");
+    let (train, _) = tucker_nb::experiment::loader_pair(&config, &train_data, &val_data);
+    let (train, held_out) = tucker_nb::experiment::hold_out(&config, train, Some(&folder)).unwrap();
+    let held_out = held_out.unwrap();
+    assert_eq!(train.len(), 16, "every training image is trained on");
+    assert_eq!(held_out.len(), 16);
+    assert_eq!(held_out.transform, tucker_nb::Transform::Eval { size: 32 });
+    // The folder's images enter the fingerprint; without a folder it is as before.
+    let with =
+        tucker_nb::experiment::RunFingerprint::new(&config, &train_data, &val_data, Some(&folder))
+            .unwrap();
+    let without =
+        tucker_nb::experiment::RunFingerprint::new(&config, &train_data, &val_data, None).unwrap();
+    assert_ne!(with, without);
+    assert!(!without.0["data"].contains("held out"));
+
+    // Refused: with a held-out count, with the seed's recipe, with other classes.
+    let mut both = config.clone();
+    both.held_out_images = Some(4);
+    let err = both.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("held-out images") && err.contains("val"),
+        "{err}"
+    );
+    let mut seed = config.clone();
+    seed.recipe = tucker_nb::train::Recipe::Seed;
+    let err = seed.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("held-out data") && err.contains("seed's recipe"),
+        "{err}"
+    );
+    let other = zebra_folder(&data, dir.path());
+    let mut wrong = config.clone();
+    wrong.held_out_data = Some(other.clone());
+    let err = tucker_nb::experiment::held_out_folder(&wrong, &train_data.classes)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&other.display().to_string()) && err.contains("zebra"),
+        "{err}"
+    );
+}
+
+#[test]
+fn held_out_data_with_other_classes_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 2, 8);
+    let other = zebra_folder(&data, dir.path());
+    let out = dir.path().join("out");
+    let mut args = run_args(path_str(&data), path_str(&out));
+    args.extend(["--held-out-data", path_str(&other)]);
+    let err = tucker_nb_err(&args);
+    assert!(
+        err.contains("held-out data has classes zebra") && err.contains(path_str(&other)),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        !out.join("run.json").exists(),
+        "the fingerprint was written"
+    );
+}

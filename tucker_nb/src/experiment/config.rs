@@ -70,6 +70,12 @@ pub struct RunConfig {
     /// Training images held out (a seeded draw) for a recipe that chooses its epoch on them; no
     /// fine-tune of the run trains on them. `None`: [`Self::held_out_count`]'s default.
     pub held_out_images: Option<usize>,
+    /// An ImageFolder of class folders (the training set's classes) the recipe chooses its epoch
+    /// on instead of held-out training images, for weights that were trained on every training
+    /// image (their score on a slice of them says little); every training image is then trained
+    /// on. Enters the fingerprint by its content.
+    #[serde(skip)]
+    pub held_out_data: Option<PathBuf>,
 }
 
 /// The default share of the training images held out for epoch selection.
@@ -102,14 +108,16 @@ impl RunConfig {
             calib_images: 1024,
             recipe: Recipe::default(),
             held_out_images: None,
+            held_out_data: None,
         }
     }
 
     /// How many of `train_images` the recipe holds out: `held_out_images`, else
     /// [`HELD_OUT_SHARE`] of them, at least one training batch and at most a quarter of them;
-    /// `None` when the recipe selects nothing. Fails unless 1 ≤ the count < `train_images`.
+    /// `None` when the recipe selects nothing or on [`Self::held_out_data`]. Fails unless
+    /// 1 ≤ the count < `train_images`.
     pub fn held_out_count(&self, train_images: usize) -> Result<Option<usize>> {
-        if !self.recipe.selects_on_held_out() {
+        if !self.recipe.selects_on_held_out() || self.held_out_data.is_some() {
             return Ok(None);
         }
         let n = self.held_out_images.unwrap_or_else(|| {
@@ -162,6 +170,26 @@ impl RunConfig {
         }
         if let Some(n) = self.held_out_images {
             check_count("held-out images", n)?;
+        }
+        if let Some(dir) = &self.held_out_data {
+            if let Some(n) = self.held_out_images {
+                return Err(Error::value(
+                    "held-out images",
+                    format!(
+                        "{n} given with held-out data {}: the held-out images are that folder's",
+                        dir.display()
+                    ),
+                ));
+            }
+            if !self.recipe.selects_on_held_out() {
+                return Err(Error::value(
+                    "held-out data",
+                    format!(
+                        "{} given with the seed's recipe, which chooses no epoch on held-out images",
+                        dir.display()
+                    ),
+                ));
+            }
         }
         self.fine_tune.validate()
     }
@@ -257,7 +285,13 @@ pub struct RunFingerprint(pub BTreeMap<String, String>);
 const FINGERPRINT_FORMAT: (&str, &str) = ("fingerprint_format", "2");
 
 impl RunFingerprint {
-    pub fn new(config: &RunConfig, train: &Dataset, val: &Dataset) -> Result<Self> {
+    /// `held_out`: the [`RunConfig::held_out_data`] images, when there are.
+    pub fn new(
+        config: &RunConfig,
+        train: &Dataset,
+        val: &Dataset,
+        held_out: Option<&Dataset>,
+    ) -> Result<Self> {
         let weights = match &config.weights {
             Some(path) => {
                 let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
@@ -269,7 +303,10 @@ impl RunFingerprint {
             }
             None => "none (random initialisation)".to_string(),
         };
-        let data = format!("train {}, val {}", train.key, val.key);
+        let mut data = format!("train {}, val {}", train.key, val.key);
+        if let Some(held_out) = held_out {
+            data += &format!(", held out {}", held_out.key);
+        }
         Ok(Self::of(config, data, train.classes.join(","), weights))
     }
 

@@ -20,7 +20,7 @@ use polars::prelude::DataFrame;
 use tch::Device;
 
 use crate::compress::policy::{CompressionPolicy, Fit};
-use crate::data::{DataSource, Dataset};
+use crate::data::{decode_cached, DataSource, Dataset, ImageFolder};
 use crate::error::{Error, Result};
 use crate::figures::ModelFigures;
 use crate::frame::write_frame_csv;
@@ -83,11 +83,52 @@ pub fn loader_pair(config: &RunConfig, train: &Dataset, val: &Dataset) -> (Loade
     )
 }
 
+/// The images [`RunConfig::held_out_data`] names, when the recipe chooses epochs on them:
+/// decoded (through the dataset cache) and checked to have the training set's `classes`.
+pub fn held_out_folder(config: &RunConfig, classes: &[String]) -> Result<Option<Dataset>> {
+    let Some(dir) = config
+        .held_out_data
+        .as_ref()
+        .filter(|_| config.recipe.selects_on_held_out())
+    else {
+        return Ok(None);
+    };
+    let folder = ImageFolder::scan(dir)?;
+    if folder.classes != classes {
+        return Err(Error::file(
+            dir,
+            format!(
+                "held-out data has classes {} but the training set {}",
+                folder.classes.join(","),
+                classes.join(",")
+            ),
+        ));
+    }
+    Ok(Some(decode_cached(&folder, dir, config.storage)?))
+}
+
 /// Splits the run's training loader when its recipe chooses epochs on held-out images: the
-/// held-out images ([`RunConfig::held_out_count`], drawn with the run's seed, eval transform)
-/// and a training loader of the others, which every fine-tune of the run then trains on (and
-/// the calibration set is drawn from). Otherwise the loader as it is, and `None`.
-pub fn hold_out(config: &RunConfig, train: Loader) -> Result<(Loader, Option<Loader>)> {
+/// held-out images and a training loader of the others, which every fine-tune of the run then
+/// trains on (and the calibration set is drawn from). The held-out images are `folder`'s
+/// ([`held_out_folder`]) when there is one, the training loader then untouched; else
+/// [`RunConfig::held_out_count`] training images drawn with the run's seed. Both get the eval
+/// transform. Otherwise the loader as it is, and `None`.
+pub fn hold_out(
+    config: &RunConfig,
+    train: Loader,
+    folder: Option<&Dataset>,
+) -> Result<(Loader, Option<Loader>)> {
+    if let Some(held_out) = folder {
+        let size = config.image_size;
+        let loader = Loader::new(
+            held_out,
+            config.eval_batch_size,
+            Transform::Eval { size },
+            config.device,
+            config.resident_data,
+        );
+        return Ok((train, Some(loader)));
+    }
     match config.held_out_count(train.len())? {
         Some(n) => {
             let (train, held_out) = train.hold_out(n, config.seed, config.eval_batch_size)?;
@@ -208,12 +249,13 @@ pub fn run(config: &RunConfig) -> Result<RunResult> {
     let (train_data, val_data) = datasets(config)?;
     // Refused before anything is written into the folder.
     config.held_out_count(train_data.len())?;
+    let held_out_data = held_out_folder(config, &train_data.classes)?;
     check_fingerprint(
         config,
-        &RunFingerprint::new(config, &train_data, &val_data)?,
+        &RunFingerprint::new(config, &train_data, &val_data, held_out_data.as_ref())?,
     )?;
     let (train, val) = loader_pair(config, &train_data, &val_data);
-    let (train, held_out) = hold_out(config, train)?;
+    let (train, held_out) = hold_out(config, train, held_out_data.as_ref())?;
     let size = config.image_size;
     let mut model = initial_model(config)?;
     let mut outputs = io::Outputs::new();
@@ -311,8 +353,10 @@ pub fn run_sweep(config: &RunConfig, policies: &[CompressionPolicy]) -> Result<D
     let out = &config.out;
     std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
     let _lock = OutputLock::acquire(out)?;
-    let (train, val) = loaders(config)?;
-    let (train, held_out) = hold_out(config, train)?;
+    let (train_data, val_data) = datasets(config)?;
+    let held_out_data = held_out_folder(config, &train_data.classes)?;
+    let (train, val) = loader_pair(config, &train_data, &val_data);
+    let (train, held_out) = hold_out(config, train, held_out_data.as_ref())?;
     let calibration = calibration(config, &train)?;
     let model = initial_model(config)?;
     let fine_tune = config.recipe.apply(FineTuneConfig {

@@ -83,6 +83,10 @@ pub struct FineTuneConfig {
     /// `lr`); 1 in the seed.
     #[serde(default = "one")]
     pub factor_lr_scale: f64,
+    /// Linear learning-rate warm-up: the lr rises from 1/`batches` of its value to all of it over
+    /// the first `warmup_epochs` epochs' steps (fractions allowed); 0 in the seed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub warmup_epochs: f64,
     pub trainable: Trainable,
     pub bn: BnMode,
     /// Name of this fine-tune in the metrics (`original`, `compressed`, …).
@@ -123,6 +127,10 @@ fn one() -> f64 {
     1.0
 }
 
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
 impl Default for FineTuneConfig {
     fn default() -> Self {
         Self {
@@ -133,6 +141,7 @@ impl Default for FineTuneConfig {
             step_size: 2,
             gamma: 0.1,
             factor_lr_scale: 1.0,
+            warmup_epochs: 0.0,
             trainable: Trainable::Classifier,
             bn: BnMode::Statistics,
             phase: "original".into(),
@@ -236,6 +245,13 @@ impl FineTuneConfig {
             scale,
             "in (0, 1]",
         )?;
+        let warmup = self.warmup_epochs;
+        check(
+            warmup.is_finite() && warmup >= 0.0,
+            "warm-up epochs",
+            warmup,
+            "finite and ≥ 0",
+        )?;
         if let Some(n) = self.max_batches {
             crate::error::check_count("max batches", n)?;
         }
@@ -253,6 +269,18 @@ impl FineTuneConfig {
     /// StepLR's learning rate in (0-based) `epoch`.
     pub fn lr_at(&self, epoch: usize) -> f64 {
         self.lr * self.gamma.powi((epoch / self.step_size.max(1)) as i32)
+    }
+
+    /// The learning rate of (0-based) `batch` of `epoch`, an epoch of `batches` steps: StepLR's,
+    /// scaled by the warm-up ([`Self::warmup_epochs`]) while it lasts.
+    pub fn lr_at_step(&self, epoch: usize, batch: usize, batches: usize) -> f64 {
+        let warmup_steps = self.warmup_epochs * batches as f64;
+        let step = (epoch * batches + batch + 1) as f64;
+        let warm = match warmup_steps > 0.0 {
+            true => (step / warmup_steps).min(1.0),
+            false => 1.0,
+        };
+        self.lr_at(epoch) * warm
     }
 }
 

@@ -433,7 +433,7 @@ fn train_epoch(
             steady.end(device, seen);
         }
         let (logits, loss) = batch_loss(model, *teacher, &batch, config);
-        sgd.backward_step(&loss, lr)?;
+        sgd.backward_step(&loss, config.lr_at_step(epoch, b, batches))?;
         tch::no_grad(|| {
             loss_sum += loss.detach().to_kind(Kind::Double) * n as f64;
             correct += logits

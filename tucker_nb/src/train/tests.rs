@@ -133,3 +133,37 @@ fn folded_models_and_empty_calibration_sets_are_refused() {
     let all = calibration().calibration_set(100, 1, 5).unwrap();
     assert_eq!((all.len(), all.num_batches()), (12, 3));
 }
+
+#[test]
+fn the_warm_up_raises_the_lr_linearly_then_steplr_takes_over() {
+    let config = FineTuneConfig {
+        lr: 0.01,
+        step_size: 2,
+        gamma: 0.1,
+        warmup_epochs: 1.5,
+        ..Default::default()
+    };
+    // 4 batches an epoch: 6 warm-up steps, each a sixth more of the lr.
+    let lrs: Vec<f64> = (0..3)
+        .flat_map(|epoch| (0..4).map(move |b| (epoch, b)))
+        .map(|(epoch, b)| config.lr_at_step(epoch, b, 4))
+        .collect();
+    let expected = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 6.0, 6.0]
+        .map(|k| 0.01 * k / 6.0)
+        .into_iter()
+        .chain([0.001; 4]);
+    for (i, (got, want)) in lrs.iter().zip(expected).enumerate() {
+        assert!((got - want).abs() < 1e-15, "step {i}: {got} vs {want}");
+    }
+    let seed = FineTuneConfig::default();
+    assert_eq!(seed.lr_at_step(0, 0, 4), seed.lr, "no warm-up in the seed");
+    let bad = FineTuneConfig {
+        warmup_epochs: -1.0,
+        ..Default::default()
+    };
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("warm-up epochs") && err.contains("-1"),
+        "{err}"
+    );
+}

@@ -280,6 +280,11 @@ pub struct TrainArgs {
         fine_tune_defaults().factor_lr_scale,
     ))]
     pub factor_lr_scale: Option<f64>,
+    #[arg(long, value_name = "EPOCHS", help = with_default(
+        "Linear lr warm-up over this many epochs (fractions allowed) of each fine-tune.",
+        fine_tune_defaults().warmup_epochs,
+    ))]
+    pub warmup_epochs: Option<f64>,
     #[arg(long, value_enum, help = with_default(
         "BN while training: frozen, statistics (the seed: batch statistics, affine fixed) or train.",
         value_name(fine_tune_defaults().bn),
@@ -383,6 +388,10 @@ pub struct ExperimentArgs {
     /// them, at least one batch, at most a quarter).
     #[arg(long, value_parser = non_negative::<usize>, value_name = "N")]
     pub held_out_images: Option<usize>,
+    /// Choose the fine-tune's epoch on this ImageFolder (class folders, the training set's
+    /// classes) instead of held-out training images: for weights trained on every training image.
+    #[arg(long, value_name = "DIR", conflicts_with = "held_out_images")]
+    pub held_out_data: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -599,6 +608,7 @@ impl ExperimentArgs {
         config.recalibrate_bn = !self.no_bn_recalibration;
         set(&mut config.recipe, self.recipe);
         config.held_out_images = self.held_out_images;
+        config.held_out_data = self.held_out_data.clone();
         let ft = &mut config.fine_tune;
         set(&mut ft.lr, train.lr);
         set(&mut ft.momentum, train.momentum);
@@ -606,6 +616,7 @@ impl ExperimentArgs {
         set(&mut ft.step_size, train.step_size);
         set(&mut ft.gamma, train.gamma);
         set(&mut ft.factor_lr_scale, train.factor_lr_scale);
+        set(&mut ft.warmup_epochs, train.warmup_epochs);
         set(&mut ft.bn, train.bn);
         ft.bf16 = train.bf16;
         ft.channels_last = !train.no_channels_last;
