@@ -1,7 +1,8 @@
 //! Batches with seeded shuffling, and torchvision's transforms run batched on the model's device:
 //!
 //! - train: RandomResizedCrop(size, scale = (0.08, 1), ratio = (3/4, 4/3)) + horizontal flip (p = ½),
-//!   as one bilinear `grid_sample` per batch with a per-image affine crop;
+//!   as one bilinear `grid_sample` per batch with a per-image affine crop (the seed's
+//!   [`Augmentation`]; a milder one keeps more of each image and may leave out the flip);
 //! - eval: Resize(⌊size·256/224⌋, shorter side, bilinear, antialiased when shrinking) + CenterCrop(size);
 //!
 //! both followed by ImageNet normalisation. The uint8 images can stay resident on the device, so a
@@ -10,6 +11,7 @@
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::cache::MappedImages;
@@ -57,7 +59,38 @@ pub struct Loader {
     pub shuffle: bool,
     pub seed: u64,
     pub transform: Transform,
+    /// What the train transform's crop and flip draw from.
+    pub augmentation: Augmentation,
     pub device: Device,
+}
+
+/// The train transform's random crop and flip.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Augmentation {
+    /// RandomResizedCrop's smallest share of the image's area, in (0, 1].
+    pub min_crop: f64,
+    /// Flip half the images horizontally.
+    pub flip: bool,
+}
+
+impl Augmentation {
+    /// The seed's: crops down to 8 % of the image, half of them flipped.
+    pub const SEED: Augmentation = Augmentation {
+        min_crop: 0.08,
+        flip: true,
+    };
+
+    /// Fails unless `min_crop` is in (0, 1].
+    pub fn validate(&self) -> crate::error::Result<()> {
+        let m = self.min_crop;
+        crate::error::check(m > 0.0 && m <= 1.0, "smallest crop", m, "in (0, 1]")
+    }
+}
+
+impl Default for Augmentation {
+    fn default() -> Self {
+        Self::SEED
+    }
 }
 
 /// The largest decoded dataset kept resident on a GPU: above it, batches stream from the host
@@ -100,6 +133,7 @@ impl Loader {
             shuffle: matches!(transform, Transform::Train { .. }),
             seed: 0,
             transform,
+            augmentation: Augmentation::SEED,
             device,
         }
     }
@@ -185,7 +219,23 @@ impl Loader {
             shuffle: false,
             seed,
             transform: Transform::Eval { size },
+            augmentation: self.augmentation,
             device: self.device,
+        }
+    }
+
+    /// This loader (the same images, order and seed, nothing copied) drawing its training crops
+    /// and flips from `augmentation`.
+    pub fn augmented(&self, augmentation: Augmentation) -> Loader {
+        Loader {
+            images: self.images.shallow_clone(),
+            labels: self.labels.shallow_clone(),
+            mapped: self.mapped,
+            mean: self.mean.shallow_clone(),
+            std: self.std.shallow_clone(),
+            subset: self.subset.clone(),
+            augmentation,
+            ..*self
         }
     }
 
@@ -229,7 +279,8 @@ impl Loader {
                 let [_, _, height, width] = self.images.size()[..] else {
                     unreachable!("images are N×3×H×W")
                 };
-                let theta = crop_flip_thetas(order.len(), height, width, &mut rng);
+                let theta =
+                    crop_flip_thetas(order.len(), height, width, self.augmentation, &mut rng);
                 Some(theta.to_device(self.device))
             }
             Transform::Eval { .. } => None,
@@ -315,11 +366,17 @@ pub fn normalize(images: &Tensor) -> Tensor {
 }
 
 /// torchvision's `RandomResizedCrop.get_params`: (top, left, height, width) of the crop.
-pub fn crop_params(height: i64, width: i64, rng: &mut impl Rng) -> (i64, i64, i64, i64) {
+/// `min_crop`: the smallest share of the area (torchvision's `scale[0]`, 0.08 by default).
+pub fn crop_params(
+    height: i64,
+    width: i64,
+    min_crop: f64,
+    rng: &mut impl Rng,
+) -> (i64, i64, i64, i64) {
     let area = (height * width) as f64;
     let (log_lo, log_hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
     for _ in 0..10 {
-        let target = area * rng.random_range(0.08..=1.0);
+        let target = area * rng.random_range(min_crop..=1.0);
         let aspect = rng.random_range(log_lo..=log_hi).exp();
         let w = (target * aspect).sqrt().round() as i64;
         let h = (target / aspect).sqrt().round() as i64;
@@ -343,11 +400,19 @@ pub fn crop_params(height: i64, width: i64, rng: &mut impl Rng) -> (i64, i64, i6
 
 /// Every image's random crop + horizontal flip for an epoch, in draw order, as the n × 2 × 3 affine
 /// matrices `affine_grid` takes (output x in [−1, 1] ↦ input x over the crop, align_corners = false).
-fn crop_flip_thetas(n: usize, height: i64, width: i64, rng: &mut StdRng) -> Tensor {
+/// The flip is drawn even when `augmentation` has none, so the crops stay those of the same seed.
+fn crop_flip_thetas(
+    n: usize,
+    height: i64,
+    width: i64,
+    augmentation: Augmentation,
+    rng: &mut StdRng,
+) -> Tensor {
     let mut theta = Vec::with_capacity(n * 6);
     for _ in 0..n {
-        let (top, left, h, w) = crop_params(height, width, rng);
-        let flip = if rng.random_bool(0.5) { -1.0 } else { 1.0 };
+        let (top, left, h, w) = crop_params(height, width, augmentation.min_crop, rng);
+        let flipped = rng.random_bool(0.5) && augmentation.flip;
+        let flip = if flipped { -1.0 } else { 1.0 };
         let (sx, sy) = (w as f32 / width as f32, h as f32 / height as f32);
         let tx = (2 * left + w) as f32 / width as f32 - 1.0;
         let ty = (2 * top + h) as f32 / height as f32 - 1.0;
@@ -490,7 +555,7 @@ mod tests {
         for (batch, indices) in loader.epoch(3).zip(order.chunks(4)) {
             assert_eq!(batch.indices, indices);
             let raw = data.images.index_select(0, &Tensor::from_slice(indices));
-            let theta = crop_flip_thetas(indices.len(), 8, 8, &mut rng);
+            let theta = crop_flip_thetas(indices.len(), 8, 8, Augmentation::SEED, &mut rng);
             let expected = normalize(&crop_resize_flip(&raw, &theta, 6));
             assert!(batch.images.allclose(&expected, 1e-6, 1e-6, false));
             assert_eq!(
@@ -529,10 +594,43 @@ mod tests {
     fn crop_params_stay_inside_the_image_and_within_scale() {
         let mut rng = StdRng::seed_from_u64(1);
         for _ in 0..1000 {
-            let (top, left, h, w) = crop_params(32, 48, &mut rng);
+            let (top, left, h, w) = crop_params(32, 48, 0.08, &mut rng);
             assert!(top >= 0 && left >= 0 && top + h <= 32 && left + w <= 48);
             assert!(h * w >= (0.08 * 32.0 * 48.0) as i64 - 48, "{h}x{w}");
         }
+    }
+
+    #[test]
+    fn an_augmented_loader_draws_the_same_crops_and_only_changes_what_it_is_told() {
+        let data = dataset(6);
+        let train = Transform::Train { size: 8 };
+        let loader = Loader::new(&data, 4, train, Device::Cpu, false).with_seed(2);
+        let images = |l: &Loader| Tensor::cat(&l.epoch(1).map(|b| b.images).collect::<Vec<_>>(), 0);
+        let seed = loader.augmented(Augmentation::SEED);
+        assert!(
+            images(&seed).equal(&images(&loader)),
+            "the seed's, bit for bit"
+        );
+        // Whole-image crops without flips: each image itself, in the epoch's order.
+        let whole = Augmentation {
+            min_crop: 1.0,
+            flip: false,
+        };
+        let plain = loader.augmented(whole);
+        let order: Vec<i64> = plain.epoch(1).flat_map(|b| b.indices).collect();
+        assert_eq!(
+            order,
+            loader.epoch(1).flat_map(|b| b.indices).collect::<Vec<_>>()
+        );
+        let expected = normalize(&data.images.index_select(0, &Tensor::from_slice(&order)));
+        let diff = (images(&plain) - expected).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "differs by {diff}");
+        let zero = Augmentation {
+            min_crop: 0.0,
+            flip: true,
+        };
+        let err = zero.validate().unwrap_err().to_string();
+        assert!(err.contains("smallest crop") && err.contains('0'), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 use crate::frame::frame_of;
+use crate::loader::Augmentation;
 
 /// Which parameters `fine_tune` updates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +88,9 @@ pub struct FineTuneConfig {
     /// the first `warmup_epochs` epochs' steps (fractions allowed); 0 in the seed.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub warmup_epochs: f64,
+    /// The training crops and flips; `None`: the training loader's own (the seed's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augmentation: Option<Augmentation>,
     pub trainable: Trainable,
     pub bn: BnMode,
     /// Name of this fine-tune in the metrics (`original`, `compressed`, …).
@@ -142,6 +146,7 @@ impl Default for FineTuneConfig {
             gamma: 0.1,
             factor_lr_scale: 1.0,
             warmup_epochs: 0.0,
+            augmentation: None,
             trainable: Trainable::Classifier,
             bn: BnMode::Statistics,
             phase: "original".into(),
@@ -252,6 +257,9 @@ impl FineTuneConfig {
             warmup,
             "finite and ≥ 0",
         )?;
+        if let Some(augmentation) = &self.augmentation {
+            augmentation.validate()?;
+        }
         if let Some(n) = self.max_batches {
             crate::error::check_count("max batches", n)?;
         }

@@ -146,7 +146,12 @@ pub fn fine_tune<'a>(
         (Some(_), None) => run.config.distill = Some(Distillation::default()),
         _ => {}
     }
-    fine_tune_epochs(model, train, val, &run).map(History)
+    match run.config.augmentation {
+        Some(augmentation) => {
+            fine_tune_epochs(model, &train.augmented(augmentation), val, &run).map(History)
+        }
+        None => fine_tune_epochs(model, train, val, &run).map(History),
+    }
 }
 
 /// Each of `params`' share of the learning rate: `scale` for the factorised convs' tensors, 1

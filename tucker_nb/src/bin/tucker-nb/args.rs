@@ -13,6 +13,7 @@ use tucker_nb::compress::latency::TimingSettings;
 use tucker_nb::data::Split;
 use tucker_nb::experiment::RunConfig;
 use tucker_nb::export::{ExportConfig, ExportFormat};
+use tucker_nb::loader::Augmentation;
 use tucker_nb::synthetic::{SyntheticFormat, SyntheticSpec};
 use tucker_nb::train::{BnMode, Distillation, Recipe};
 use tucker_nb::{runtime, sweep, CompressionPolicy, FineTuneConfig, Fit, Method, RankPolicy};
@@ -285,6 +286,12 @@ pub struct TrainArgs {
         fine_tune_defaults().warmup_epochs,
     ))]
     pub warmup_epochs: Option<f64>,
+    /// The training crops' smallest share of an image (RandomResizedCrop's scale; the seed: 0.08).
+    #[arg(long, value_name = "SHARE")]
+    pub min_crop: Option<f64>,
+    /// Do not flip training images (the seed flips half of them).
+    #[arg(long)]
+    pub no_flip: bool,
     #[arg(long, value_enum, help = with_default(
         "BN while training: frozen, statistics (the seed: batch statistics, affine fixed) or train.",
         value_name(fine_tune_defaults().bn),
@@ -617,6 +624,12 @@ impl ExperimentArgs {
         set(&mut ft.gamma, train.gamma);
         set(&mut ft.factor_lr_scale, train.factor_lr_scale);
         set(&mut ft.warmup_epochs, train.warmup_epochs);
+        if train.min_crop.is_some() || train.no_flip {
+            ft.augmentation = Some(Augmentation {
+                min_crop: train.min_crop.unwrap_or(Augmentation::SEED.min_crop),
+                flip: !train.no_flip,
+            });
+        }
         set(&mut ft.bn, train.bn);
         ft.bf16 = train.bf16;
         ft.channels_last = !train.no_channels_last;
