@@ -13,6 +13,7 @@ scripts/setup (warm-up) and CI.
 import base64
 import json
 import os
+import re
 import sys
 import time
 
@@ -103,6 +104,8 @@ def check(nb, out_dir):
                     any("cp:0." in h and "BN recalibrated" in h and "latency (batch 1)" in h for h in html), ""))
     results.append(("multi-stage and folded rows in a summary",
                     any("multi-stage" in h and "BNs folded" in h and "latency (batch 1)" in h for h in html), ""))
+    if os.environ.get("TUCKER_NB_PROFILE") == "smoke":
+        results.append(smoke_story(os.path.join(out_dir, "summary.html")))
     for name in ["accuracy.png", "loss.png", "accuracy-multistage.png", "pareto.png", "pareto-speed.png"]:
         path = os.path.join(out_dir, name)
         ok = os.path.isfile(path) and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -113,6 +116,26 @@ def check(nb, out_dir):
     passed = [r for r in results if r[1]]
     failed = [r for r in results if not r[1]]
     return passed, failed
+
+
+def summary_top1(path):
+    """{model: top-1 in %} of the notebook's summary table (summary.html)."""
+    html = open(path).read() if os.path.isfile(path) else ""
+    cells = r'<td[^>]*>([^<]*)</td><td[^>]*>([0-9.]+) %</td>'
+    return {name: float(top1) for name, top1 in re.findall(cells, html)}
+
+
+SMOKE_CLASSES = 10
+
+
+def smoke_story(path):
+    """The smoke profile tells a real run's story (issue 22): the compressed model's fine-tune ends
+    at or above its BN-recalibrated start, and at least 3x chance."""
+    top1 = summary_top1(path)
+    start, end = top1.get("compressed, BN recalibrated"), top1.get("compressed + fine-tuned")
+    ok = start is not None and end is not None and end >= start and end >= 300 / SMOKE_CLASSES
+    return ("the smoke fine-tune ends at or above its recalibrated start, 3x chance or more", ok,
+            f"recalibrated {start} %, fine-tuned {end} % (chance {100 / SMOKE_CLASSES:.0f} %)")
 
 
 # A cell ending in a plain Debug value, run after the notebook (and left out of the saved copy): the

@@ -238,12 +238,12 @@ fn a_fine_tune_whose_every_epoch_is_worse_returns_the_starting_weights_bit_for_b
     tucker_nb::runtime::init();
     // The model says class b for everything: held-out top-1 1 on images of class b. It is
     // trained on images of class a only, at a rate that flips fc within the first step, so
-    // every epoch's held-out top-1 is lower than the start's (and its held-out loss may rise far
-    // enough for the guard to end the phase early: the start is returned either way).
+    // every epoch's held-out top-1 is lower and its held-out loss higher than the start's (far
+    // enough, perhaps, for the guard to end the phase early: the start is returned either way).
     let train = one_class(16, 0, 1);
     let held_out = one_class(8, 1, 2);
     let mut model = always_says(1);
-    let start = HeldOutScore::of(&model, &held_out, false, None).unwrap();
+    let start = HeldOutScore::of(&model, &held_out, false).unwrap();
     assert_eq!(start.top1, 1.0);
     let before = tensors(&model);
     let config = FineTuneConfig {
@@ -257,8 +257,9 @@ fn a_fine_tune_whose_every_epoch_is_worse_returns_the_starting_weights_bit_for_b
     let rows = fine_tune(&mut model, &train, &held_out, run).unwrap().0;
     assert!(!rows.is_empty());
     for row in &rows {
-        let top1 = row.held_out_top1.unwrap();
+        let (top1, loss) = (row.held_out_top1.unwrap(), row.held_out_loss.unwrap());
         assert!(top1 < start.top1, "epoch {} scored {top1}", row.epoch);
+        assert!(loss > start.loss, "epoch {}: loss {loss}", row.epoch);
         assert_eq!(row.chosen_epoch, 0, "epoch {}", row.epoch);
     }
     // The BN statistics moved in training (batch-statistics mode): restored too.
@@ -266,15 +267,15 @@ fn a_fine_tune_whose_every_epoch_is_worse_returns_the_starting_weights_bit_for_b
 }
 
 #[test]
-fn an_epoch_that_ties_the_best_top1_is_chosen_over_it() {
+fn the_epoch_with_the_lowest_held_out_loss_is_chosen_whatever_its_top1() {
     tucker_nb::runtime::init();
-    // One class, a model that is always right: every epoch ties at held-out top-1 1 (its loss
-    // only grows under the weight decay), and the last epoch is returned.
+    // One class, a model that is always right: every epoch ties at held-out top-1 1, so the
+    // held-out loss alone decides. Under a heavy weight decay the logits shrink and the loss
+    // grows every epoch: the start is returned, bit for bit. Without it, training on the class
+    // lowers the loss every epoch: the last epoch is returned.
     let train = one_class(16, 0, 3);
     let held_out = one_class(8, 0, 4);
-    let mut model = always_says(0);
-    let start = HeldOutScore::of(&model, &held_out, false, None).unwrap();
-    let config = FineTuneConfig {
+    let decayed = FineTuneConfig {
         epochs: 2,
         lr: 1.0,
         momentum: 0.0,
@@ -282,23 +283,41 @@ fn an_epoch_that_ties_the_best_top1_is_chosen_over_it() {
         trainable: Trainable::Classifier,
         ..Default::default()
     };
-    let run = FineTune::from(&config).selecting_on(Some(&held_out));
-    let rows = fine_tune(&mut model, &train, &held_out, run).unwrap().0;
-    for row in &rows {
-        assert_eq!(row.held_out_top1, Some(1.0), "epoch {}", row.epoch);
-        assert!(
-            row.held_out_loss.unwrap() > start.loss,
-            "epoch {}",
-            row.epoch
-        );
-        assert_eq!(row.chosen_epoch, 2, "epoch {}", row.epoch);
+    let trained = FineTuneConfig {
+        weight_decay: 0.0,
+        ..decayed.clone()
+    };
+    for (config, chosen) in [(decayed, 0), (trained, 2)] {
+        let mut model = always_says(0);
+        let before = tensors(&model);
+        let start = HeldOutScore::of(&model, &held_out, false).unwrap();
+        let run = FineTune::from(&config).selecting_on(Some(&held_out));
+        let rows = fine_tune(&mut model, &train, &held_out, run).unwrap().0;
+        let mut previous = start.loss;
+        for row in &rows {
+            assert_eq!(row.held_out_top1, Some(1.0), "epoch {}", row.epoch);
+            let loss = row.held_out_loss.unwrap();
+            let rising = chosen == 0;
+            assert_eq!(
+                loss > previous,
+                rising,
+                "epoch {}: {previous} → {loss}",
+                row.epoch
+            );
+            previous = loss;
+            assert_eq!(row.chosen_epoch, chosen, "epoch {}", row.epoch);
+        }
+        let returned = HeldOutScore::of(&model, &held_out, false).unwrap();
+        if chosen == 0 {
+            assert_bit_for_bit(&model, &before);
+        } else {
+            assert_eq!(
+                Some(returned.loss),
+                rows[1].held_out_loss,
+                "the last epoch's model"
+            );
+        }
     }
-    let last = HeldOutScore::of(&model, &held_out, false, None).unwrap();
-    assert_eq!(
-        Some(last.loss),
-        rows[1].held_out_loss,
-        "the last epoch's model"
-    );
 }
 
 #[test]
@@ -422,8 +441,8 @@ fn a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
     );
     // The default recipe's compressed fine-tune (distilled, choosing its epoch on held-out
     // images) over three epochs, killed in its second: the selection's best model so far and its
-    // score come back from the checkpoint. (At lr 0.01 this random-weight model diverges in its
-    // first epoch, and the guard ends the phase before it could be killed.)
+    // score, and whether the last epoch was past the guard's limit, come back from the checkpoint.
+    // (At lr 0.01 this random-weight model diverges, and the guard would end the phase early.)
     let args = |out| {
         let mut args = run_args(data, out);
         let epochs = args

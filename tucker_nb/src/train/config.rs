@@ -40,9 +40,13 @@ pub enum Recipe {
     /// The seed's: cross-entropy, the run's lr on every trainable tensor, BN as the run says
     /// (batch statistics by default), the last epoch's model.
     Seed,
+    /// The seed's training (cross-entropy, learning rates and BN as the run says), guarded: the
+    /// epoch with the lowest held-out loss is returned (the starting model counts), and a
+    /// diverging fine-tune stops early, as `Distill` does.
+    Guarded,
     /// Distilled from the model before compression (the run's `distill`, else T = 4, α = 0.5),
-    /// learning rates and BN as the run says (the seed's by default); the epoch that scores best
-    /// on held-out training images is returned (the starting model counts), and a diverging
+    /// learning rates and BN as the run says (the seed's by default); the epoch with the lowest
+    /// held-out loss is returned (the starting model counts), and a diverging
     /// fine-tune stops early. Chosen by measurement (README, "The fine-tune recipe"): a tenth of
     /// the lr for the factors, or every layer at lr 0.001, lost 1.7 points on the seed's
     /// `ratio:0.2` model; BN frozen at its recalibrated statistics diverged in the first epoch
@@ -56,7 +60,7 @@ impl Recipe {
     /// `base`, a compressed model's fine-tune settings, as this recipe trains.
     pub fn apply(self, base: FineTuneConfig) -> FineTuneConfig {
         match self {
-            Recipe::Seed => base,
+            Recipe::Seed | Recipe::Guarded => base,
             Recipe::Distill => FineTuneConfig {
                 distill: Some(base.distill.unwrap_or_default()),
                 ..base
@@ -66,7 +70,7 @@ impl Recipe {
 
     /// Whether the recipe chooses its epoch on held-out images (and so holds some out).
     pub fn selects_on_held_out(self) -> bool {
-        self == Recipe::Distill
+        self != Recipe::Seed
     }
 }
 

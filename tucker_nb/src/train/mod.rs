@@ -187,8 +187,6 @@ fn fine_tune_epochs(
         held_out,
     } = run;
     let (teacher, held_out) = (*teacher, *held_out);
-    // The held-out score's loss is the fine-tune's own.
-    let judge = teacher.zip(config.distill);
     if config.epochs == 0 {
         return Ok(Vec::new());
     }
@@ -218,7 +216,7 @@ fn fine_tune_epochs(
         }
     }
     if let (Some(held_out), None) = (held_out, &selection) {
-        let score = HeldOutScore::of(model, held_out, config.bf16, judge)?;
+        let score = HeldOutScore::of(model, held_out, config.bf16)?;
         eprintln!(
             "{}: held-out top-1 {:.4}, loss {:.4} before fine-tuning ({} images)",
             config.phase,
@@ -257,7 +255,7 @@ fn fine_tune_epochs(
         };
         let score = match (&end, &selection, held_out) {
             (EpochEnd::Trained(_), Some(_), Some(held_out)) => {
-                match HeldOutScore::of(model, held_out, config.bf16, judge) {
+                match HeldOutScore::of(model, held_out, config.bf16) {
                     Ok(score) => Some(score),
                     Err(e) => {
                         result = Err(e);

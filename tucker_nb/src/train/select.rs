@@ -1,24 +1,27 @@
 //! Epoch selection on held-out images, and the divergence guard. A fine-tune given held-out
 //! training images ([`super::FineTune::held_out`]) scores the model it starts from and the model
-//! after every epoch on them, and returns the best one: the starting model counts, so it never
-//! returns a model with a lower held-out top-1 than the one it was given. The score is top-1; on
-//! equal top-1 (common on a small held-out set of an easy task) the later, longer-trained epoch
-//! wins. The loss does not break ties: on the digits' saturated held-out slice, cross-entropy and
-//! the distillation loss both preferred the starting model where the validation set preferred the
-//! fine-tuned one (README, "The fine-tune recipe"). The validation set is never used for the
-//! choice.
+//! after every epoch on them, and returns the best one: the one with the lowest held-out
+//! cross-entropy, a tie going to the later epoch. The starting model counts, so it never returns
+//! a model with a higher held-out loss than the one it was given. Cross-entropy against the
+//! labels decides, not top-1 and not the distillation loss (README, "The fine-tune recipe"): on
+//! the quality benchmark's 70 held-out digits top-1 moves in steps of 1.4 points, and choosing on
+//! it returned epochs 1.1 to 4.7 points below the last one on the validation set, which the loss
+//! ranked first each time; the distillation loss measures closeness to the model before
+//! compression, which the starting model has most of, and chose the start on all 5 seeds of
+//! `budget-macs:0.33`, whose last epochs scored −0.3 to +0.8 points against it on the validation
+//! set (+0.3 on the mean). The validation set is never used for the choice.
 //!
-//! The guard stops a phase early, with the best model so far, when a training loss is not finite
-//! or the held-out loss exceeds max(10 × the starting held-out loss, the starting loss + 5 nats):
-//! a model that far off has diverged. The limit is loose on purpose: under the seed's learning
-//! rate and augmentation the first epoch often costs a compressed model some held-out loss that
-//! the later epochs win back (on the digits, 0.05 → 2.0), and the selection, not the guard, keeps
-//! such an epoch from being returned.
+//! The guard stops a phase early, with the best model so far, when a training or held-out loss
+//! is not finite, or when the held-out loss exceeds max(10 × the starting held-out loss, the
+//! starting loss + 5 nats) after two epochs in a row: a model that far off for that long has
+//! diverged. One epoch above the limit is forgiven: a compressed model's first epoch at the
+//! seed's learning rate often spikes its held-out loss and wins it back in the next (on the
+//! digits, 0.29 → 9.6 nats), and the selection, not the guard, keeps such an epoch from being
+//! returned.
 
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::{distillation_loss, Distillation};
 use crate::error::Result;
 use crate::loader::Loader;
 use crate::model::ResNet18;
@@ -33,37 +36,22 @@ pub const DIVERGED_MARGIN: f64 = 5.0;
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct HeldOutScore {
     pub top1: f64,
-    /// The fine-tune's loss, averaged over the images: cross-entropy, or the distillation loss
-    /// against the teacher's logits on the same (eval-transform) images.
+    /// Cross-entropy against the labels, averaged over the images.
     pub loss: f64,
 }
 
 impl HeldOutScore {
-    /// `model` (eval mode) on `held_out`; with a `teacher`, the loss is the distillation loss
-    /// against its logits.
-    pub fn of(
-        model: &ResNet18,
-        held_out: &Loader,
-        bf16: bool,
-        teacher: Option<(&ResNet18, Distillation)>,
-    ) -> Result<Self> {
+    /// `model` (eval mode) on `held_out`.
+    pub fn of(model: &ResNet18, held_out: &Loader, bf16: bool) -> Result<Self> {
         let device = held_out.device;
         let mut loss_sum = Tensor::zeros([], (tch::Kind::Double, device));
         let mut correct = Tensor::zeros([], (tch::Kind::Int64, device));
         tch::no_grad(|| {
-            let logits_of = |m: &ResNet18, x: &Tensor| {
-                autocast_bf16(bf16, || m.forward(x, false)).to_kind(tch::Kind::Float)
-            };
             for batch in held_out.epoch(0) {
                 let n = batch.labels.size()[0] as f64;
-                let logits = logits_of(model, &batch.images);
-                let loss = match teacher {
-                    Some((teacher, how)) => {
-                        let taught = logits_of(teacher, &batch.images);
-                        distillation_loss(&logits, &taught, &batch.labels, how)
-                    }
-                    None => logits.cross_entropy_for_logits(&batch.labels),
-                };
+                let logits = autocast_bf16(bf16, || model.forward(&batch.images, false))
+                    .to_kind(tch::Kind::Float);
+                let loss = logits.cross_entropy_for_logits(&batch.labels);
                 loss_sum += loss.to_kind(tch::Kind::Double) * n;
                 correct += logits
                     .argmax(1, false)
@@ -78,14 +66,16 @@ impl HeldOutScore {
         })
     }
 
-    /// Whether a later epoch scoring this replaces `best`, the best so far: a top-1 at least as
-    /// high (a tie goes to the later epoch); a non-finite loss never replaces.
+    /// Whether a later epoch scoring this replaces `best`, the best so far: a held-out loss at
+    /// most as high (a tie goes to the later epoch); a non-finite loss never replaces.
     pub fn replaces(&self, best: &Self) -> bool {
-        self.loss.is_finite() && self.top1 >= best.top1
+        self.loss.is_finite() && self.loss <= best.loss
     }
 
-    /// Whether a model scoring this, after starting at `start`, has diverged (the guard's rule).
-    pub fn diverged_from(&self, start: &Self) -> bool {
+    /// Whether this score is past the guard's limit for a model that started at `start`: a
+    /// non-finite loss, or one above max([`DIVERGED_FACTOR`] × the start's,
+    /// the start's + [`DIVERGED_MARGIN`]).
+    pub fn past_limit(&self, start: &Self) -> bool {
         let limit = (DIVERGED_FACTOR * start.loss).max(start.loss + DIVERGED_MARGIN);
         !self.loss.is_finite() || self.loss > limit
     }
@@ -99,6 +89,10 @@ pub struct SelectionState {
     /// The best epoch so far (0: the starting model) and its score.
     pub best_epoch: u32,
     pub best: HeldOutScore,
+    /// Whether the last epoch's held-out loss was past the guard's limit (one such epoch is
+    /// forgiven, two in a row stop the phase); absent in checkpoints written before the rule.
+    #[serde(default)]
+    pub past_limit: bool,
 }
 
 /// The best model so far: its score and a copy of every tensor of it.
@@ -126,6 +120,7 @@ impl Selection {
                 start: score,
                 best_epoch: 0,
                 best: score,
+                past_limit: false,
             },
             weights: snapshot(model),
         }
@@ -137,7 +132,8 @@ impl Selection {
     }
 
     /// After `epoch`, whose model scored `score`: the reason to stop when it diverged (the
-    /// guard), else `None`, `model` kept as the best when it replaces the best so far ([`HeldOutScore::replaces`]).
+    /// guard), else `None`, `model` kept as the best when it replaces the best so far
+    /// ([`HeldOutScore::replaces`]).
     pub fn after_epoch(
         &mut self,
         model: &ResNet18,
@@ -145,10 +141,13 @@ impl Selection {
         score: HeldOutScore,
     ) -> Option<String> {
         let start = self.state.start;
-        if score.diverged_from(&start) {
+        let past_limit = score.past_limit(&start);
+        let twice = std::mem::replace(&mut self.state.past_limit, past_limit) && past_limit;
+        if !score.loss.is_finite() || twice {
+            let again = if twice { " again" } else { "" };
             return Some(format!(
-                "held-out loss {:.4} after epoch {epoch} is above max({DIVERGED_FACTOR} × {:.4}, \
-                 {:.4} + {DIVERGED_MARGIN})",
+                "held-out loss {:.4} after epoch {epoch} is{again} above max({DIVERGED_FACTOR} × \
+                 {:.4}, {:.4} + {DIVERGED_MARGIN})",
                 score.loss, start.loss, start.loss
             ));
         }
@@ -189,29 +188,60 @@ mod tests {
     }
 
     #[test]
-    fn a_later_epoch_replaces_the_best_on_a_top1_at_least_as_high() {
-        assert!(score(0.9, 2.0).replaces(&score(0.8, 0.1)));
+    fn a_later_epoch_replaces_the_best_on_a_held_out_loss_at_most_as_low() {
         assert!(
-            score(0.8, 0.3).replaces(&score(0.8, 0.2)),
-            "a tie goes to the later epoch, whatever its loss"
+            score(0.8, 0.1).replaces(&score(0.9, 0.2)),
+            "the loss decides"
         );
-        assert!(!score(0.7, 0.1).replaces(&score(0.8, 0.3)));
+        assert!(
+            score(0.8, 0.2).replaces(&score(0.9, 0.2)),
+            "a tie goes to the later epoch, whatever its top-1"
+        );
+        assert!(!score(1.0, 0.3).replaces(&score(0.8, 0.2)));
         assert!(!score(1.0, f64::NAN).replaces(&score(0.1, 3.0)));
         assert!(!score(1.0, f64::INFINITY).replaces(&score(0.1, 3.0)));
     }
 
     #[test]
-    fn the_guard_allows_drift_and_stops_divergence() {
+    fn the_limit_allows_drift() {
         let start = score(0.9, 0.05);
-        // max(10 × 0.05, 0.05 + 5) = 5.05: the digits' first-epoch dip to 2.0 goes on.
-        assert!(!score(0.8, 2.0).diverged_from(&start));
-        assert!(!score(0.8, 5.04).diverged_from(&start));
-        assert!(score(0.1, 5.06).diverged_from(&start));
-        assert!(score(0.9, f64::INFINITY).diverged_from(&start));
-        assert!(score(0.9, f64::NAN).diverged_from(&start));
+        // max(10 × 0.05, 0.05 + 5) = 5.05.
+        assert!(!score(0.8, 2.0).past_limit(&start));
+        assert!(!score(0.8, 5.04).past_limit(&start));
+        assert!(score(0.1, 5.06).past_limit(&start));
+        assert!(score(0.9, f64::INFINITY).past_limit(&start));
+        assert!(score(0.9, f64::NAN).past_limit(&start));
         // From a poor start (loss 2.3), 10× is the limit: 23.
         let poor = score(0.1, 2.3);
-        assert!(!score(0.1, 22.9).diverged_from(&poor));
-        assert!(score(0.1, 71.0).diverged_from(&poor));
+        assert!(!score(0.1, 22.9).past_limit(&poor));
+        assert!(score(0.1, 71.0).past_limit(&poor));
+    }
+
+    #[test]
+    fn the_guard_forgives_one_epoch_past_the_limit_and_stops_at_two_or_a_non_finite_loss() {
+        tch::manual_seed(0);
+        let model = ResNet18::new(2, tch::Device::Cpu);
+        let start = score(0.9, 0.3);
+        let spike = score(0.7, 9.6);
+        let recovered = score(0.95, 0.2);
+        let mut selection = Selection::start(&model, start);
+        assert_eq!(selection.after_epoch(&model, 1, spike), None, "forgiven");
+        assert_eq!(selection.after_epoch(&model, 2, recovered), None);
+        assert_eq!(selection.state.best_epoch, 2);
+        assert_eq!(
+            selection.after_epoch(&model, 3, spike),
+            None,
+            "not in a row"
+        );
+        let why = selection
+            .after_epoch(&model, 4, spike)
+            .expect("two in a row");
+        assert!(why.contains("after epoch 4 is again above"), "{why}");
+        assert_eq!(selection.state.best_epoch, 2);
+
+        let mut selection = Selection::start(&model, start);
+        let why = selection.after_epoch(&model, 1, score(0.9, f64::NAN));
+        assert!(why.is_some(), "a non-finite loss stops at once");
+        assert_eq!(selection.state.best_epoch, 0);
     }
 }

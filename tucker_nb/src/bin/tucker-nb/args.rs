@@ -386,8 +386,9 @@ pub struct ExperimentArgs {
     pub no_bn_recalibration: bool,
     #[arg(long, value_enum, help = with_default(
         "How the compressed model is fine-tuned: distill (from the model before compression, \
-         returning the epoch best on held-out training images, stopped early if it diverges) or \
-         seed (the seed's recipe: cross-entropy, the last epoch).",
+         returning the epoch with the lowest loss on held-out training images, stopped early if it \
+         diverges), guarded (the seed's cross-entropy, chosen and stopped as distill is) or seed \
+         (the seed's recipe: cross-entropy, the last epoch).",
         value_name(run_defaults().recipe),
     ))]
     pub recipe: Option<Recipe>,
