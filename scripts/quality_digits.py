@@ -3,11 +3,12 @@ registry: the UCI handwritten digits (1797 scanned 8×8 images, 10 classes) that
 wheel ships, fetched with `pip download` (pip checks PyPI's hashes) and unpacked without
 installing scikit-learn.
 
-  prepare --out DIR [--size 64]   ImageFolder DIR/{train,val}/<digit>/*.png, upscaled (bilinear),
+  prepare --out DIR [--size 64] [--held-out-share 0.05]
+                                  ImageFolder DIR/{train,val}/<digit>/*.png, upscaled (bilinear),
                                   a seeded stratified 80/20 split, and DIR/held_out/<digit>/*.png:
-                                  5 % of each digit's training share, moved out of train/ (the
-                                  images the fine-tune chooses its epoch on, which the model below
-                                  never sees: --held-out-data)
+                                  that share (5 %) of each digit's training share, moved out of
+                                  train/ (the images the fine-tune chooses its epoch on, which the
+                                  model below never sees: --held-out-data)
   train --data DIR --out FILE     torchvision's ResNet18 trained on DIR/train from random weights,
                                   saved as a torchvision state_dict; prints the val top-1
   table RUN...                    the benchmark's table from the runs' sweep.csv files
@@ -27,7 +28,6 @@ import zipfile
 
 SKLEARN = "scikit-learn==1.9.1"
 DIGITS = "sklearn/datasets/data/digits.csv.gz"
-HELD_OUT_SHARE = 0.05
 
 
 def prepare(a):
@@ -46,7 +46,7 @@ def prepare(a):
     for label, images in sorted(by_class.items()):
         rng.shuffle(images)
         cut = int(len(images) * 0.8)
-        held = round(cut * HELD_OUT_SHARE)
+        held = round(cut * a.held_out_share)
         for split, part in (("held_out", images[:held]), ("train", images[held:cut]),
                             ("val", images[cut:])):
             folder = os.path.join(a.out, split, str(label))
@@ -132,6 +132,7 @@ def main():
     q = sub.add_parser("prepare")
     q.add_argument("--out", required=True)
     q.add_argument("--size", type=int, default=64)
+    q.add_argument("--held-out-share", type=float, default=0.05)
     q = sub.add_parser("train")
     q.add_argument("--data", required=True)
     q.add_argument("--out", required=True)
