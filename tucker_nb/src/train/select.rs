@@ -5,27 +5,27 @@
 //! a model with a higher held-out loss than the one it was given. Cross-entropy against the
 //! labels decides, not top-1 and not the distillation loss (README, "The fine-tune recipe"): on
 //! the quality benchmark's 70 held-out digits top-1 moves in steps of 1.4 points, and choosing on
-//! it returned middle epochs 3.3 to 4.7 points below the last one on the validation set, which the
-//! held-out loss ranked first each time; the distillation loss measures closeness to the model before
-//! compression, which the starting model has most of, and chose the start on all 5 seeds of
-//! `budget-macs:0.33`, whose last epochs scored −0.3 to +0.8 points against it on the validation
-//! set (+0.3 on the mean). The validation set is never used for the choice.
+//! it returned middle epochs 3.3 to 4.7 points below the last one on the validation set, which
+//! the held-out loss ranked first each time; the distillation loss measures closeness to the
+//! model before compression, which the starting model has most of, and chose the start on all 5
+//! seeds of `budget-macs:0.33`, whose last epochs scored −0.3 to +0.8 points against it on the
+//! validation set (+0.3 on the mean). The validation set is never used for the choice.
 //!
 //! The guard stops a phase early, with the best model so far, when a training or held-out loss
 //! is not finite, or when the held-out loss exceeds max(10 × the starting held-out loss, the
 //! starting loss + 5 nats) after two epochs in a row: a model that far off for that long has
 //! diverged. One epoch above the limit is forgiven: a compressed model's first epoch at the
 //! seed's learning rate often spikes its held-out loss and wins it back in the next (on the
-//! digits, 0.22 → 8.6 → 0.088 nats), and the selection, not the guard, keeps such an epoch from being
-//! returned.
+//! digits, 0.22 → 8.6 → 0.088 nats), and the selection, not the guard, keeps such an epoch from
+//! being returned.
 
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use super::evaluate::{evaluate_with, EvalOptions};
 use crate::error::Result;
 use crate::loader::Loader;
 use crate::model::ResNet18;
-use crate::runtime::autocast_bf16;
 
 /// The guard's factor on the starting held-out loss.
 pub const DIVERGED_FACTOR: f64 = 10.0;
@@ -41,28 +41,17 @@ pub struct HeldOutScore {
 }
 
 impl HeldOutScore {
-    /// `model` (eval mode) on `held_out`.
+    /// `model` (eval mode) on `held_out`: [`evaluate_with`]'s top-1 and cross-entropy.
     pub fn of(model: &ResNet18, held_out: &Loader, bf16: bool) -> Result<Self> {
-        let device = held_out.device;
-        let mut loss_sum = Tensor::zeros([], (tch::Kind::Double, device));
-        let mut correct = Tensor::zeros([], (tch::Kind::Int64, device));
-        tch::no_grad(|| {
-            for batch in held_out.epoch(0) {
-                let n = batch.labels.size()[0] as f64;
-                let logits = autocast_bf16(bf16, || model.forward(&batch.images, false))
-                    .to_kind(tch::Kind::Float);
-                let loss = logits.cross_entropy_for_logits(&batch.labels);
-                loss_sum += loss.to_kind(tch::Kind::Double) * n;
-                correct += logits
-                    .argmax(1, false)
-                    .eq_tensor(&batch.labels)
-                    .sum(tch::Kind::Int64);
-            }
-        });
-        let n = held_out.len().max(1) as f64;
+        let options = EvalOptions {
+            bf16,
+            label: Some(format!("score {} held-out images", held_out.len())),
+            ..EvalOptions::default()
+        };
+        let result = evaluate_with(model, held_out, options)?;
         Ok(Self {
-            top1: correct.int64_value(&[]) as f64 / n,
-            loss: loss_sum.double_value(&[]) / n,
+            top1: result.top1,
+            loss: result.loss,
         })
     }
 
