@@ -211,7 +211,12 @@ pub(super) enum Mark {
     Line,
     Dashed,
     Point,
+    /// A hollow ring: a marker drawn around another series' point.
+    Ring,
 }
+
+/// Radius in pixels of a [`Mark::Ring`], around a series' 4 px dot.
+pub(super) const RING_RADIUS: i32 = 9;
 
 /// One line of the legend.
 pub(super) struct LegendEntry {
@@ -338,6 +343,7 @@ fn draw_legend(
                 area.draw(&PathElement::new(vec![(20, y), (30, y)], style))?;
             }
             Mark::Point => area.draw(&Circle::new((17, y), 5, entry.color.filled()))?,
+            Mark::Ring => area.draw(&Circle::new((17, y), RING_RADIUS, style))?,
         }
         area.draw(&Text::new(entry.label.clone(), (38, y), text.clone()))?;
     }

@@ -10,7 +10,9 @@ use polars::prelude::DataFrame;
 use crate::error::Result;
 use crate::frame::{f64_column, str_column};
 pub use canvas::Chart;
-use canvas::{chart_error, render, Axes, LegendEntry, Mark, Plot, TextBackend, FAMILY};
+use canvas::{
+    chart_error, render, Axes, LegendEntry, Mark, Plot, TextBackend, FAMILY, RING_RADIUS,
+};
 
 /// A phase's name and its (epoch, value) points.
 type PhaseSeries = (String, Vec<(f64, f64)>);
@@ -26,6 +28,13 @@ const PALETTE: [RGBColor; 4] = [
 struct Series {
     entry: LegendEntry,
     points: Vec<(f64, f64)>,
+}
+
+/// A hollow ring around a chart's point (x, value), with its legend entry; `at` is `None` for an
+/// entry with nothing to ring (a fine-tune that kept the model it started from).
+struct Ring {
+    entry: LegendEntry,
+    at: Option<(f64, f64)>,
 }
 
 /// Per phase (in first-seen order), its (epoch, value) points of `column`.
@@ -46,6 +55,11 @@ fn per_phase(metrics: &DataFrame, column: &str) -> Result<Vec<PhaseSeries>> {
     Ok(series)
 }
 
+/// The colour of the `p`-th phase (in first-seen order).
+fn phase_color(p: usize) -> RGBColor {
+    PALETTE[p % PALETTE.len()]
+}
+
 /// A series per phase and column: (column, label, mark), colours by phase.
 fn series_of(metrics: &DataFrame, columns: &[(&str, &str, Mark)]) -> Result<Vec<Series>> {
     let mut series = Vec::new();
@@ -53,13 +67,66 @@ fn series_of(metrics: &DataFrame, columns: &[(&str, &str, Mark)]) -> Result<Vec<
         for (p, (phase, points)) in per_phase(metrics, column)?.into_iter().enumerate() {
             let entry = LegendEntry {
                 label: format!("{phase}: {label}"),
-                color: PALETTE[p % PALETTE.len()],
+                color: phase_color(p),
                 mark,
             };
             series.push(Series { entry, points });
         }
     }
     Ok(series)
+}
+
+/// The model a fine-tune that chose on held-out images returned (`train::select`).
+#[derive(Debug, Clone, PartialEq)]
+struct Chosen {
+    phase: String,
+    /// 0: the model it started from.
+    epoch: u32,
+    /// That epoch's validation top-1 (none for epoch 0, which the metrics do not hold).
+    val_top1: Option<f64>,
+}
+
+/// Per phase that chose its epoch on held-out images (its rows carry a held-out loss), in
+/// first-seen order, the epoch its last row says it returned. Metrics from before the selection,
+/// without those columns, have none.
+fn chosen_epochs(metrics: &DataFrame) -> Result<Vec<Chosen>> {
+    let has = |name: &str| {
+        metrics
+            .get_column_names()
+            .iter()
+            .any(|n| n.as_str() == name)
+    };
+    if !has("chosen_epoch") || !has("held_out_loss") {
+        return Ok(Vec::new());
+    }
+    let phases = str_column(metrics, "phase", "metrics")?;
+    let epochs = f64_column(metrics, "epoch", "metrics")?;
+    let top1 = f64_column(metrics, "val_top1", "metrics")?;
+    let held_out = f64_column(metrics, "held_out_loss", "metrics")?;
+    let chosen = f64_column(metrics, "chosen_epoch", "metrics")?;
+    let mut found: Vec<Chosen> = Vec::new();
+    for (i, phase) in phases.iter().enumerate() {
+        let (Some(phase), Some(_), Some(epoch)) = (phase, held_out.get(i), chosen.get(i)) else {
+            continue;
+        };
+        let row = Chosen {
+            phase: phase.clone(),
+            epoch: epoch as u32,
+            val_top1: None,
+        };
+        match found.iter_mut().find(|c| c.phase == *phase) {
+            Some(c) => *c = row,
+            None => found.push(row),
+        }
+    }
+    for c in &mut found {
+        let row = (0..phases.len()).find(|&i| {
+            phases[i].as_deref() == Some(c.phase.as_str())
+                && epochs.get(i) == Some(f64::from(c.epoch))
+        });
+        c.val_top1 = row.and_then(|i| top1.get(i));
+    }
+    Ok(found)
 }
 
 /// Half the width, in epochs, of the stroke drawn through a one-epoch phase's point.
@@ -155,12 +222,14 @@ fn significant(x: f64) -> String {
     format!("{x:.decimals$}")
 }
 
-/// Values per epoch, one line per series, in the shared frame; the y axis `fixed`, or fitted to
-/// the values ([`YAxis::fit`]: log10 when they span more than two decades).
+/// Values per epoch, one line per series, in the shared frame, and `rings` around some points
+/// (their legend entries after the series'); the y axis `fixed`, or fitted to the values
+/// ([`YAxis::fit`]: log10 when they span more than two decades).
 fn line_chart(
     title: &str,
     y_desc: &str,
     series: Vec<Series>,
+    rings: Vec<Ring>,
     fixed: Option<(f64, f64)>,
 ) -> Result<Chart> {
     let values: Vec<f64> = series
@@ -189,13 +258,18 @@ fn line_chart(
         x_labels: Some((max_x as usize + 1, &whole_epochs)),
         y_format: &*y_format,
     };
-    let (entries, points): (Vec<LegendEntry>, Vec<Vec<(f64, f64)>>) = series
+    let (mut entries, points): (Vec<LegendEntry>, Vec<Vec<(f64, f64)>>) = series
         .into_iter()
         .map(|s| {
             let points = s.points.iter().map(|&(x, v)| (x, y.at(v))).collect();
             (s.entry, points)
         })
         .unzip();
+    let ringed: Vec<(RGBColor, (f64, f64))> = rings
+        .iter()
+        .filter_map(|r| r.at.map(|(x, v)| (r.entry.color, (x, y.at(v)))))
+        .collect();
+    entries.extend(rings.into_iter().map(|r| r.entry));
     render(title, axes, &entries, |chart| {
         let err = chart_error(title);
         for (entry, points) in entries.iter().zip(points) {
@@ -220,11 +294,18 @@ fn line_chart(
             };
             drawn.map_err(|e| err(&e))?;
         }
+        let rings = ringed
+            .iter()
+            .map(|&(color, p)| Circle::new(p, RING_RADIUS, color.stroke_width(2)));
+        chart.draw_series(rings).map_err(|e| err(&e))?;
         Ok(())
     })
 }
 
-/// Validation top-1 and top-5 accuracy (%) per epoch, every fine-tune on one chart.
+/// Validation top-1 and top-5 accuracy (%) per epoch, every fine-tune on one chart. A fine-tune
+/// that chose its epoch on held-out images has a ring, in its colour, around the top-1 of the
+/// epoch it returned ("chosen"), or a legend entry "start kept" when it returned the model it
+/// started from.
 pub fn accuracy_chart(metrics: &DataFrame) -> Result<Chart> {
     let mut series = series_of(
         metrics,
@@ -236,10 +317,35 @@ pub fn accuracy_chart(metrics: &DataFrame) -> Result<Chart> {
     for s in &mut series {
         s.points.iter_mut().for_each(|p| p.1 *= 100.0);
     }
+    let phases: Vec<String> = per_phase(metrics, "val_top1")?
+        .into_iter()
+        .map(|(phase, _)| phase)
+        .collect();
+    let rings = chosen_epochs(metrics)?
+        .into_iter()
+        .map(|c| {
+            let p = phases.iter().position(|q| *q == c.phase).unwrap_or(0);
+            let (label, at) = match (c.epoch, c.val_top1) {
+                (0, _) => (format!("{}: start kept", c.phase), None),
+                (e, Some(v)) => (
+                    format!("{}: chosen", c.phase),
+                    Some((f64::from(e), v * 100.0)),
+                ),
+                (e, None) => (format!("{}: chosen {e}", c.phase), None),
+            };
+            let entry = LegendEntry {
+                label,
+                color: phase_color(p),
+                mark: Mark::Ring,
+            };
+            Ring { entry, at }
+        })
+        .collect();
     line_chart(
         "Validation accuracy per epoch",
         "accuracy (%)",
         series,
+        rings,
         Some((0.0, 100.0)),
     )
 }
@@ -253,7 +359,7 @@ pub fn loss_chart(metrics: &DataFrame) -> Result<Chart> {
             ("val_loss", "val loss", Mark::Dashed),
         ],
     )?;
-    line_chart("Loss per epoch", "cross-entropy", series, None)
+    line_chart("Loss per epoch", "cross-entropy", series, Vec::new(), None)
 }
 
 /// Font size of the sweep's point labels.
@@ -606,6 +712,59 @@ mod tests {
         // A dot alone is 9 px wide; the stroke spans 0.4 epoch of a 2-epoch axis (~70 px).
         let span = red_columns.last().unwrap() - red_columns.first().unwrap();
         assert!(span > 40, "red spans {span} px");
+    }
+
+    #[test]
+    fn a_chosen_epoch_is_ringed_and_a_kept_start_is_named_in_the_legend() {
+        // "original" chose on held-out images and returned its epoch 1 (of 2); "compressed" kept
+        // the model it started from.
+        let mut selected = rows();
+        for (r, chosen) in selected.iter_mut().zip([1, 1, 0, 0]) {
+            r.held_out_loss = Some(0.5);
+            r.chosen_epoch = chosen;
+        }
+        let frame = metrics_frame(&selected);
+        let chosen = |phase: &str, epoch, val_top1| Chosen {
+            phase: phase.into(),
+            epoch,
+            val_top1,
+        };
+        assert_eq!(
+            chosen_epochs(&frame).unwrap(),
+            [
+                chosen("original", 1, Some(0.44)),
+                chosen("compressed", 0, None)
+            ]
+        );
+        // The seed's recipe (no held-out loss) and metrics from before the selection: nothing.
+        let plain = metrics_frame(&rows());
+        assert!(chosen_epochs(&plain).unwrap().is_empty());
+        let old = plain.drop("chosen_epoch").unwrap();
+        assert!(chosen_epochs(&old).unwrap().is_empty());
+        assert!(accuracy_chart(&old).is_ok());
+
+        let png = |frame: &DataFrame| {
+            let chart = accuracy_chart(frame).unwrap();
+            image::load_from_memory(&chart.png).unwrap().to_rgb8()
+        };
+        let (ringed, unringed) = (png(&frame), png(&plain));
+        // Blue (the first phase's colour) in the plot area: the ring adds its circumference.
+        let blue = PALETTE[0];
+        let blue_in_plot = |img: &image::RgbImage| {
+            (0..SIZE.0 - 240)
+                .flat_map(|x| (0..SIZE.1).map(move |y| (x, y)))
+                .filter(|&(x, y)| img.get_pixel(x, y).0 == [blue.0, blue.1, blue.2])
+                .count()
+        };
+        let added = blue_in_plot(&ringed) - blue_in_plot(&unringed);
+        assert!(added > 40, "the ring added {added} blue pixels");
+        // Two legend lines more, below the four series' (which end above y = 165), each label
+        // within the panel.
+        let below_the_series = |img: &image::RgbImage| ink(img, 600..800, 165..230);
+        assert!(below_the_series(&ringed) > 100 && below_the_series(&unringed) == 0);
+        for label in ["budget-macs:0.106: chosen", "budget-macs:0.33: start kept"] {
+            assert!(38 + TextBackend::measure(15.0, label).0 < 230, "{label}");
+        }
     }
 
     fn count_in(img: &image::RgbImage, c: [u8; 3]) -> usize {
