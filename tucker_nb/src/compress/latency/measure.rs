@@ -9,7 +9,6 @@ use tch::{Device, Kind, Tensor};
 use super::{LatencyTable, TimingKey, TimingSettings};
 use crate::compress::policy::CompressionPolicy;
 use crate::conv::{Conv2d, ConvGeometry, ConvSlot, CpConv, Form, TuckerConv, TwoLayerConv};
-use crate::error::Result;
 use crate::layout::laid_out;
 use crate::model::{BatchNorm, ResNet18};
 use crate::report::CompressionReport;
@@ -141,20 +140,20 @@ pub(super) fn plan_model(
     plan
 }
 
-/// What the model's measured time leaves after its slots' entries (at least 0).
+/// What `measured_ms`, the model's measured time, leaves after its slots' entries (at least 0).
 pub(super) fn outside_ms(
     model: &ResNet18,
     table: &LatencyTable,
     image: [i64; 2],
-    key: &TimingKey,
-) -> Result<f64> {
+    measured_ms: f64,
+) -> f64 {
     let sizes = model.conv_input_sizes(image);
     let slots: f64 = model
         .conv_slots()
         .iter()
         .map(|(name, slot)| table.slot_ms(&slot.geometry(), sizes[name], slot.form()))
         .sum();
-    Ok((model_ms(model, image, key) - slots).max(0.0))
+    (measured_ms - slots).max(0.0)
 }
 
 /// The measured eval forward times of two models, side by side: one timed call of each in turn

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::grid::{corners, entry_key, outside_key};
-use super::measure::{measure_slot, outside_ms, plan_model, side_by_side, MeasuredSpeed};
+use super::measure::{measure_slot, model_ms, outside_ms, plan_model, side_by_side, MeasuredSpeed};
 use super::{TimingKey, TimingSettings};
 use crate::compress::cost::{Price, SlotCost};
 use crate::conv::{ConvGeometry, Form};
@@ -206,15 +206,20 @@ pub fn table_for(
         table = read_table(&file, &key, step)?; // another process may have added entries
         let missing = table.missing(slots);
         let start = Instant::now();
-        let progress = Progress::new(missing.len() + 1, "latency table");
+        let progress = Progress::new(missing.len() + 2, "latency table");
+        progress.set_message("the model as it is, before the entries".to_string());
+        let dense_before = model_ms(model, image, &key);
+        progress.inc(1);
         for (geometry, input, form) in &missing {
             progress.set_message(entry_key(geometry, *input, *form));
             let ms = measure_slot(geometry, *input, *form, &key, device);
             table.entries.insert(entry_key(geometry, *input, *form), ms);
             progress.inc(1);
         }
+        progress.set_message("the model as it is, after the entries".to_string());
+        let dense_after = model_ms(model, image, &key);
         if !table.entries.contains_key(&outside) {
-            let ms = outside_ms(model, &table, image, &key)?;
+            let ms = outside_ms(model, &table, image, dense_after);
             table.entries.insert(outside.clone(), ms);
         }
         progress.inc(1);
@@ -225,16 +230,20 @@ pub fn table_for(
             table.measured,
             start.elapsed().as_secs_f64()
         ));
-        write_table(&file, &table)?;
+        keep_measured(&mut table, &file, [dense_before, dense_after])?;
     } else {
         table.from_cache = table.entries.len();
     }
     table.outside_ms = table.entries[&outside];
-    table.file = Some(file);
     table.check(slots)?;
     eprintln!(
-        "latency table {}: {} entries from the cache, {} measured ({}, batch {}, {}, {} threads)",
-        table.file.as_ref().unwrap().display(),
+        "latency table {}{}: {} entries from the cache, {} measured ({}, batch {}, {}, {} threads)",
+        file.display(),
+        if table.file.is_some() {
+            ""
+        } else {
+            " (not cached)"
+        },
         table.from_cache,
         table.measured,
         key.device,
@@ -243,6 +252,40 @@ pub fn table_for(
         key.threads
     );
     Ok(table)
+}
+
+/// Writes `table`, measured now, to `file`, unless the model's time before and after its
+/// measurement (`dense`, ms) disagree ([`unsteady`]): then it warns, and the table keeps no file,
+/// so neither it nor the whole plans timed by it are cached and a later plan measures again
+/// rather than inherit them.
+fn keep_measured(table: &mut LatencyTable, file: &Path, [before, after]: [f64; 2]) -> Result<()> {
+    match unsteady(before, after, table.measured) {
+        Some(warning) => {
+            eprintln!("latency table {}: {warning}", file.display());
+            table.file = None;
+            Ok(())
+        }
+        None => write_table(file, table),
+    }
+}
+
+/// How far the model's time may move between the start and the end of a table's measurement: a
+/// factor beyond this says the device's load changed while the entries were timed (another
+/// process on the cores or the GPU), so they were timed under different conditions and a plan
+/// priced by them may be off.
+const STEADY_LIMIT: f64 = 1.5;
+
+/// A warning when the model's median times before and after `entries` measurements differ by
+/// more than [`STEADY_LIMIT`]; `None` when they agree.
+fn unsteady(before_ms: f64, after_ms: f64, entries: usize) -> Option<String> {
+    let ratio = before_ms.max(after_ms) / before_ms.min(after_ms);
+    (ratio > STEADY_LIMIT || !ratio.is_finite()).then(|| {
+        format!(
+            "the model as it is took {before_ms:.2} ms before these {entries} measurements and \
+             {after_ms:.2} ms after ({ratio:.1}×): the device's load changed while they ran, so \
+             the plan may be off and the table is not cached. Plan again on a quiet device."
+        )
+    })
 }
 
 impl LatencyTable {
@@ -419,6 +462,40 @@ mod tests {
         ];
         assert_eq!(chosen[0], 3.0);
         assert!((table.predicted_ms(chosen) - (1.0 + chosen[0] + chosen[1])).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_table_measured_while_the_model_time_moved_is_named_and_not_cached() {
+        assert_eq!(unsteady(10.0, 12.0, 766), None);
+        assert_eq!(unsteady(12.0, 10.0, 766), None);
+        let warning = unsteady(9.1, 20.3, 766).expect("2.2x apart");
+        for part in [
+            "9.10 ms",
+            "766 measurements",
+            "20.30 ms",
+            "(2.2×)",
+            "not cached",
+        ] {
+            assert!(warning.contains(part), "{part}: {warning}");
+        }
+        assert!(unsteady(20.3, 9.1, 766).is_some() && unsteady(0.0, 1.0, 1).is_some());
+
+        let dir = tempfile::tempdir().unwrap();
+        let (mut table, _) = bilinear_table();
+        table.measured = 3;
+        let unsteady_file = dir.path().join("unsteady.json");
+        table.file = Some(unsteady_file.clone());
+        keep_measured(&mut table, &unsteady_file, [9.1, 20.3]).unwrap();
+        assert!(table.file.is_none() && !unsteady_file.exists());
+        let steady_file = dir.path().join("steady.json");
+        table.file = Some(steady_file.clone());
+        keep_measured(&mut table, &steady_file, [10.0, 11.0]).unwrap();
+        assert!(table.file.is_some());
+        let read = read_table(&steady_file, &table.key, table.step).unwrap();
+        assert!(read.entries.keys().eq(table.entries.keys()));
+        for (a, b) in read.entries.values().zip(table.entries.values()) {
+            assert!((a - b).abs() <= 1e-12 * b, "{a} read, {b} written");
+        }
     }
 
     #[test]
