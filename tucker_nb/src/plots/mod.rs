@@ -100,8 +100,6 @@ fn chosen_epochs(metrics: &DataFrame) -> Result<Vec<Chosen>> {
         return Ok(Vec::new());
     }
     let phases = str_column(metrics, "phase", "metrics")?;
-    let epochs = f64_column(metrics, "epoch", "metrics")?;
-    let top1 = f64_column(metrics, "val_top1", "metrics")?;
     let held_out = f64_column(metrics, "held_out_loss", "metrics")?;
     let chosen = f64_column(metrics, "chosen_epoch", "metrics")?;
     let mut found: Vec<Chosen> = Vec::new();
@@ -119,12 +117,15 @@ fn chosen_epochs(metrics: &DataFrame) -> Result<Vec<Chosen>> {
             None => found.push(row),
         }
     }
+    let top1 = per_phase(metrics, "val_top1")?;
     for c in &mut found {
-        let row = (0..phases.len()).find(|&i| {
-            phases[i].as_deref() == Some(c.phase.as_str())
-                && epochs.get(i) == Some(f64::from(c.epoch))
+        let points = top1.iter().find(|(phase, _)| *phase == c.phase);
+        c.val_top1 = points.and_then(|(_, points)| {
+            let at = points
+                .iter()
+                .find(|(epoch, _)| *epoch == f64::from(c.epoch));
+            at.map(|&(_, value)| value)
         });
-        c.val_top1 = row.and_then(|i| top1.get(i));
     }
     Ok(found)
 }
