@@ -147,8 +147,10 @@ pub fn tucker2(weight: &Tensor, ranks: (i64, i64)) -> Tucker2Factors {
 }
 
 /// HOOI stops when a sweep lowers the relative error ‖W − Ŵ‖/‖W‖ by less than this, or after
-/// HOOI_MAX_SWEEPS (flat spectra, as in random kernels, converge slowly and gain little).
-const HOOI_TOL: f64 = 1e-8;
+/// HOOI_MAX_SWEEPS. Flat spectra (random kernels, and most of a trained ResNet18's 3×3 kernels at
+/// the ranks budgets choose) converge slowly and gain little: at 1e-8 the digits model's 512-channel
+/// layers ran all 500 sweeps, where 1e-6 stops them after 57–112 within 1e-4 of sweep 500's error.
+const HOOI_TOL: f64 = 1e-6;
 const HOOI_MAX_SWEEPS: usize = 500;
 
 /// W ×k Uᵀ unfolded on the other channel mode: `by_mode` is W's mode-k unfolding (C_k × rest),
