@@ -327,14 +327,72 @@ pub(super) fn render(
     encode_png(title, buffer)
 }
 
-/// The legend as a list down the panel: a sample of each series' mark, then its label.
+/// Font size of the legend's labels.
+const LEGEND_FONT: f64 = 15.0;
+/// Where a legend label starts in its panel, right of the entry's sample.
+const LEGEND_TEXT_X: i32 = 38;
+/// Room for a legend label's line: the panel less the sample and a 2 px right margin.
+pub(super) const LEGEND_TEXT_WIDTH: i32 = LEGEND_WIDTH as i32 - LEGEND_TEXT_X - 2;
+/// A legend entry's first line, and the step from one entry to the next.
+const LEGEND_TOP: i32 = 40;
+const LEGEND_STEP: i32 = 26;
+/// The step from a label's line to its next one, when it wraps.
+const LEGEND_LINE: i32 = 18;
+
+/// `label` in lines that each fit `width` pixels at the legend's font: broken after a ": " where
+/// one does (a phase's name, then what is drawn), else at spaces, and a word wider than `width` on
+/// its own broken between characters.
+pub(super) fn legend_lines(label: &str, width: i32) -> Vec<String> {
+    wrap(label, width, &[": ", " "])
+}
+
+fn wrap(text: &str, width: i32, separators: &[&str]) -> Vec<String> {
+    let fits = |text: &str| TextBackend::measure(LEGEND_FONT, text).0 <= width;
+    if fits(text) {
+        return vec![text.to_string()];
+    }
+    let mut lines: Vec<String> = Vec::new();
+    let mut line = String::new();
+    let Some((separator, finer)) = separators.split_first() else {
+        for c in text.chars() {
+            line.push(c);
+            if !fits(&line) && line.chars().count() > 1 {
+                line.pop();
+                lines.push(std::mem::replace(&mut line, c.to_string()));
+            }
+        }
+        lines.push(line);
+        return lines;
+    };
+    for piece in text.split_inclusive(separator) {
+        let joined = format!("{line}{piece}");
+        if fits(joined.trim_end()) {
+            line = joined;
+            continue;
+        }
+        if !line.trim_end().is_empty() {
+            lines.push(line.trim_end().to_string());
+        }
+        let (body, trail) = piece.split_at(piece.trim_end().len());
+        let mut pieces = wrap(body, width, finer);
+        line = pieces.pop().unwrap_or_default() + trail;
+        lines.extend(pieces);
+    }
+    if !line.trim_end().is_empty() || lines.is_empty() {
+        lines.push(line.trim_end().to_string());
+    }
+    lines
+}
+
+/// The legend as a list down the panel: a sample of each series' mark, then its label, wrapped
+/// to the panel's width.
 fn draw_legend(
     area: &DrawingArea<TextBackend, plotters::coord::Shift>,
     entries: &[LegendEntry],
 ) -> std::result::Result<(), DrawingAreaErrorKind<BitMapBackendError>> {
-    let text = TextStyle::from((FAMILY, 15)).pos(Pos::new(HPos::Left, VPos::Center));
-    for (i, entry) in entries.iter().enumerate() {
-        let y = 40 + 26 * i as i32;
+    let text = TextStyle::from((FAMILY, LEGEND_FONT)).pos(Pos::new(HPos::Left, VPos::Center));
+    let mut y = LEGEND_TOP;
+    for entry in entries {
         let style = entry.color.stroke_width(3);
         match entry.mark {
             Mark::Line => area.draw(&PathElement::new(vec![(4, y), (30, y)], style))?,
@@ -345,7 +403,12 @@ fn draw_legend(
             Mark::Point => area.draw(&Circle::new((17, y), 5, entry.color.filled()))?,
             Mark::Ring => area.draw(&Circle::new((17, y), RING_RADIUS, style))?,
         }
-        area.draw(&Text::new(entry.label.clone(), (38, y), text.clone()))?;
+        let lines = legend_lines(&entry.label, LEGEND_TEXT_WIDTH);
+        for (i, line) in lines.iter().enumerate() {
+            let at = (LEGEND_TEXT_X, y + LEGEND_LINE * i as i32);
+            area.draw(&Text::new(line.clone(), at, text.clone()))?;
+        }
+        y += LEGEND_STEP + LEGEND_LINE * (lines.len() as i32 - 1);
     }
     Ok(())
 }

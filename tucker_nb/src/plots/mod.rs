@@ -524,7 +524,7 @@ fn front_chart(sweep: &DataFrame, axis: &FrontAxis) -> Result<Chart> {
 
 #[cfg(test)]
 mod tests {
-    use super::canvas::SIZE;
+    use super::canvas::{legend_lines, LEGEND_TEXT_WIDTH, SIZE};
     use super::*;
     use crate::train::{metrics_frame, EpochMetrics};
 
@@ -764,8 +764,49 @@ mod tests {
         let below_the_series = |img: &image::RgbImage| ink(img, 600..800, 165..230);
         assert!(below_the_series(&ringed) > 100 && below_the_series(&unringed) == 0);
         for label in ["budget-macs:0.106: chosen", "budget-macs:0.33: start kept"] {
-            assert!(38 + TextBackend::measure(15.0, label).0 < 230, "{label}");
+            assert_eq!(legend_lines(label, LEGEND_TEXT_WIDTH).len(), 1, "{label}");
         }
+    }
+
+    #[test]
+    fn a_long_phase_name_wraps_in_the_legend_and_stays_inside_the_panel() {
+        let long = "budget-latency:0.33+cp";
+        for label in [
+            format!("{long}: val top-1"),
+            format!("{long}: start kept"),
+            "x".repeat(60),
+        ] {
+            let lines = legend_lines(&label, LEGEND_TEXT_WIDTH);
+            assert!(lines.len() > 1, "{label}: {lines:?}");
+            for line in &lines {
+                assert!(
+                    TextBackend::measure(15.0, line).0 <= LEGEND_TEXT_WIDTH,
+                    "{line}"
+                );
+            }
+            // Every character kept, in order; only the spaces at the breaks go.
+            assert_eq!(lines.concat().replace(' ', ""), label.replace(' ', ""));
+        }
+        assert_eq!(
+            legend_lines("original: val top-1", LEGEND_TEXT_WIDTH).len(),
+            1
+        );
+        // The break comes after the phase's name, not inside what is drawn.
+        assert_eq!(
+            legend_lines(&format!("{long}: val top-1"), LEGEND_TEXT_WIDTH),
+            [format!("{long}:"), "val top-1".to_string()]
+        );
+
+        let mut named = rows();
+        for r in named.iter_mut().filter(|r| r.phase == "original") {
+            r.phase = long.into();
+        }
+        let chart = accuracy_chart(&metrics_frame(&named)).unwrap();
+        let img = image::load_from_memory(&chart.png).unwrap().to_rgb8();
+        // Nothing reaches the image's right edge, and the wrapped lines push the last entries
+        // below where four one-line entries end (y = 165).
+        assert_eq!(ink(&img, SIZE.0 - 4..SIZE.0, 0..SIZE.1), 0);
+        assert!(ink(&img, 600..800, 165..230) > 50);
     }
 
     fn count_in(img: &image::RgbImage, c: [u8; 3]) -> usize {
