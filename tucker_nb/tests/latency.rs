@@ -56,13 +56,26 @@ fn compress(dir: &Path, cache: &Path, weights: &Path, fold: bool) -> (PathBuf, S
     (out, log.concat())
 }
 
+/// `compress` with a fresh table, again while its log says another process disturbed the
+/// measurement (then nothing is cached, by design), at most three times: the table it cached.
+fn compress_measured(dir: &Path, cache: &Path, weights: &Path, fold: bool) -> String {
+    for _ in 0..3 {
+        let (_, log) = compress(dir, cache, weights, fold);
+        assert!(log.contains("0 entries from the cache"), "{log}");
+        if !log.contains("(not cached)") {
+            return log;
+        }
+        eprintln!("a disturbed measurement, not cached; measuring again:\n{log}");
+    }
+    panic!("three latency tables in a row were disturbed and not cached");
+}
+
 #[test]
 fn a_latency_budget_measures_once_reports_each_layer_and_checks_its_forecast() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let weights = torchvision_weights(dir.path(), 3);
-    let (_, first) = compress(dir.path(), &cache, &weights, false);
-    assert!(first.contains("0 entries from the cache"), "{first}");
+    let first = compress_measured(dir.path(), &cache, &weights, false);
     assert!(first.contains("measured side by side"), "{first}");
     let (_, second) = compress(dir.path(), &cache, &weights, false);
     assert!(
@@ -70,8 +83,7 @@ fn a_latency_budget_measures_once_reports_each_layer_and_checks_its_forecast() {
         "the second plan measured again:\n{second}"
     );
     // Folding is part of the key: its own table, then its own cache.
-    let (_, folded) = compress(dir.path(), &cache, &weights, true);
-    assert!(folded.contains("0 entries from the cache"), "{folded}");
+    compress_measured(dir.path(), &cache, &weights, true);
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
 }
 

@@ -23,6 +23,7 @@
 
 mod grid;
 mod key;
+mod load;
 mod measure;
 mod table;
 

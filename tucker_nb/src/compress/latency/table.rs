@@ -6,8 +6,10 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tch::Device;
 
 use super::grid::{corners, entry_key, outside_key};
+use super::load::{crowded, CpuSample};
 use super::measure::{measure_slot, model_ms, outside_ms, plan_model, side_by_side, MeasuredSpeed};
 use super::{TimingKey, TimingSettings};
 use crate::compress::cost::{Price, SlotCost};
@@ -208,6 +210,7 @@ pub fn table_for(
         let start = Instant::now();
         let progress = Progress::new(missing.len() + 2, "latency table");
         progress.set_message("the model as it is, before the entries".to_string());
+        let cpu_before = CpuSample::now().filter(|_| device == Device::Cpu);
         let dense_before = model_ms(model, image, &key);
         progress.inc(1);
         for (geometry, input, form) in &missing {
@@ -218,6 +221,7 @@ pub fn table_for(
         }
         progress.set_message("the model as it is, after the entries".to_string());
         let dense_after = model_ms(model, image, &key);
+        let cpu_after = CpuSample::now();
         if !table.entries.contains_key(&outside) {
             let ms = outside_ms(model, &table, image, dense_after);
             table.entries.insert(outside.clone(), ms);
@@ -230,7 +234,12 @@ pub fn table_for(
             table.measured,
             start.elapsed().as_secs_f64()
         ));
-        keep_measured(&mut table, &file, [dense_before, dense_after])?;
+        let warning = unsteady(dense_before, dense_after, table.measured).or_else(|| {
+            let (before, after) = (cpu_before?, cpu_after?);
+            let others = before.others_cores(&after);
+            crowded(others, before.cores(), key.threads as f64, table.measured)
+        });
+        keep_measured(&mut table, &file, warning)?;
     } else {
         table.from_cache = table.entries.len();
     }
@@ -254,12 +263,12 @@ pub fn table_for(
     Ok(table)
 }
 
-/// Writes `table`, measured now, to `file`, unless the model's time before and after its
-/// measurement (`dense`, ms) disagree ([`unsteady`]): then it warns, and the table keeps no file,
-/// so neither it nor the whole plans timed by it are cached and a later plan measures again
-/// rather than inherit them.
-fn keep_measured(table: &mut LatencyTable, file: &Path, [before, after]: [f64; 2]) -> Result<()> {
-    match unsteady(before, after, table.measured) {
+/// Writes `table`, measured now, to `file`, unless a `warning` says its measurement was disturbed
+/// (the model's time moved, [`unsteady`], or other processes crowded the cores, [`crowded`]):
+/// then it warns, and the table keeps no file, so neither it nor the whole plans timed by it are
+/// cached and a later plan measures again rather than inherit them.
+fn keep_measured(table: &mut LatencyTable, file: &Path, warning: Option<String>) -> Result<()> {
+    match warning {
         Some(warning) => {
             eprintln!("latency table {}: {warning}", file.display());
             table.file = None;
@@ -485,11 +494,11 @@ mod tests {
         table.measured = 3;
         let unsteady_file = dir.path().join("unsteady.json");
         table.file = Some(unsteady_file.clone());
-        keep_measured(&mut table, &unsteady_file, [9.1, 20.3]).unwrap();
+        keep_measured(&mut table, &unsteady_file, unsteady(9.1, 20.3, 3)).unwrap();
         assert!(table.file.is_none() && !unsteady_file.exists());
         let steady_file = dir.path().join("steady.json");
         table.file = Some(steady_file.clone());
-        keep_measured(&mut table, &steady_file, [10.0, 11.0]).unwrap();
+        keep_measured(&mut table, &steady_file, unsteady(10.0, 11.0, 3)).unwrap();
         assert!(table.file.is_some());
         let read = read_table(&steady_file, &table.key, table.step).unwrap();
         // Bit for bit (serde_json's float_roundtrip): a plan from the cache equals the first.
