@@ -19,7 +19,9 @@
 //! `$XDG_CACHE_HOME/tucker_nb/latency`, else `~/.cache/tucker_nb/latency`. Entries are keyed by
 //! conv geometry, input size and form, so a second plan with the same key measures nothing, and
 //! a new model or size measures only what it adds. The file is locked while entries are added;
-//! a bad entry (NaN, zero, negative) is refused, naming the layer that needs it.
+//! a bad entry (NaN, zero, negative) is refused, naming the layer that needs it. A table whose
+//! measurement was disturbed (the model's time moved during it, or on the CPU other processes
+//! crowded its threads: `load`) is used for this plan but not cached.
 
 mod grid;
 mod key;
