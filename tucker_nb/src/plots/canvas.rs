@@ -213,6 +213,8 @@ pub(super) enum Mark {
     Point,
     /// A hollow ring: a marker drawn around another series' point.
     Ring,
+    /// No sample: a note (what the chart was measured at) across the panel's width.
+    Note,
 }
 
 /// Radius in pixels of a [`Mark::Ring`], around a series' 4 px dot.
@@ -394,6 +396,10 @@ fn draw_legend(
     let mut y = LEGEND_TOP;
     for entry in entries {
         let style = entry.color.stroke_width(3);
+        let (text_x, width) = match entry.mark {
+            Mark::Note => (4, LEGEND_WIDTH as i32 - 6),
+            _ => (LEGEND_TEXT_X, LEGEND_TEXT_WIDTH),
+        };
         match entry.mark {
             Mark::Line => area.draw(&PathElement::new(vec![(4, y), (30, y)], style))?,
             Mark::Dashed => {
@@ -402,10 +408,11 @@ fn draw_legend(
             }
             Mark::Point => area.draw(&Circle::new((17, y), 5, entry.color.filled()))?,
             Mark::Ring => area.draw(&Circle::new((17, y), RING_RADIUS, style))?,
+            Mark::Note => {}
         }
-        let lines = legend_lines(&entry.label, LEGEND_TEXT_WIDTH);
+        let lines = legend_lines(&entry.label, width);
         for (i, line) in lines.iter().enumerate() {
-            let at = (LEGEND_TEXT_X, y + LEGEND_LINE * i as i32);
+            let at = (text_x, y + LEGEND_LINE * i as i32);
             area.draw(&Text::new(line.clone(), at, text.clone()))?;
         }
         y += LEGEND_STEP + LEGEND_LINE * (lines.len() as i32 - 1);

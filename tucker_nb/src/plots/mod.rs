@@ -366,15 +366,13 @@ pub fn loss_chart(metrics: &DataFrame) -> Result<Chart> {
 /// Font size of the sweep's point labels.
 const POINT_LABEL: f64 = 15.0;
 
-/// Where each point's label goes, relative to the point: right and above it unless that would
-/// cover an earlier label or the `line` (data coordinates) or leave the plot area, then below,
-/// then on the left, above and below.
+/// Where each point's label goes, relative to the point (see [`place_labels`]).
 fn label_offsets(
     chart: &Plot,
     points: &[(String, f64, f64, bool)],
     line: &[(f64, f64)],
 ) -> Vec<(i32, i32)> {
-    let area = chart.plotting_area().get_pixel_range();
+    let (x, y) = chart.plotting_area().get_pixel_range();
     // The line as pixels, each segment sampled every few pixels.
     let line: Vec<(i32, i32)> = line
         .windows(2)
@@ -390,28 +388,59 @@ fn label_offsets(
             })
         })
         .collect();
+    let labels: Vec<PixelLabel> = points
+        .iter()
+        .map(|(label, x, y, _)| {
+            let at = chart.backend_coord(&(*x, *y));
+            (at, TextBackend::measure(POINT_LABEL, label))
+        })
+        .collect();
+    place_labels(&labels, &line, [x.start, y.start, x.end, y.end])
+}
+
+/// A point label's anchor in pixels and its size (width, height).
+type PixelLabel = ((i32, i32), (i32, i32));
+
+/// Offsets for labels of size (w, h) at pixel points, in order: right and above the point unless
+/// that would leave the `area` ([x0, y0, x1, y1]) or cover an earlier label or a `line` pixel, then
+/// below, then on the left, then a line further away; where every place inside covers something,
+/// the one covering the fewest pixels of other labels, then of the line.
+fn place_labels(labels: &[PixelLabel], line: &[(i32, i32)], area: [i32; 4]) -> Vec<(i32, i32)> {
     let mut placed: Vec<[i32; 4]> = Vec::new();
     let mut offsets = Vec::new();
-    for (label, x, y, _) in points {
-        let (px, py) = chart.backend_coord(&(*x, *y));
-        let (w, h) = TextBackend::measure(POINT_LABEL, label);
-        let candidates = [(8, -h - 4), (8, 4), (-w - 8, -h - 4), (-w - 8, 4)];
-        let fits = |&(dx, dy): &(i32, i32)| {
+    for &((px, py), (w, h)) in labels {
+        let candidates = [
+            (8, -h - 4),
+            (8, 4),
+            (-w - 8, -h - 4),
+            (-w - 8, 4),
+            (8, -2 * h - 6),
+            (8, h + 6),
+            (-w - 8, -2 * h - 6),
+            (-w - 8, h + 6),
+            (-w / 2, -2 * h - 10),
+            (-w / 2, h + 10),
+        ];
+        let covered = |&(dx, dy): &(i32, i32)| {
             let b = [px + dx, py + dy, px + dx + w, py + dy + h];
-            let inside = area.0.contains(&b[0]) && area.0.contains(&b[2]);
-            let free = placed
+            let overlap = |p: &[i32; 4]| {
+                let x = (b[2].min(p[2]) - b[0].max(p[0])).max(0);
+                let y = (b[3].min(p[3]) - b[1].max(p[1])).max(0);
+                x * y
+            };
+            let labels: i32 = placed.iter().map(overlap).sum();
+            let line_px = line
                 .iter()
-                .all(|p| b[2] < p[0] || p[2] < b[0] || b[3] < p[1] || p[3] < b[1]);
-            let off_line = line
-                .iter()
-                .all(|&(x, y)| x < b[0] - 2 || x > b[2] + 2 || y < b[1] - 2 || y > b[3] + 2);
-            inside && free && off_line
+                .filter(|&&(x, y)| x >= b[0] - 2 && x <= b[2] + 2 && y >= b[1] - 2 && y <= b[3] + 2)
+                .count();
+            let outside = b[0] < area[0] || b[1] < area[1] || b[2] > area[2] || b[3] > area[3];
+            (outside, labels, line_px)
         };
         let (dx, dy) = candidates
             .iter()
             .copied()
-            .find(fits)
-            .unwrap_or(candidates[0]);
+            .min_by_key(covered)
+            .expect("candidates");
         placed.push([px + dx, py + dy, px + dx + w, py + dy + h]);
         offsets.push((dx, dy));
     }
@@ -427,13 +456,14 @@ pub fn pareto_chart(sweep: &DataFrame) -> Result<Chart> {
         scale: 1e-9,
         desc: "conv MACs per image (G)".into(),
         front: "pareto",
+        note: None,
     };
     front_chart(sweep, &axis)
 }
 
 /// Accuracy against measured eval throughput of a budget sweep: as [`pareto_chart`], the x axis
-/// images/s (timed beside the dense model, at the settings the sweep's `speed_at` names) and the
-/// front of higher throughput and top-1.
+/// images/s (timed beside the dense model, at the settings the sweep's `speed_at` names, written
+/// under the legend) and the front of higher throughput and top-1.
 pub fn pareto_speed_chart(sweep: &DataFrame) -> Result<Chart> {
     let at = str_column(sweep, "speed_at", "sweep")?;
     let at = at
@@ -446,20 +476,44 @@ pub fn pareto_speed_chart(sweep: &DataFrame) -> Result<Chart> {
         title: "Accuracy vs measured speed",
         column: "images_per_s",
         scale: 1.0,
-        desc: format!("eval images/s ({at})"),
+        desc: "eval images/s".into(),
         front: "pareto_speed",
+        note: (!at.is_empty()).then(|| format!("timed on {at}")),
     };
     front_chart(sweep, &axis)
 }
 
-/// The x axis of a front chart: its title, the sweep's column (times `scale`), its words, and the
-/// column saying which points are on the front.
+/// The x axis of a front chart: its title, the sweep's column (times `scale`), its words, the
+/// column saying which points are on the front, and a note for the legend's panel (the settings
+/// a speed was timed at: too long for an axis).
 struct FrontAxis {
     title: &'static str,
     column: &'static str,
     scale: f64,
     desc: String,
     front: &'static str,
+    note: Option<String>,
+}
+
+/// The top-1 axis of a front chart (%): the points' range with room for their labels, on round
+/// values within 0–100, so points a few tenths apart do not sit on one line at the top.
+fn top1_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    if !lo.is_finite() {
+        return 0.0..100.0;
+    }
+    let pad = ((hi - lo) * 0.25).max(1.0);
+    let step = match hi - lo + 2.0 * pad {
+        s if s <= 6.0 => 1.0,
+        s if s <= 15.0 => 2.0,
+        s if s <= 40.0 => 5.0,
+        _ => 10.0,
+    };
+    let lo = ((lo - pad) / step).floor() * step;
+    let hi = ((hi + pad) / step).ceil() * step;
+    lo.max(0.0)..hi.min(100.0)
 }
 
 fn front_chart(sweep: &DataFrame, axis: &FrontAxis) -> Result<Chart> {
@@ -482,13 +536,15 @@ fn front_chart(sweep: &DataFrame, axis: &FrontAxis) -> Result<Chart> {
     let mut line: Vec<(f64, f64)> = points.iter().filter(|p| p.3).map(|p| (p.1, p.2)).collect();
     line.sort_by(|a, b| a.0.total_cmp(&b.0));
     let max_x = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.15 + 1e-3;
+    let y = top1_range(points.iter().map(|p| p.2));
+    let y_format = canvas::linear_label(&y);
     let axes = Axes {
         x_desc: &axis.desc,
         y_desc: "top-1 after fine-tuning (%)",
         x: 0.0..max_x,
-        y: 0.0..100.0,
+        y,
         x_labels: None,
-        y_format: &|v: &f64| format!("{v:.0}"),
+        y_format: &y_format,
     };
     let mut legend = vec![LegendEntry {
         label: "Pareto front".into(),
@@ -500,6 +556,13 @@ fn front_chart(sweep: &DataFrame, axis: &FrontAxis) -> Result<Chart> {
             label: "dominated".into(),
             color: other_color,
             mark: Mark::Point,
+        });
+    }
+    if let Some(note) = &axis.note {
+        legend.push(LegendEntry {
+            label: note.clone(),
+            color: BLACK,
+            mark: Mark::Note,
         });
     }
     render(title, axes, &legend, |chart| {
@@ -851,6 +914,84 @@ mod tests {
         let chart = pareto_speed_chart(&frame).unwrap();
         let img = image::load_from_memory(&chart.png).unwrap().to_rgb8();
         assert!(count_in(&img, [214, 39, 40]) > 100 && count_in(&img, [31, 119, 180]) > 30);
+    }
+
+    #[test]
+    fn the_top1_axis_fits_its_points_on_round_values() {
+        // A sweep whose points lie within 1 point of each other (the digits, 3 epochs).
+        let r = top1_range([98.9, 98.63, 98.63, 98.08, 98.63].into_iter());
+        assert_eq!(r, 97.0..100.0);
+        let r = top1_range([31.0, 48.5, 86.0].into_iter());
+        assert_eq!(r, 10.0..100.0);
+        assert_eq!(top1_range([100.0].into_iter()), 99.0..100.0);
+        assert_eq!(top1_range([0.5].into_iter()), 0.0..2.0);
+        assert_eq!(top1_range(std::iter::empty()), 0.0..100.0);
+    }
+
+    #[test]
+    fn labels_of_close_points_do_not_cover_each_other_or_the_area_edge() {
+        // Five labels 110 x 18 px around points a few pixels apart, the last at the area's top
+        // right corner; a line through the first two.
+        let area = [60, 40, 560, 420];
+        let points = [(300, 200), (306, 203), (310, 200), (303, 197), (555, 45)];
+        let labels: Vec<_> = points.iter().map(|&p| (p, (110, 18))).collect();
+        let line: Vec<(i32, i32)> = (300..=306).map(|x| (x, 200 + (x - 300) / 2)).collect();
+        let offsets = place_labels(&labels, &line, area);
+        let boxes: Vec<[i32; 4]> = labels
+            .iter()
+            .zip(&offsets)
+            .map(|(&((x, y), (w, h)), &(dx, dy))| [x + dx, y + dy, x + dx + w, y + dy + h])
+            .collect();
+        for (i, a) in boxes.iter().enumerate() {
+            assert!(
+                a[0] >= area[0] && a[1] >= area[1] && a[2] <= area[2] && a[3] <= area[3],
+                "label {i} leaves the area: {a:?}"
+            );
+            for b in &boxes[..i] {
+                let apart = a[2] <= b[0] || b[2] <= a[0] || a[3] <= b[1] || b[3] <= a[1];
+                assert!(apart, "labels {a:?} and {b:?} overlap");
+            }
+        }
+        // The first label goes where it always did: right of and above its point.
+        assert_eq!(offsets[0], (8, -22));
+    }
+
+    #[test]
+    fn the_speed_chart_names_its_settings_in_the_panel_not_on_the_axis() {
+        use crate::sweep::{sweep_frame, SweepPoint};
+        let point = |policy: &str, top1: f64, images_per_s: f64| SweepPoint {
+            policy: policy.into(),
+            conv_macs: 1,
+            macs_ratio: 1.0,
+            params: 1,
+            params_ratio: 1.0,
+            mean_rel_error: 0.1,
+            worst_rel_error: 0.2,
+            top1_compressed: top1,
+            top1_recalibrated: top1,
+            top1,
+            top5: top1,
+            chosen_epoch: 1,
+            images_per_s,
+            speedup: images_per_s / 444.0,
+            predicted_speedup: None,
+            speed_at: "cpu Intel(R) Xeon(R) Processor fp32 channels-last, batch 32, 2 threads"
+                .into(),
+        };
+        let frame = sweep_frame(&[
+            point("dense", 0.986, 444.0),
+            point("budget-latency:0.5", 0.989, 876.0),
+            point("budget-latency:0.33", 0.981, 1357.0),
+        ]);
+        let chart = pareto_speed_chart(&frame).unwrap();
+        let img = image::load_from_memory(&chart.png).unwrap().to_rgb8();
+        // The note's three lines below the legend's entries (which end above y = 115), and
+        // nothing at the image's left edge, where a long axis description ran off.
+        assert!(ink(&img, 570..800, 115..175) > 200);
+        assert_eq!(ink(&img, 0..4, 0..SIZE.1), 0);
+        let note =
+            "timed on cpu Intel(R) Xeon(R) Processor fp32 channels-last, batch 32, 2 threads";
+        assert!(legend_lines(note, 224).len() > 1);
     }
 
     #[test]
