@@ -876,13 +876,18 @@ mod tests {
         img.pixels().filter(|p| p.0 == c).count()
     }
 
-    #[test]
-    fn pareto_chart_draws_points_labels_and_the_front() {
-        use crate::sweep::{sweep_frame, SweepPoint};
-        let point = |policy: &str, macs: i64, top1: f64| SweepPoint {
+    /// A sweep's point for the front charts (the columns they read; the rest plausible).
+    fn sweep_point(
+        policy: &str,
+        conv_macs: i64,
+        top1: f64,
+        images_per_s: f64,
+        speed_at: &str,
+    ) -> crate::sweep::SweepPoint {
+        crate::sweep::SweepPoint {
             policy: policy.into(),
-            conv_macs: macs,
-            macs_ratio: macs as f64 / 1.8e9,
+            conv_macs,
+            macs_ratio: conv_macs as f64 / 1.8e9,
             params: 11_000_000,
             params_ratio: 1.0,
             mean_rel_error: 0.1,
@@ -892,10 +897,19 @@ mod tests {
             top1,
             top5: top1,
             chosen_epoch: 1,
-            images_per_s: 1.8e12 / macs as f64,
-            speedup: 1.8e9 / macs as f64,
+            images_per_s,
+            speedup: images_per_s / 1000.0,
             predicted_speedup: None,
-            speed_at: "cpu test fp32 channels-last, batch 8, 2 threads".into(),
+            speed_at: speed_at.into(),
+        }
+    }
+
+    #[test]
+    fn pareto_chart_draws_points_labels_and_the_front() {
+        use crate::sweep::sweep_frame;
+        let point = |policy: &str, macs: i64, top1: f64| {
+            let at = "cpu test fp32 channels-last, batch 8, 2 threads";
+            sweep_point(policy, macs, top1, 1.8e12 / macs as f64, at)
         };
         let frame = sweep_frame(&[
             point("dense", 1_800_000_000, 0.7),
@@ -958,25 +972,10 @@ mod tests {
 
     #[test]
     fn the_speed_chart_names_its_settings_in_the_panel_not_on_the_axis() {
-        use crate::sweep::{sweep_frame, SweepPoint};
-        let point = |policy: &str, top1: f64, images_per_s: f64| SweepPoint {
-            policy: policy.into(),
-            conv_macs: 1,
-            macs_ratio: 1.0,
-            params: 1,
-            params_ratio: 1.0,
-            mean_rel_error: 0.1,
-            worst_rel_error: 0.2,
-            top1_compressed: top1,
-            top1_recalibrated: top1,
-            top1,
-            top5: top1,
-            chosen_epoch: 1,
-            images_per_s,
-            speedup: images_per_s / 444.0,
-            predicted_speedup: None,
-            speed_at: "cpu Intel(R) Xeon(R) Processor fp32 channels-last, batch 32, 2 threads"
-                .into(),
+        use crate::sweep::sweep_frame;
+        let point = |policy: &str, top1: f64, images_per_s: f64| {
+            let at = "cpu Intel(R) Xeon(R) Processor fp32 channels-last, batch 32, 2 threads";
+            sweep_point(policy, 1, top1, images_per_s, at)
         };
         let frame = sweep_frame(&[
             point("dense", 0.986, 444.0),
