@@ -243,8 +243,9 @@ pub(super) struct Axes<'a> {
     pub y_format: &'a LabelFormat,
 }
 
-/// How many y tick labels plotters is asked for.
+/// How many tick labels plotters is asked for on a y axis (and on a linear x axis, [`TICKS`]).
 const Y_LABELS: usize = 10;
+pub(super) const TICKS: usize = Y_LABELS;
 /// Font sizes of tick labels and axis descriptions.
 const TICK_FONT: f64 = 16.0;
 const DESC_FONT: f64 = 18.0;
@@ -267,7 +268,8 @@ pub(super) fn y_label_area_width(axes: &Axes) -> u32 {
     (widest + desc_height + 5 + 2 * 8) as u32
 }
 
-/// A y tick label for a linear axis over `range`: as many decimals as its tick step needs.
+/// A tick label for a linear axis over `range` with [`Y_LABELS`] ticks: as many decimals as its
+/// tick step needs.
 pub(super) fn linear_label(range: &std::ops::Range<f64>) -> impl Fn(&f64) -> String {
     let ticks = y_ticks(range.clone());
     let step = ticks

@@ -538,12 +538,14 @@ fn front_chart(sweep: &DataFrame, axis: &FrontAxis) -> Result<Chart> {
     let max_x = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.15 + 1e-3;
     let y = top1_range(points.iter().map(|p| p.2));
     let y_format = canvas::linear_label(&y);
+    // As many decimals as the x ticks' step needs ("200", not "200.0"; "0.02").
+    let x_format = canvas::linear_label(&(0.0..max_x));
     let axes = Axes {
         x_desc: &axis.desc,
         y_desc: "top-1 after fine-tuning (%)",
         x: 0.0..max_x,
         y,
-        x_labels: None,
+        x_labels: Some((canvas::TICKS, &x_format)),
         y_format: &y_format,
     };
     let mut legend = vec![LegendEntry {
@@ -991,6 +993,9 @@ mod tests {
         let note =
             "timed on cpu Intel(R) Xeon(R) Processor fp32 channels-last, batch 32, 2 threads";
         assert!(legend_lines(note, 224).len() > 1);
+        // Its x ticks (and the MACs chart's) with the decimals their step needs.
+        assert_eq!(canvas::linear_label(&(0.0..1560.0))(&200.0), "200");
+        assert_eq!(canvas::linear_label(&(0.0..0.17))(&0.02), "0.02");
     }
 
     #[test]
