@@ -39,15 +39,12 @@ impl OutputLock {
     /// a folder still to be made) by `.NAME.lock` beside it. Fails at once when another process
     /// holds it.
     pub fn acquire(target: &Path) -> Result<Self> {
-        match Self::try_acquire(target)? {
-            Some(lock) => Ok(lock),
-            None => {
-                let holder = fs::read_to_string(lock_path(target)?)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u32>().ok())
-                    .map_or("another process".to_string(), |pid| {
-                        format!("another tucker-nb (pid {pid})")
-                    });
+        match Self::lock(target)? {
+            Ok(lock) => Ok(lock),
+            Err(held) => {
+                let holder = holder_pid(&held).map_or("another process".to_string(), |pid| {
+                    format!("another tucker-nb (pid {pid})")
+                });
                 Err(Error::file(
                     target,
                     format!(
@@ -60,6 +57,12 @@ impl OutputLock {
 
     /// As [`Self::acquire`], but `None` when another process holds the lock.
     pub fn try_acquire(target: &Path) -> Result<Option<Self>> {
+        Ok(Self::lock(target)?.ok())
+    }
+
+    /// The lock on `target`, or the path of the lock file another process holds. That path is the
+    /// one tried: a folder the holder has made since is locked by the file beside it, not inside.
+    fn lock(target: &Path) -> Result<std::result::Result<Self, PathBuf>> {
         let lock_path = lock_path(target)?;
         loop {
             let file = fs::OpenOptions::new()
@@ -77,7 +80,7 @@ impl OutputLock {
                     let why = format!("cannot lock it: {}", io_reason(&e));
                     return Err(Error::file(target, why));
                 }
-                return Ok(None);
+                return Ok(Err(lock_path));
             }
             // The holder before us may have removed the file between our open and our lock
             // (it unlinks, then unlocks): then we hold a lock on a file no one else can find.
@@ -94,7 +97,7 @@ impl OutputLock {
                 .set_len(0)
                 .and_then(|()| (&file).write_all(std::process::id().to_string().as_bytes()));
             said.map_err(|e| Error::file(target, format!("cannot lock it: {}", io_reason(&e))))?;
-            return Ok(Some(Self {
+            return Ok(Ok(Self {
                 _file: file,
                 path: lock_path,
                 target: target.to_path_buf(),
@@ -123,6 +126,19 @@ pub fn hold_for_process(target: &Path) -> Result<Arc<OutputLock>> {
     let lock = Arc::new(OutputLock::acquire(target)?);
     held.insert(key, lock.clone());
     Ok(lock)
+}
+
+/// The PID written in a held lock file. A holder writes it just after it takes the lock, so a
+/// writer refused in between finds the file empty: it reads again for up to 0.2 s.
+fn holder_pid(lock_file: &Path) -> Option<u32> {
+    for _ in 0..40 {
+        let read = fs::read_to_string(lock_file).ok()?;
+        if let Ok(pid) = read.trim().parse::<u32>() {
+            return Some(pid);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    None
 }
 
 fn lock_path(target: &Path) -> Result<PathBuf> {
@@ -210,6 +226,26 @@ mod tests {
         let a = hold_for_process(&folder).unwrap();
         let b = hold_for_process(&folder).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn a_writer_refused_before_the_holder_wrote_its_pid_still_names_it() {
+        // The holder has the lock but has not yet written its PID (CI saw "another process").
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(".out.lock");
+        fs::write(&file, "").unwrap();
+        let writer = {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                fs::write(&file, "4242").unwrap();
+            })
+        };
+        assert_eq!(holder_pid(&file), Some(4242));
+        writer.join().unwrap();
+        fs::write(&file, "").unwrap();
+        assert_eq!(holder_pid(&file), None, "an empty file names no one");
+        assert_eq!(holder_pid(&dir.path().join("gone.lock")), None);
     }
 
     #[test]
